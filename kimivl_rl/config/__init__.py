@@ -1,0 +1,5 @@
+"""Typed configuration: the schema and its YAML loader."""
+from kimivl_rl.config.loader import ConfigError, dump_config, load_config
+from kimivl_rl.config.schema import Config
+
+__all__ = ["Config", "ConfigError", "dump_config", "load_config"]

@@ -1,0 +1,222 @@
+"""Load a YAML config into the typed tree, with dotted command-line overrides.
+
+Every problem is a ``ConfigError`` naming the dotted key and where it came from
+(``file:line`` for YAML, the override text for the command line), and an unknown key or
+choice comes with the closest valid spelling.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from kimivl_rl.config.schema import Config
+
+
+class ConfigError(ValueError):
+    """A config value that cannot be used, located as precisely as the source allows."""
+
+
+# ----------------------------------------------------------------------------- YAML + lines
+
+def _node_to_python(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
+    """Convert a composed YAML node, recording the 1-based line of every dotted key."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for key_node, value_node in node.value:
+            key = str(yaml.safe_load(yaml.serialize(key_node)))
+            child = f"{path}.{key}" if path else key
+            out[key] = _node_to_python(value_node, child, lines)
+            lines[child] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_python(item, f"{path}.{i}", lines) for i, item in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Read a YAML mapping and the line number of each dotted key in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    lines: dict[str, int] = {}
+    data = {} if node is None else _node_to_python(node, "", lines)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections")
+    return data, lines
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def apply_override(data: dict, text: str) -> str:
+    """Set ``a.b.c=value`` (value parsed as YAML) in the nested dict; return the dotted key."""
+    key, sep, raw_value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE, e.g. rl.samples_per_prompt=8")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        node = _child_for_override(node, part, ".".join(parts[: depth + 1]), text)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, key, text)] = value
+    else:
+        node[last] = value
+    return key
+
+
+def _child_for_override(node: Any, part: str, dotted: str, text: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, dotted, text)]
+    if not isinstance(node.get(part, {}), (dict, list)):
+        raise ConfigError(f"override '{text}': {dotted} is a value, not a section")
+    return node.setdefault(part, {})
+
+
+def _list_index(node: list, part: str, dotted: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override '{text}': {dotted}: no list item {part!r} (have {len(node)})")
+    return int(part)
+
+
+# ----------------------------------------------------------------------------- typed build
+
+class _Where:
+    """Says where a dotted key came from, for error messages."""
+
+    def __init__(self, file: str, lines: dict[str, int], overrides: dict[str, str]):
+        self.file, self.lines, self.overrides = file, lines, overrides
+
+    def __call__(self, key: str) -> str:
+        for dotted, text in self.overrides.items():
+            if key == dotted or key.startswith(dotted + "."):
+                return f"command-line override '{text}'"
+        probe = key
+        while probe and probe not in self.lines:
+            probe = probe.rpartition(".")[0]
+        line = self.lines.get(probe)
+        return f"{self.file}:{line}" if line else self.file
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self(key)}: {key}: {message}")
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _build_dataclass(cls, raw: Any, key: str, where: _Where, base=None):
+    """Fields given in ``raw`` replace those of ``base`` (the default when not given)."""
+    base = cls() if base is None else base
+    if not isinstance(raw, dict):
+        raise where.error(key or "<top>", f"expected a mapping of {cls.__name__} fields, got {_kind(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        child = f"{key}.{name}" if key else name
+        if name not in fields:
+            raise where.error(child, f"unknown key '{name}'{_suggest(name, fields)} "
+                                     f"(valid keys: {', '.join(fields)})")
+        kwargs[name] = _coerce(hints[name], value, child, where, getattr(base, name))
+        _check_bounds(fields[name], kwargs[name], child, where)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _coerce(tp, value: Any, key: str, where: _Where, base=None):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, key, where, base)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key, where)
+    if origin is Literal:
+        if value not in args:
+            raise where.error(key, f"{value!r} is not one of {list(args)}{_suggest(value, args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise where.error(key, f"expected a list, got {_kind(value)}")
+        return [_coerce(args[0], item, f"{key}.{i}", where) for i, item in enumerate(value)]
+    return _coerce_scalar(tp, value, key, where)
+
+
+def _coerce_scalar(tp, value: Any, key: str, where: _Where):
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    if tp is str and isinstance(value, str):
+        return value
+    raise where.error(key, f"expected {tp.__name__}, got {_kind(value)}")
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, key: str, where: _Where) -> None:
+    if value is None or not isinstance(value, (int, float)):
+        return
+    ge, gt, le = (f.metadata.get(b) for b in ("ge", "gt", "le"))
+    if ge is not None and value < ge:
+        raise where.error(key, f"{value} is out of range: must be >= {ge}")
+    if gt is not None and value <= gt:
+        raise where.error(key, f"{value} is out of range: must be > {gt}")
+    if le is not None and value > le:
+        raise where.error(key, f"{value} is out of range: must be <= {le}")
+
+
+def _check_consistency(cfg: Config, where: _Where) -> None:
+    """Rules that span fields; each names the key to change."""
+    for stage in ("joint", "long_cot"):
+        for i, phase in enumerate(getattr(cfg.sft, stage).phases):
+            if phase.lr_final > phase.lr_peak:
+                raise where.error(f"sft.{stage}.phases.{i}.lr_final",
+                                  f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
+    if cfg.model.think_open == cfg.model.think_close:
+        raise where.error("model.think_close", "must differ from model.think_open")
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a ``Config`` from an optional YAML file plus ``key=value`` overrides."""
+    data, lines = read_yaml(path) if path is not None else ({}, {})
+    where_overridden = {apply_override(data, text): text for text in overrides}
+    where = _Where(str(path) if path is not None else "<defaults>", lines, where_overridden)
+    cfg = _build_dataclass(Config, data, "", where)
+    _check_consistency(cfg, where)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

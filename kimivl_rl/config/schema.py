@@ -1,0 +1,169 @@
+"""The one configuration tree of kimivl-rl, as typed dataclasses.
+
+Every field has a type the loader enforces, and numeric fields may carry bounds in their
+metadata (``ge``/``gt``/``le``). Defaults describe the built-in tiny run; ``configs/*.yaml``
+override them per scenario.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+def bounded(default, *, ge=None, gt=None, le=None):
+    """A field whose value the loader checks against inclusive/exclusive bounds."""
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
+
+
+@dataclass
+class ModelConfig:
+    # A local directory or a hub name. A missing local directory is built as the tiny
+    # model when ``init_if_missing`` is set (the built-in default run needs no download).
+    path: str = "runs/tiny/model"
+    init_if_missing: bool = True
+    init_seed: int = 0
+    trust_remote_code: bool = False
+    # Thinking-section markers; Kimi's own checkpoints use "◁think▷" and "◁/think▷".
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    dir: str = "runs/tiny/data"
+    build_if_missing: bool = True
+    seed: int = 0
+    joint_sft_examples: int = bounded(2000, ge=1)
+    long_cot_examples: int = bounded(400, ge=1)
+    rl_prompts: int = bounded(600, ge=1)
+    eval_examples: int = bounded(100, ge=1)
+    image_size: int = bounded(112, ge=28)
+    max_difficulty: int = bounded(5, ge=1, le=5)
+    text_fraction: float = bounded(0.5, ge=0.0, le=1.0)
+    # Images above this many pixels are resized down (keeping aspect) or rejected.
+    max_pixels: int = bounded(448 * 448, ge=28 * 28)
+    oversize_images: Literal["resize", "reject"] = "resize"
+    bad_rows: Literal["error", "skip"] = "error"
+
+
+@dataclass
+class PhaseConfig:
+    max_seq_len: int = bounded(1024, ge=16)
+    epochs: float = bounded(1.0, gt=0.0)
+    lr_peak: float = bounded(5e-4, gt=0.0)
+    lr_final: float = bounded(5e-5, ge=0.0)
+    warmup_steps: int = bounded(10, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class SFTStageConfig:
+    train_file: str = ""
+    eval_file: str = ""
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+
+
+@dataclass
+class SFTConfig:
+    joint: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(
+        train_file="joint_sft/train.jsonl", eval_file="joint_sft/eval.jsonl"))
+    long_cot: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(
+        train_file="long_cot/train.jsonl", eval_file="long_cot/eval.jsonl"))
+    zero_stage: int = bounded(2, ge=0, le=3)
+    micro_batch_tokens: int = bounded(4096, ge=16)
+    grad_accum_steps: int = bounded(1, ge=1)
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    overlong: Literal["truncate", "drop"] = "drop"
+    weight_decay: float = bounded(0.0, ge=0.0)
+
+
+@dataclass
+class RLConfig:
+    train_file: str = "rl/train.jsonl"
+    eval_file: str = "rl/eval.jsonl"
+    iterations: int = bounded(20, ge=1)
+    prompts_per_iteration: int = bounded(16, ge=1)
+    samples_per_prompt: int = bounded(8, ge=1)
+    loss: Literal["kimi_pmd", "grpo"] = "kimi_pmd"
+    tau: float = bounded(0.1, gt=0.0)
+    grpo_clip: float = bounded(0.2, gt=0.0)
+    lr: float = bounded(1e-4, gt=0.0)
+    reset_optimizer_each_iteration: bool = True
+    length_penalty_weight: float = bounded(0.5, ge=0.0)
+    length_penalty_start_iteration: int = bounded(10, ge=0)
+    micro_batch_tokens: int = bounded(4096, ge=16)
+    zero_stage: int = bounded(2, ge=0, le=3)
+    eval_every: int = bounded(5, ge=1)
+    checkpoint_every: int = bounded(5, ge=1)
+
+
+@dataclass
+class RolloutConfig:
+    backend: Literal["vllm", "hf_generate"] = "vllm"
+    num_workers: int = bounded(1, ge=1)
+    tensor_parallel_size: int = bounded(1, ge=1)
+    temperature: float = bounded(1.0, ge=0.0)
+    top_p: float = bounded(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = bounded(256, ge=1)
+    # On CPU vLLM reads this as a share of one NUMA node's memory; 0.92 fails at start.
+    gpu_memory_utilization: float = bounded(0.3, gt=0.0, le=1.0)
+    # Tokens generated per iteration before unfinished responses are carried over.
+    token_budget: Optional[int] = None
+
+
+@dataclass
+class RewardConfig:
+    num_workers: int = bounded(1, ge=1)
+    # "module.path:function" of a user reward function; None uses the built-in verifier.
+    function: Optional[str] = None
+    timeout_s: float = bounded(5.0, gt=0.0)
+    numeric_tolerance: float = bounded(1e-6, ge=0.0)
+
+
+@dataclass
+class SamplerConfig:
+    mode: Literal["uniform", "curriculum", "prioritized"] = "prioritized"
+    floor: float = bounded(0.05, ge=0.0, le=1.0)
+    ema_decay: float = bounded(0.7, ge=0.0, le=1.0)
+    drop_always_solved_after: int = bounded(3, ge=1)
+    label_samples: int = bounded(10, ge=1)
+    label_temperature: float = bounded(1.0, ge=0.0)
+
+
+@dataclass
+class ClusterConfig:
+    # None starts (or joins, inside a Ray job) a local cluster.
+    address: Optional[str] = None
+    num_learners: int = bounded(1, ge=1)
+    use_gpu: bool = False
+    learner_cpus: float = bounded(0.5, gt=0.0)
+    rollout_cpus: float = bounded(0.5, gt=0.0)
+    reward_cpus: float = bounded(0.25, gt=0.0)
+    # Services the project starts bind here; "0.0.0.0" only when asked for.
+    bind_host: str = "127.0.0.1"
+    actor_max_restarts: int = bounded(2, ge=0)
+    call_timeout_s: float = bounded(600.0, gt=0.0)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/tiny/out"
+    keep_last_checkpoints: int = bounded(2, ge=1)
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

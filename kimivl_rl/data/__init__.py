@@ -1,0 +1,1 @@
+"""Built-in verifiable data (tasks, traces, builder) and the row format for users' data."""

@@ -1,0 +1,200 @@
+"""The data format for users' own data, and a streaming loader that checks every row.
+
+A row (one JSON object per line of a ``.jsonl`` file, or one row of a ``.parquet`` file)::
+
+    {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+                  {"role": "assistant", "reasoning_content": "optional thinking", "content": "..."}],
+     "images": ["images/0001.png"],       # relative to the data file, inside its directory
+     "answer": "3",                       # required for RL and evaluation files
+     "difficulty": 2, "pass_rate": 0.4}   # optional
+
+``content`` is a string or a list of parts (``{"type": "text", "text": ...}`` or
+``{"type": "image"}``); the n-th image part takes ``images[n]``. Any problem raises
+``DataError`` naming ``file:line`` and the field, unless the caller asked to skip bad rows, in
+which case the loader counts them (``RowLoader.skipped``) and says so.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data row that cannot be used; the message names the file, the line and the field."""
+
+
+@dataclass
+class Example:
+    messages: list[dict]
+    images: list[Image.Image]
+    answer: Optional[str]
+    difficulty: Optional[float]
+    pass_rate: Optional[float]
+    source: str  # "file:line", for messages about this example later on
+    extra: dict = field(default_factory=dict)
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line or row number, decoded row or the DataError for it), streaming."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield number, DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+            except json.JSONDecodeError as exc:
+                yield number, DataError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})")
+
+
+class RowLoader:
+    """Streams ``Example``s from a JSONL or Parquet file, checking each row.
+
+    ``require_answer``: rows must carry ``answer`` (RL prompts, evaluation splits).
+    ``max_pixels``: images above it are resized down (aspect kept) or rejected.
+    ``bad_rows``: "error" raises on the first bad row; "skip" counts and logs it.
+    """
+
+    def __init__(self, path: str | Path, *, require_answer: bool = False, max_pixels: int = 448 * 448,
+                 oversize_images: Literal["resize", "reject"] = "resize",
+                 bad_rows: Literal["error", "skip"] = "error"):
+        self.path = Path(path)
+        self.require_answer = require_answer
+        self.max_pixels = max_pixels
+        self.oversize_images = oversize_images
+        self.bad_rows = bad_rows
+        self.skipped = 0
+        self.resized = 0
+
+    def __iter__(self) -> Iterator[Example]:
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: data file not found")
+        for number, row in _raw_rows(self.path):
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                yield self._example(row, f"{self.path}:{number}")
+            except DataError as exc:
+                if self.bad_rows == "error":
+                    raise
+                self.skipped += 1
+                log.warning("skipping bad row: %s", exc)
+        if self.skipped:
+            log.warning("%s: skipped %d bad row(s)", self.path, self.skipped)
+
+    def load_all(self) -> list[Example]:
+        return list(self)
+
+    # ------------------------------------------------------------------ one row
+
+    def _example(self, row: object, where: str) -> Example:
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        messages = row.get("messages")
+        if messages is None:
+            raise DataError(f"{where}: missing field 'messages'")
+        image_parts = _check_messages(messages, where)
+        image_paths = row.get("images") or []
+        if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
+            raise DataError(f"{where}: field 'images' must be a list of paths")
+        if image_parts != len(image_paths):
+            raise DataError(f"{where}: field 'images': the messages have {image_parts} image "
+                            f"placeholder(s) but the row lists {len(image_paths)} image(s)")
+        answer = row.get("answer")
+        if self.require_answer and (answer is None or str(answer).strip() == ""):
+            raise DataError(f"{where}: missing field 'answer' (required in this file)")
+        known = {"messages", "images", "answer", "difficulty", "pass_rate"}
+        return Example(
+            messages=messages,
+            images=[self._image(p, where) for p in image_paths],
+            answer=None if answer is None else str(answer),
+            difficulty=_optional_number(row, "difficulty", where),
+            pass_rate=_optional_number(row, "pass_rate", where, lo=0.0, hi=1.0),
+            source=where,
+            extra={k: v for k, v in row.items() if k not in known},
+        )
+
+    def _image(self, relative: str, where: str) -> Image.Image:
+        base = self.path.parent.resolve()
+        path = (base / relative).resolve()
+        if not path.is_relative_to(base):
+            raise DataError(f"{where}: field 'images': {relative!r} points outside the data "
+                            f"directory {base}")
+        if not path.is_file():
+            raise DataError(f"{where}: field 'images': image file not found: {path}")
+        try:
+            with Image.open(path) as image:
+                image.load()
+                image = image.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DataError(f"{where}: field 'images': cannot read image {path}: {exc}") from None
+        return self._fit_budget(image, path, where)
+
+    def _fit_budget(self, image: Image.Image, path: Path, where: str) -> Image.Image:
+        pixels = image.width * image.height
+        if pixels <= self.max_pixels:
+            return image
+        if self.oversize_images == "reject":
+            raise DataError(f"{where}: field 'images': {path} has {image.width}x{image.height} = "
+                            f"{pixels} pixels, over the budget of {self.max_pixels} "
+                            f"(data.max_pixels; set data.oversize_images=resize to shrink it)")
+        scale = (self.max_pixels / pixels) ** 0.5
+        self.resized += 1
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _check_messages(messages: object, where: str) -> int:
+    """Validate the chat structure; return the number of image placeholders."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of messages")
+    images = 0
+    for i, message in enumerate(messages):
+        at = f"{where}: field 'messages[{i}]'"
+        if not isinstance(message, dict):
+            raise DataError(f"{at} must be an object with 'role' and 'content'")
+        if message.get("role") not in ROLES:
+            raise DataError(f"{at}: 'role' must be one of {ROLES}, got {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise DataError(f"{at}: 'content' must be a string or a list of parts")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                images += 1
+            elif kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{at}.content[{j}]: expected {{'type': 'text', 'text': ...}} "
+                                f"or {{'type': 'image'}}, got {part!r}")
+    return images
+
+
+def _optional_number(row: dict, name: str, where: str, lo: float | None = None,
+                     hi: float | None = None) -> Optional[float]:
+    value = row.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: field '{name}' must be a number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise DataError(f"{where}: field '{name}' must be in [{lo}, {hi}], got {value}")
+    return float(value)
