@@ -204,9 +204,20 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
         raise where.error("model.think_close", "must differ from model.think_open")
 
 
+def _merged(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``; nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        both_maps = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_maps else value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Build a ``Config`` from an optional YAML file plus ``key=value`` overrides."""
+    """Build a ``Config`` from the defaults, an optional YAML file and ``key=value`` overrides."""
     data, lines = read_yaml(path) if path is not None else ({}, {})
+    # Overrides address the full tree, defaults included (e.g. sft.joint.phases.0.epochs).
+    data = _merged(config_to_dict(Config()), data)
     where_overridden = {apply_override(data, text): text for text in overrides}
     where = _Where(str(path) if path is not None else "<defaults>", lines, where_overridden)
     cfg = _build_dataclass(Config, data, "", where)

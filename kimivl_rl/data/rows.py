@@ -8,7 +8,8 @@ A row (one JSON object per line of a ``.jsonl`` file, or one row of a ``.parquet
      "answer": "3",                       # required for RL and evaluation files
      "difficulty": 2, "pass_rate": 0.4}   # optional
 
-``content`` is a string or a list of parts (``{"type": "text", "text": ...}`` or
+In Parquet files ``messages`` may also be a JSON string of that list (chat parts of mixed types
+do not fit one Arrow type). ``content`` is a string or a list of parts (``{"type": "text", "text": ...}`` or
 ``{"type": "image"}``); the n-th image part takes ``images[n]``. Any problem raises
 ``DataError`` naming ``file:line`` and the field, unless the caller asked to skip bad rows, in
 which case the loader counts them (``RowLoader.skipped``) and says so.
@@ -111,6 +112,11 @@ class RowLoader:
         messages = row.get("messages")
         if messages is None:
             raise DataError(f"{where}: missing field 'messages'")
+        if isinstance(messages, str):  # Parquet files may hold the chat as a JSON string
+            try:
+                messages = json.loads(messages)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: field 'messages': malformed JSON string: {exc.msg}") from None
         image_parts = _check_messages(messages, where)
         image_paths = row.get("images") or []
         if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):

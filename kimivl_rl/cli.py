@@ -1,0 +1,139 @@
+"""The ``kimivl-rl`` command line.
+
+Each subcommand is a thin wrapper over a library function; configs are loaded with
+``load_config(FILE, overrides)``, so ``key.sub=value`` arguments work everywhere a config does.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kimivl_rl.config import ConfigError, dump_config, load_config
+from kimivl_rl.data.rows import DataError
+
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+def _add_config_args(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
+                            help=f"YAML config (default: {DEFAULT_CONFIG})")
+    else:
+        parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. rl.samples_per_prompt=8")
+
+
+def _config(args):
+    return load_config(args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_config_show(args) -> None:
+    print(dump_config(_config(args)), end="")
+
+
+def cmd_config_check(args) -> None:
+    cfg = _config(args)
+    print(f"OK: {args.config} is a valid config (model {cfg.model.path}, data {cfg.data.dir})")
+
+
+def cmd_model_init(args) -> None:
+    from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+
+    spec = TinyVLMSpec(seed=args.seed, think_open=args.think_open, think_close=args.think_close)
+    out = build_tiny_vlm(args.out, spec)
+    print(f"tiny VLM written to {out} (seed {args.seed})")
+
+
+def cmd_data_build(args) -> None:
+    from kimivl_rl.data.build import BuildSpec, build_dataset
+
+    cfg = _config(args)
+    out = build_dataset(BuildSpec.from_config(cfg.data), args.out or cfg.data.dir)
+    print(f"built-in data written to {out} (seed {cfg.data.seed})")
+
+
+def cmd_data_check(args) -> None:
+    from kimivl_rl.data.rows import RowLoader
+
+    loader = RowLoader(args.file, require_answer=args.require_answer, max_pixels=args.max_pixels,
+                       oversize_images=args.oversize_images,
+                       bad_rows="skip" if args.skip_bad_rows else "error")
+    count = sum(1 for _ in loader)
+    print(f"OK: {args.file}: {count} row(s) valid, {loader.skipped} skipped, "
+          f"{loader.resized} image(s) resized")
+
+
+def cmd_prepare(args) -> None:
+    from kimivl_rl.prepare import ensure_data, ensure_model
+
+    cfg = _config(args)
+    model = ensure_model(cfg)
+    data = ensure_data(cfg)
+    print(f"model: {model}\ndata:  {data}")
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kimivl-rl",
+        description="Kimi-VL-Thinking style training on Ray: joint SFT, long-CoT SFT, online RL.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    config = commands.add_parser("config", help="show or check a config").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    show = config.add_parser("show", help="print the resolved config (defaults + file + overrides)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    check = config.add_parser("check", help="validate a config without loading any model")
+    _add_config_args(check)
+    check.set_defaults(func=cmd_config_check)
+
+    model = commands.add_parser("model", help="build models").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    init = model.add_parser("init", help="build the tiny VLM offline from a seed")
+    init.add_argument("--out", required=True, help="output directory (replaced)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--think-open", default="<think>")
+    init.add_argument("--think-close", default="</think>")
+    init.set_defaults(func=cmd_model_init)
+
+    data = commands.add_parser("data", help="build or check data").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    build = data.add_parser("build", help="write the built-in data set (config's data section)")
+    _add_config_args(build, optional=True)
+    build.add_argument("--out", help="output directory (default: the config's data.dir)")
+    build.set_defaults(func=cmd_data_build)
+    check_data = data.add_parser("check", help="validate a JSONL/Parquet data file")
+    check_data.add_argument("file")
+    check_data.add_argument("--require-answer", action="store_true",
+                            help="rows must have 'answer' (RL and evaluation files)")
+    check_data.add_argument("--max-pixels", type=int, default=448 * 448)
+    check_data.add_argument("--oversize-images", choices=["resize", "reject"], default="resize")
+    check_data.add_argument("--skip-bad-rows", action="store_true",
+                            help="count bad rows instead of stopping at the first")
+    check_data.set_defaults(func=cmd_data_check)
+
+    prepare = commands.add_parser("prepare", help="build the config's tiny model and data if absent")
+    _add_config_args(prepare, optional=True)
+    prepare.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"kimivl-rl: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Shared fixtures: the tiny model and a small built-in data set, built once per session."""
+from __future__ import annotations
+
+import pytest
+
+from kimivl_rl.data.build import BuildSpec, build_dataset
+from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+
+SMALL_DATA = BuildSpec(seed=0, joint_sft_examples=60, long_cot_examples=30, rl_prompts=40,
+                       eval_examples=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", TinyVLMSpec(seed=0))
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    return build_dataset(SMALL_DATA, tmp_path_factory.mktemp("data") / "builtin", progress=False)

@@ -1,0 +1,76 @@
+"""The kimivl-rl command line, run as users run it (the installed console script)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+
+def kimivl(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kimivl_rl.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run(["kimivl-rl", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("config", "model", "data", "prepare"):
+        assert command in out
+
+
+def test_config_show_applies_overrides():
+    result = kimivl("config", "show", "configs/tiny.yaml", "rl.samples_per_prompt=3")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["rl"]["samples_per_prompt"] == 3
+
+
+def test_config_check_reports_errors_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  temprature: 0.5\n")
+    result = kimivl("config", "check", bad)
+    assert result.returncode == 2
+    assert f"{bad}:2: rollout.temprature: unknown key" in result.stderr
+    assert "did you mean 'temperature'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert kimivl("config", "check", "configs/tiny.yaml").returncode == 0
+
+
+def test_data_check_names_the_bad_line(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}\n{"messages": 5}\n')
+    result = kimivl("data", "check", rows, "--require-answer")
+    assert result.returncode == 2 and f"{rows}:2: field 'messages'" in result.stderr
+    skipped = kimivl("data", "check", rows, "--skip-bad-rows")
+    assert skipped.returncode == 0 and "1 row(s) valid, 1 skipped" in skipped.stdout
+
+
+def test_prepare_builds_model_and_data_once(tmp_path):
+    overrides = [f"model.path={tmp_path}/model", f"data.dir={tmp_path}/data",
+                 "data.joint_sft_examples=5", "data.long_cot_examples=5", "data.rl_prompts=5",
+                 "data.eval_examples=5"]
+    first = kimivl("prepare", "configs/tiny.yaml", *overrides)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["spec"]["rl_prompts"] == 5
+    stamp = (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns
+    assert kimivl("prepare", "configs/tiny.yaml", *overrides).returncode == 0
+    assert (tmp_path / "model" / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+
+
+def test_prepare_never_overwrites_a_users_checkpoint(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    result = kimivl("prepare", "configs/tiny.yaml", f"model.path={mine}", f"data.dir={tmp_path}/d",
+                    "data.joint_sft_examples=2", "data.long_cot_examples=2", "data.rl_prompts=2",
+                    "data.eval_examples=2")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json"]
+
+
+def test_model_init_cli(tmp_path):
+    result = kimivl("model", "init", "--out", tmp_path / "m", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "m" / "kimivl_tiny.json").read_text())["seed"] == 3

@@ -1,0 +1,113 @@
+"""Config loading: types, bounds, unknown keys with suggestions, locations, overrides."""
+from __future__ import annotations
+
+import glob
+import textwrap
+
+import pytest
+
+from kimivl_rl.config import ConfigError, dump_config, load_config
+from kimivl_rl.config.schema import Config
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_and_yaml_and_overrides_merge(tmp_path):
+    path = write(tmp_path, """
+        rl:
+          samples_per_prompt: 4
+          tau: 1e-2
+        sft:
+          joint:
+            phases:
+              - {max_seq_len: 64, lr_peak: 1.0e-3, lr_final: 1.0e-4}
+        """)
+    cfg = load_config(path, ["rl.iterations=7", "sft.joint.phases.0.epochs=2"])
+    assert cfg.rl.samples_per_prompt == 4
+    assert cfg.rl.tau == pytest.approx(0.01)  # "1e-2" is a string to PyYAML; accepted as float
+    assert cfg.rl.iterations == 7
+    phase = cfg.sft.joint.phases[0]
+    assert (phase.max_seq_len, phase.epochs, phase.lr_peak) == (64, 2.0, 1e-3)
+    # Untouched fields of a partly given section keep their defaults.
+    assert cfg.sft.joint.train_file == "joint_sft/train.jsonl"
+    assert cfg.rollout == Config().rollout
+
+
+def test_unknown_key_names_file_line_and_suggests(tmp_path):
+    path = write(tmp_path, """
+        rl:
+          iterations: 3
+          samples_per_promt: 4
+        """)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"{path}:4" in message
+    assert "rl.samples_per_promt" in message
+    assert "did you mean 'samples_per_prompt'" in message
+
+
+def test_unknown_section_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: rollouts: .*did you mean 'rollout'"):
+        load_config(write(tmp_path, "\nrollouts: {num_workers: 2}\n"))
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("rl:\n  iterations: many\n", "rl.iterations", "expected int, got str 'many'"),
+    ("rl:\n  iterations: 2.5\n", "rl.iterations", "expected int"),
+    ("model:\n  trust_remote_code: 'yes'\n", "model.trust_remote_code", "expected bool"),
+    ("rl:\n  loss: grpoo\n", "rl.loss", "did you mean 'grpo'"),
+    ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "must be <= 1.0"),
+    ("rl:\n  samples_per_prompt: 0\n", "rl.samples_per_prompt", "must be >= 1"),
+    ("sft:\n  joint:\n    phases: {max_seq_len: 64}\n", "sft.joint.phases", "expected a list"),
+    ("rl: 3\n", "rl", "expected a mapping"),
+])
+def test_wrong_types_and_ranges_are_located(tmp_path, text, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    message = str(err.value)
+    assert f"{key}:" in message and words in message
+    assert "cfg.yaml:" in message
+
+
+def test_cross_field_rule(tmp_path):
+    path = write(tmp_path, "sft:\n  long_cot:\n    phases:\n      - {lr_peak: 1.0e-5, lr_final: 1.0e-4}\n")
+    with pytest.raises(ConfigError, match="sft.long_cot.phases.0.lr_final: .* above lr_peak"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("rl.samples_per_promt=8", "did you mean 'samples_per_prompt'"),
+    ("rl.samples_per_prompt=eight", "expected int"),
+    ("rl.samples_per_prompt", "expected KEY=VALUE"),
+    ("sft.joint.phases.3.epochs=1", "no list item '3'"),
+    ("rl.tau.x=1", "is a value, not a section"),
+])
+def test_bad_override_is_named(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert words in str(err.value)
+    assert override.split("=")[0] in str(err.value)
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "rl: [unclosed\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["rl.tau=0.3", "reward.function=my.module:score"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    load_config(path)
