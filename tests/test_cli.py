@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -14,7 +15,8 @@ def kimivl(*args, cwd=None):
 
 
 def test_help_lists_subcommands():
-    out = subprocess.run(["kimivl-rl", "--help"], capture_output=True, text=True, check=True).stdout
+    script = Path(sys.executable).parent / "kimivl-rl"  # the installed console script
+    out = subprocess.run([script, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("config", "model", "data", "prepare"):
         assert command in out
 
