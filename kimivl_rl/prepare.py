@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from kimivl_rl.config import Config
@@ -9,6 +10,16 @@ from kimivl_rl.data.build import BuildSpec, ensure_dataset
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
 
 log = logging.getLogger(__name__)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """The config with local paths made absolute: Ray workers run in other directories."""
+    model_path = Path(cfg.model.path)
+    local_model = model_path.exists() or cfg.model.init_if_missing
+    return replace(cfg,
+                   model=replace(cfg.model, path=str(model_path.resolve()) if local_model else cfg.model.path),
+                   data=replace(cfg.data, dir=str(Path(cfg.data.dir).resolve())),
+                   output=replace(cfg.output, dir=str(Path(cfg.output.dir).resolve())))
 
 
 def tiny_spec(cfg: Config) -> TinyVLMSpec:

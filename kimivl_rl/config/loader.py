@@ -225,6 +225,11 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return cfg
 
 
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config from ``config_to_dict`` output (e.g. inside a Ray worker)."""
+    return _build_dataclass(Config, data, "", _Where("<dict>", {}, {}))
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -70,14 +70,22 @@ class SFTConfig:
         train_file="joint_sft/train.jsonl", eval_file="joint_sft/eval.jsonl"))
     long_cot: SFTStageConfig = field(default_factory=lambda: SFTStageConfig(
         train_file="long_cot/train.jsonl", eval_file="long_cot/eval.jsonl"))
+    # Ray Train workers, each one DeepSpeed data-parallel rank (GPUs: cluster.use_gpu).
+    num_workers: int = bounded(1, ge=1)
+    cpus_per_worker: float = bounded(1.0, gt=0.0)
     zero_stage: int = bounded(2, ge=0, le=3)
-    micro_batch_tokens: int = bounded(4096, ge=16)
+    # A micro-batch is one pack of up to the phase's max_seq_len tokens; an optimizer step
+    # takes num_workers * grad_accum_steps packs.
     grad_accum_steps: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False
     freeze_vision: bool = False
     freeze_projector: bool = False
     overlong: Literal["truncate", "drop"] = "drop"
     weight_decay: float = bounded(0.0, ge=0.0)
+    checkpoint_every: int = bounded(50, ge=1)
+    # Held-out evaluation after the stage: how many examples, how many new tokens each.
+    eval_examples: int = bounded(100, ge=1)
+    eval_max_new_tokens: int = bounded(256, ge=1)
 
 
 @dataclass

@@ -1,0 +1,111 @@
+"""The DeepSpeed engine shared by the SFT workers and the RL learners, and its checkpoints.
+
+One place decides the DeepSpeed config (ZeRO stage, precision, accumulation), builds the engine
+around a plain torch AdamW (no JIT-compiled optimizer op needed), and saves or restores its
+state without pickle: weights through ``save_pretrained`` (safetensors), each rank's optimizer
+partition through ``kimivl_rl.checkpoint.save_state``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import deepspeed
+import torch
+from safetensors.torch import load_file
+
+from kimivl_rl.checkpoint import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(zero_stage: int, grad_accum_steps: int, bf16: bool,
+                     grad_clip: float = 1.0) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # progress is ours to report
+        "wall_clock_breakdown": False,
+    }
+
+
+def trainable_parameters(model: torch.nn.Module, freeze_prefixes: tuple[str, ...] = ()) -> list:
+    """Freeze parameters under the given name prefixes; return the rest."""
+    for name, param in model.named_parameters():
+        if any(name.startswith(p) for p in freeze_prefixes):
+            param.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_engine(model: torch.nn.Module, lr_at_step: Callable[[int], float], *, zero_stage: int,
+                 grad_accum_steps: int = 1, weight_decay: float = 0.0, bf16: bool = False,
+                 freeze_prefixes: tuple[str, ...] = ()):
+    """A DeepSpeed engine whose learning rate at optimizer step k is ``lr_at_step(k)``."""
+    params = trainable_parameters(model, freeze_prefixes)
+    # lr=1.0 so that LambdaLR's factor is the learning rate itself.
+    optimizer = torch.optim.AdamW(params, lr=1.0, betas=(0.9, 0.95), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at_step)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(zero_stage, grad_accum_steps, bf16))
+    return engine
+
+
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer holding Adam moments: ZeRO wraps it, stage 0 does not."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def reset_optimizer(engine) -> None:
+    """Forget Adam moments (the k1.5 recipe resets the optimizer every RL iteration)."""
+    _base_optimizer(engine).state.clear()
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (gathered under ZeRO-3); None elsewhere."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict() if engine.global_rank == 0 else None
+
+
+def save_pretrained(engine, out_dir: str | Path, processor=None) -> None:
+    """Write a Hugging Face checkpoint (safetensors) from rank 0."""
+    state = full_state_dict(engine)
+    if engine.global_rank == 0:
+        engine.module.save_pretrained(out_dir, state_dict=state)
+        if processor is not None:
+            processor.save_pretrained(out_dir)
+
+
+def save_engine_state(engine, directory: str | Path) -> None:
+    """Weights (rank 0) plus every rank's optimizer partition and scheduler position."""
+    directory = Path(directory)
+    save_pretrained(engine, directory / "model")
+    state = {"optimizer": _base_optimizer(engine).state_dict(),
+             "scheduler": engine.lr_scheduler.state_dict()}
+    save_state(state, directory / f"optimizer_rank{engine.global_rank}")
+
+
+def load_engine_state(engine, directory: str | Path) -> None:
+    """Restore what ``save_engine_state`` wrote, with the same world size."""
+    directory = Path(directory)
+    weights = {}
+    for shard in sorted((directory / "model").glob("*.safetensors")):
+        weights.update(load_file(shard))
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0,
+                                           enabled=engine.zero_optimization_stage() == 3):
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    tied = getattr(module.config, "tie_word_embeddings", False)
+    if unexpected or (missing and not (tied and all(k.endswith("lm_head.weight") for k in missing))):
+        raise RuntimeError(f"{directory}: weights do not fit the model (missing {missing}, "
+                           f"unexpected {unexpected})")
+    state = load_state(directory / f"optimizer_rank{engine.global_rank}")
+    _base_optimizer(engine).load_state_dict(state["optimizer"])
+    engine.lr_scheduler.load_state_dict(state["scheduler"])
+    if engine.zero_optimization_stage() > 0:
+        engine.optimizer.refresh_fp32_params()  # ZeRO's fp32 master copy follows the weights

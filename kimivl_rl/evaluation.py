@@ -1,0 +1,62 @@
+"""Held-out evaluation by generation: is the final answer right, and does the output follow the
+long-CoT trace format? Used after each SFT stage and periodically during RL."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kimivl_rl.data.rows import Example
+from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
+from kimivl_rl.reward.contract import RewardInput, answer_only_reward
+from kimivl_rl.reward.extract import split_thinking
+from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
+
+
+@dataclass
+class EvalResult:
+    examples: int
+    accuracy: float
+    mean_response_tokens: float
+    trace_format_rate: float  # closed thinking section showing all four behaviours
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_messages(example: Example) -> list[dict]:
+    """The conversation up to (not including) the final assistant answer."""
+    messages = list(example.messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    return messages
+
+
+def generation_requests(examples: list[Example], processor) -> list[GenerationRequest]:
+    return [GenerationRequest(
+        prompt=processor.apply_chat_template(prompt_messages(ex), tokenize=False,
+                                             add_generation_prompt=True),
+        images=ex.images, request_id=ex.source) for ex in examples]
+
+
+def shows_trace_format(text: str, think_open: str, think_close: str) -> bool:
+    reasoning, _ = split_thinking(text, think_open, think_close)
+    return reasoning is not None and trace_behaviours(reasoning) == set(BEHAVIOUR_MARKERS)
+
+
+def score_samples(examples: list[Example], samples: list[Sample], think_open: str,
+                  think_close: str) -> EvalResult:
+    correct = [answer_only_reward(RewardInput(response=s.text, reference=ex.answer,
+                                              think_open=think_open, think_close=think_close)).score
+               for ex, s in zip(examples, samples)]
+    traces = [shows_trace_format(s.text, think_open, think_close) for s in samples]
+    n = max(1, len(samples))
+    return EvalResult(examples=len(samples), accuracy=sum(correct) / n,
+                      mean_response_tokens=sum(len(s.token_ids) for s in samples) / n,
+                      trace_format_rate=sum(traces) / n)
+
+
+def evaluate(engine, examples: list[Example], processor, *, think_open: str, think_close: str,
+             max_new_tokens: int) -> EvalResult:
+    """Greedy answers to every example, scored by the answer-only reward."""
+    outputs = engine.generate(generation_requests(examples, processor), n=1, temperature=0.0,
+                              max_new_tokens=max_new_tokens)
+    return score_samples(examples, [o[0] for o in outputs], think_open, think_close)

@@ -1,0 +1,155 @@
+"""Policy losses, selected by name from ``LOSSES``.
+
+All losses share one signature::
+
+    loss_fn(logprobs, old_logprobs, response_mask, advantages, normalizer, cfg)
+        -> (scalar loss, metrics)
+
+``logprobs (B, T)`` are the log-probs of the sampled tokens under the current policy,
+``old_logprobs (B, T)`` the same under the sampling policy (treated as constants),
+``response_mask (B, T)`` marks response tokens (prompt and padding are 0; their values are
+ignored, even if -inf or NaN), ``advantages (B,)`` come from the loss's advantage estimator.
+
+The loss is a SUM over the micro-batch divided by ``normalizer``, the number of responses
+(``normalize_by="responses"``) or response tokens (``"tokens"``) of the WHOLE global batch.
+The learner splits a batch into token-budgeted micro-batches and accumulates gradients; with a
+global normalizer the sum of the micro-batch losses equals the full-batch loss exactly, which a
+per-micro-batch mean would not. Metrics are plain floats describing the micro-batch itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from kimivl_rl.rl.advantages import ADVANTAGE_ESTIMATORS
+
+Normalization = Literal["responses", "tokens"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``tau``: weight of Kimi PMD's squared log-ratio regulariser (k1.5's tau, > 0).
+    ``clip_eps``: GRPO's PPO clip range epsilon."""
+    tau: float = 0.1
+    clip_eps: float = 0.2
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, LossConfig],
+                  tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss with the advantage estimator and the normalisation it expects."""
+    name: str
+    fn: LossFn
+    advantage: str
+    normalize_by: Normalization
+
+    def normalizer(self, num_responses: int, num_tokens: int) -> float:
+        """The global normalizer for a batch of that many responses and response tokens."""
+        return float(num_responses if self.normalize_by == "responses" else num_tokens)
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, advantage: str = "group_mean",
+                  normalize_by: Normalization = "responses") -> Callable[[LossFn], LossFn]:
+    """Register ``fn`` under ``name``; the advantage estimator must already be registered."""
+    if advantage not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"loss {name!r}: unknown advantage estimator {advantage!r}; "
+                         f"registered: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
+    if normalize_by not in ("responses", "tokens"):
+        raise ValueError(f"loss {name!r}: normalize_by must be 'responses' or 'tokens', "
+                         f"got {normalize_by!r}")
+
+    def decorator(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        LOSSES[name] = LossSpec(name, fn, advantage, normalize_by)
+        return fn
+    return decorator
+
+
+def get_loss(name: str) -> LossSpec:
+    """The loss registered as ``name``; the error lists the registered names."""
+    if name not in LOSSES:
+        raise KeyError(f"unknown loss {name!r}; registered: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+             advantages: torch.Tensor, normalizer: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate shapes, zero non-response positions (so no -inf/NaN there reaches the loss or
+    its gradient) and detach the constants ``old_logprobs`` and ``advantages``."""
+    if logprobs.dim() != 2 or not logprobs.shape == old_logprobs.shape == response_mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, old_logprobs "
+                         f"{tuple(old_logprobs.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must be equal (B, T) shapes")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be (B,) with "
+                         f"B={logprobs.shape[0]}")
+    if not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    new = torch.where(mask, logprobs, zero)
+    old = torch.where(mask, old_logprobs.detach().to(logprobs.dtype), zero)
+    return new, old, mask, advantages.detach().to(logprobs.dtype)
+
+
+def _seq_diff_abs_mean(new: torch.Tensor, old: torch.Tensor) -> float:
+    """Mean over sequences of |log pi(y|x) - log pi_old(y|x)|: how far the policy has moved."""
+    return (new.sum(-1) - old.sum(-1)).abs().mean().item() if new.shape[0] else 0.0
+
+
+@register_loss("kimi_pmd", advantage="group_mean", normalize_by="responses")
+def kimi_pmd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+             advantages: torch.Tensor, normalizer: float, cfg: LossConfig
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Kimi k1.5 policy mirror descent on SEQUENCE log-probs::
+
+        loss = sum_j [ -A_j * log pi(y_j|x) + tau/2 * (log pi(y_j|x) - log pi_old(y_j|x))^2 ]
+               / normalizer
+
+    with ``A_j = r_j - mean(group)`` (a constant). The squared term keeps the update close to
+    pi_old, replacing a trust region; its gradient per response token is
+    ``(-A_j + tau * (seq_logp_j - seq_old_j)) / normalizer``.
+    """
+    new, old, _, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
+    seq_new, seq_old = new.sum(-1), old.sum(-1)
+    per_response = -adv * seq_new + 0.5 * cfg.tau * (seq_new - seq_old).square()
+    loss = per_response.sum() / normalizer
+    return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old)}
+
+
+@register_loss("grpo", advantage="group_norm", normalize_by="tokens")
+def grpo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
+         advantages: torch.Tensor, normalizer: float, cfg: LossConfig
+         ) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO: PPO-clip per token with the response's group-normalised advantage::
+
+        ratio = exp(logp - logp_old)
+        loss  = sum_tokens -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) / normalizer
+
+    a token-level mean over the global batch. ``clip_fraction`` is the share of response tokens
+    whose clipped branch is active (ratio past 1+eps with A > 0, or below 1-eps with A < 0),
+    i.e. tokens that get no gradient.
+    """
+    new, old, mask, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
+    ratio = torch.exp(new - old)
+    adv_tok = adv.unsqueeze(-1)
+    unclipped = ratio * adv_tok
+    clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv_tok
+    per_token = torch.where(mask, -torch.minimum(unclipped, clipped), torch.zeros_like(ratio))
+    loss = per_token.sum() / normalizer
+    is_clipped = ((ratio > 1.0 + cfg.clip_eps) & (adv_tok > 0)) | \
+                 ((ratio < 1.0 - cfg.clip_eps) & (adv_tok < 0))
+    tokens = int(mask.sum())
+    clip_fraction = (is_clipped & mask).sum().item() / tokens if tokens else 0.0
+    return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old),
+                  "clip_fraction": clip_fraction}

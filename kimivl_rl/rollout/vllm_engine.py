@@ -1,0 +1,106 @@
+"""The one module that touches vLLM: engine construction, generation, weight reload.
+
+Everything else in kimivl-rl speaks in ``GenerationRequest`` / ``Sample`` (token ids in, token
+ids and log-probabilities out), so a vLLM upgrade changes this file only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Vision placeholders are never valid output: a sampled one would be read as an image slot
+# when the learner re-scores the response.
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str                      # rendered chat prompt, generation header included
+    images: list[Image.Image] = field(default_factory=list)
+    request_id: str = ""
+
+
+@dataclass
+class Sample:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]            # log p of each sampled token under the sampling policy
+    finish_reason: str               # "stop" or "length"
+    text: str
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 2048
+    seed: int = 0
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    max_images_per_prompt: int = 1
+
+
+class VLLMEngine:
+    """A vLLM ``LLM`` with the calls kimivl-rl needs."""
+
+    def __init__(self, options: EngineOptions):
+        from vllm import LLM
+
+        self.options = options
+        self.llm = LLM(model=options.model, tensor_parallel_size=options.tensor_parallel_size,
+                       gpu_memory_utilization=options.gpu_memory_utilization,
+                       max_model_len=options.max_model_len, seed=options.seed,
+                       trust_remote_code=options.trust_remote_code, dtype=options.dtype,
+                       enforce_eager=not torch.cuda.is_available(),
+                       limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
+                       worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WeightReloadExtension")
+        tokenizer = self.llm.get_tokenizer()
+        self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
+                        if t in tokenizer.get_vocab()}
+
+    def generate(self, requests: list[GenerationRequest], *, n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 256, seed: Optional[int] = None,
+                 progress: bool = False) -> list[list[Sample]]:
+        """``n`` samples for each request, in request order."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                seed=seed, logprobs=0, logit_bias=self._banned or None)
+        prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images}} if r.images
+                   else {"prompt": r.prompt} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        return [[_sample(req.request_id, out.prompt_token_ids, completion) for completion in out.outputs]
+                for req, out in zip(requests, outputs)]
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the engine's weights in place (HF parameter names)."""
+        from safetensors.torch import save_file
+
+        # Tensors passed inside collective_rpc arrive mangled on CPU; a file in shared memory
+        # is fast and crosses the process boundary intact.
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        with tempfile.NamedTemporaryFile(dir=shm, suffix=".safetensors", delete=False) as f:
+            path = f.name
+        try:
+            save_file({k: v.contiguous() for k, v in named_tensors.items()}, path)
+            self.llm.collective_rpc("reload_weights_from_file", args=(path,))
+        finally:
+            os.unlink(path)
+
+
+def _sample(request_id: str, prompt_token_ids, completion) -> Sample:
+    token_ids = list(completion.token_ids)
+    logprobs = [step[token].logprob for step, token in zip(completion.logprobs or [], token_ids)]
+    return Sample(request_id, list(prompt_token_ids), token_ids, logprobs,
+                  completion.finish_reason or "length", completion.text)

@@ -1,0 +1,18 @@
+"""Methods added to vLLM's worker processes (vLLM's ``worker_extension_cls`` hook).
+
+Lives beside ``vllm_engine`` as part of the vLLM adapter; vLLM imports it by path inside each
+worker process.
+"""
+from __future__ import annotations
+
+from safetensors.torch import load_file
+
+
+class WeightReloadExtension:
+    """Reload weights in place: the CPU backend repacks linear layers at load time, so plain
+    ``model.load_weights`` after start leaves empty parameters; ``reload_weights`` redoes the
+    repacking."""
+
+    def reload_weights_from_file(self, path: str) -> None:
+        tensors = load_file(path)
+        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))

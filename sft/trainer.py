@@ -1,0 +1,220 @@
+"""One SFT stage (joint or long-CoT) as a Ray Train ``TorchTrainer`` over DeepSpeed ranks.
+
+The driver (``run_stage``) starts the Ray Train job, then evaluates the exported checkpoint on
+the held-out split. Each worker (``train_loop``) encodes the data, builds the shared step plan,
+wraps the model in a DeepSpeed engine and trains, reporting metrics and checkpoints to Ray
+Train; a rerun of the same stage continues from the last reported checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kimivl_rl.config import Config, config_from_dict, config_to_dict
+from kimivl_rl.data.rows import RowLoader
+from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
+from kimivl_rl.models.loading import attention_implementation, load_policy
+from sft.encode import IGNORE_INDEX, encode_example
+from sft.packing import collate_pack
+from sft.plan import StagePlan, Step, build_plan
+
+log = logging.getLogger(__name__)
+STAGES = ("joint", "long_cot")
+VISION_PREFIXES = ("model.visual.patch_embed", "model.visual.blocks")
+PROJECTOR_PREFIXES = ("model.visual.merger",)
+
+
+# ----------------------------------------------------------------------------- paths
+
+def stage_dir(cfg: Config, stage: str) -> Path:
+    return Path(cfg.output.dir).resolve() / f"sft_{stage}"
+
+
+def stage_output_model(cfg: Config, stage: str) -> Path:
+    """Where a finished stage's Hugging Face checkpoint is."""
+    return stage_dir(cfg, stage) / "model"
+
+
+def stage_input_model(cfg: Config, stage: str, base_model: str) -> str:
+    """Joint SFT starts from the base model; long-CoT SFT from joint SFT's output."""
+    if stage == "joint":
+        return base_model
+    previous = stage_output_model(cfg, "joint")
+    if not (previous / "config.json").is_file():
+        raise FileNotFoundError(f"long-CoT SFT starts from joint SFT's output, and {previous} "
+                                f"does not exist yet: run `kimivl-rl sft CONFIG --stage joint` first")
+    return str(previous)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def answer_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over answer tokens of one pack."""
+    labels = batch.pop("labels")
+    logits = engine(**batch, use_cache=False).logits[0, :-1]
+    return F.cross_entropy(logits.float(), labels[0, 1:].to(logits.device),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum: int,
+               image_token_id: int) -> dict[str, float]:
+    """One optimizer step: this rank's packs, loss normalised by the global answer tokens."""
+    started = time.perf_counter()
+    local_sum = torch.zeros((), dtype=torch.float64)
+    for index in range(rank * accum, (rank + 1) * accum):
+        batch = _to_device(collate_pack(plan.pack(step, index), image_token_id), engine.device)
+        loss_sum = answer_loss_sum(engine, batch)
+        # DeepSpeed averages gradients over ranks and accumulation steps; scaling by
+        # world * accum / global_tokens makes the result the exact global token mean.
+        engine.backward(loss_sum * world * accum / max(1, step.label_tokens))
+        engine.step()
+        local_sum += loss_sum.detach().double().cpu()
+    dist.all_reduce(local_sum)
+    seconds = time.perf_counter() - started
+    return {"loss": float(local_sum) / max(1, step.label_tokens),
+            "lr": engine.get_lr()[0], "phase": step.phase,
+            "tokens_per_s": step.tokens / seconds,
+            "packing_efficiency": step.tokens / step.slots}
+
+
+def _encode_split(cfg: Config, path: Path, processor, model) -> list:
+    loader = RowLoader(path, max_pixels=cfg.data.max_pixels, oversize_images=cfg.data.oversize_images,
+                       bad_rows=cfg.data.bad_rows)
+    return [encode_example(ex, processor, model) for ex in loader]
+
+
+def _restore(engine) -> int:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        load_engine_state(engine, directory)
+        step = json.loads((Path(directory) / "trainer_state.json").read_text())["step"]
+    log.info("resumed at step %d from %s", step, checkpoint.path)
+    return step
+
+
+def _report(metrics: dict, engine, step: int, checkpoint: bool) -> None:
+    import ray.train
+
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_engine_state(engine, directory)
+        (Path(directory) / "trainer_state.json").write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train_loop(loop_config: dict) -> None:
+    """The Ray Train worker function."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO)
+    cfg: Config = config_from_dict(loop_config["config"])
+    stage = loop_config["stage"]
+    stage_cfg = getattr(cfg.sft, stage)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed)
+
+    model, processor = load_policy(loop_config["input_model"], cfg, training=True)
+    if cfg.sft.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data_dir = Path(cfg.data.dir)
+    examples = _encode_split(cfg, data_dir / stage_cfg.train_file, processor, model)
+    image_token_id = model.config.image_token_id
+    plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
+                      overlong=cfg.sft.overlong, image_token_id=image_token_id)
+    freeze = (VISION_PREFIXES if cfg.sft.freeze_vision else ()) + \
+             (PROJECTOR_PREFIXES if cfg.sft.freeze_projector else ())
+    engine = build_engine(model, plan.lr, zero_stage=cfg.sft.zero_stage,
+                          grad_accum_steps=cfg.sft.grad_accum_steps,
+                          weight_decay=cfg.sft.weight_decay, bf16=cfg.cluster.use_gpu,
+                          freeze_prefixes=freeze)
+    start = _restore(engine)
+    writer = _tensorboard(cfg, stage) if rank == 0 else None
+    total = len(plan.steps)
+    for step_index in range(start, total):
+        metrics = train_step(engine, plan, plan.steps[step_index], rank, world,
+                             cfg.sft.grad_accum_steps, image_token_id)
+        metrics.update(step=step_index + 1, total_steps=total)
+        done = step_index + 1
+        if writer:
+            for key in ("loss", "lr", "tokens_per_s", "packing_efficiency"):
+                writer.add_scalar(f"sft_{stage}/{key}", metrics[key], done)
+        if rank == 0:
+            log.info("sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing %.2f", stage, done,
+                     total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
+                     metrics["packing_efficiency"])
+        _report(metrics, engine, done, checkpoint=done % cfg.sft.checkpoint_every == 0 or done == total)
+    _export(engine, processor, stage_output_model(cfg, stage), plan, rank)
+    if writer:
+        writer.close()
+
+
+def _tensorboard(cfg: Config, stage: str):
+    if not cfg.output.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(Path(cfg.output.dir).resolve() / "tensorboard" / f"sft_{stage}"))
+
+
+def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> None:
+    """The stage's Hugging Face checkpoint, written under a temporary name and renamed."""
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(engine, staging, processor)
+    if rank == 0:
+        (staging / "sft_plan.json").write_text(json.dumps(plan.report, indent=1))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+
+
+# ----------------------------------------------------------------------------- driver side
+
+def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
+    """Train one SFT stage on Ray Train, evaluate it, and return its summary."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
+    input_model = stage_input_model(cfg, stage, base_model)
+    directory = stage_dir(cfg, stage)
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, stage_output_model(cfg, stage),
+             attention_implementation(cfg.cluster.use_gpu))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config_to_dict(cfg), "stage": stage, "input_model": input_model},
+        scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                     resources_per_worker={"CPU": cfg.sft.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        run_config=RunConfig(name=f"sft_{stage}", storage_path=str(directory / "ray_train"),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.output.keep_last_checkpoints)),
+    )
+    result = trainer.fit()
+    summary = {"stage": stage, "input_model": input_model,
+               "output_model": str(stage_output_model(cfg, stage)),
+               "final_metrics": result.metrics,
+               "plan": json.loads((stage_output_model(cfg, stage) / "sft_plan.json").read_text())}
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
