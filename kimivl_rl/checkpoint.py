@@ -29,7 +29,8 @@ class CheckpointError(RuntimeError):
 
 def _flatten(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
-        tensors[key] = value.detach().cpu().contiguous()
+        # A copy: tied weights share storage, which safetensors refuses to write.
+        tensors[key] = value.detach().cpu().clone().contiguous()
         return {_TENSOR: key}
     if isinstance(value, dict):
         # JSON keys are strings: keep the original key types (optimizer states use ints).

@@ -6,6 +6,7 @@ Each subcommand is a thin wrapper over a library function; configs are loaded wi
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -76,6 +77,23 @@ def cmd_prepare(args) -> None:
     print(f"model: {model}\ndata:  {data}")
 
 
+def _prepared_config(args):
+    """The config with absolute paths, its model and data built if needed."""
+    from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
+
+    cfg = with_absolute_paths(_config(args))
+    return cfg, ensure_model(cfg), ensure_data(cfg)
+
+
+def cmd_sft(args) -> None:
+    from sft.trainer import run_stage
+
+    cfg, base_model, _ = _prepared_config(args)
+    summary = run_stage(cfg, args.stage, base_model)
+    print(json.dumps({"stage": args.stage, "output_model": summary["output_model"],
+                      "eval": summary["eval"]}, indent=1))
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     check_data.add_argument("--skip-bad-rows", action="store_true",
                             help="count bad rows instead of stopping at the first")
     check_data.set_defaults(func=cmd_data_check)
+
+    sft = commands.add_parser("sft", help="run one SFT stage as a Ray Train job")
+    _add_config_args(sft)
+    sft.add_argument("--stage", choices=["joint", "long_cot"], required=True)
+    sft.set_defaults(func=cmd_sft)
 
     prepare = commands.add_parser("prepare", help="build the config's tiny model and data if absent")
     _add_config_args(prepare, optional=True)

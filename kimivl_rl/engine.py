@@ -13,8 +13,6 @@ from typing import Callable
 
 import deepspeed
 import torch
-from safetensors.torch import load_file
-
 from kimivl_rl.checkpoint import load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -84,7 +82,9 @@ def save_pretrained(engine, out_dir: str | Path, processor=None) -> None:
 def save_engine_state(engine, directory: str | Path) -> None:
     """Weights (rank 0) plus every rank's optimizer partition and scheduler position."""
     directory = Path(directory)
-    save_pretrained(engine, directory / "model")
+    weights = full_state_dict(engine)
+    if engine.global_rank == 0:
+        save_state(weights, directory / "weights")
     state = {"optimizer": _base_optimizer(engine).state_dict(),
              "scheduler": engine.lr_scheduler.state_dict()}
     save_state(state, directory / f"optimizer_rank{engine.global_rank}")
@@ -93,17 +93,10 @@ def save_engine_state(engine, directory: str | Path) -> None:
 def load_engine_state(engine, directory: str | Path) -> None:
     """Restore what ``save_engine_state`` wrote, with the same world size."""
     directory = Path(directory)
-    weights = {}
-    for shard in sorted((directory / "model").glob("*.safetensors")):
-        weights.update(load_file(shard))
-    module = engine.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0,
+    weights = load_state(directory / "weights")
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0,
                                            enabled=engine.zero_optimization_stage() == 3):
-        missing, unexpected = module.load_state_dict(weights, strict=False)
-    tied = getattr(module.config, "tie_word_embeddings", False)
-    if unexpected or (missing and not (tied and all(k.endswith("lm_head.weight") for k in missing))):
-        raise RuntimeError(f"{directory}: weights do not fit the model (missing {missing}, "
-                           f"unexpected {unexpected})")
+        engine.module.load_state_dict(weights)
     state = load_state(directory / f"optimizer_rank{engine.global_rank}")
     _base_optimizer(engine).load_state_dict(state["optimizer"])
     engine.lr_scheduler.load_state_dict(state["scheduler"])

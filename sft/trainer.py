@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.models.loading import attention_implementation, load_policy
+from kimivl_rl.ray_runtime import init_ray
 from sft.encode import IGNORE_INDEX, encode_example
 from sft.packing import collate_pack
 from sft.plan import StagePlan, Step, build_plan
@@ -102,6 +104,7 @@ def _restore(engine) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as directory:
+        verify_manifest(directory)
         load_engine_state(engine, directory)
         step = json.loads((Path(directory) / "trainer_state.json").read_text())["step"]
     log.info("resumed at step %d from %s", step, checkpoint.path)
@@ -117,6 +120,7 @@ def _report(metrics: dict, engine, step: int, checkpoint: bool) -> None:
     with tempfile.TemporaryDirectory() as directory:
         save_engine_state(engine, directory)
         (Path(directory) / "trainer_state.json").write_text(json.dumps({"step": step}))
+        write_manifest(Path(directory))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -190,15 +194,60 @@ def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> Non
 # ----------------------------------------------------------------------------- driver side
 
 def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
-    """Train one SFT stage on Ray Train, evaluate it, and return its summary."""
+    """Train one SFT stage on Ray Train, evaluate it, and return its summary.
+
+    A stage whose summary exists is finished and is not run again; an interrupted one
+    continues from its last Ray Train checkpoint.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
+    directory = stage_dir(cfg, stage)
+    summary_file = directory / "summary.json"
+    if summary_file.is_file():
+        log.info("SFT %s already finished (%s); skipping", stage, summary_file)
+        return json.loads(summary_file.read_text())
+    input_model = stage_input_model(cfg, stage, base_model)
+    directory.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    result = _fit(cfg, stage, input_model, directory)
+    output = stage_output_model(cfg, stage)
+    summary = {"stage": stage, "input_model": input_model, "output_model": str(output),
+               "train": result.metrics,
+               "plan": json.loads((output / "sft_plan.json").read_text()),
+               "eval": evaluate_stage(cfg, stage).as_dict()}
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    log.info("SFT %s done: %s", stage, summary["eval"])
+    return summary
+
+
+def evaluate_stage(cfg: Config, stage: str):
+    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM."""
+    from transformers import AutoProcessor
+
+    from kimivl_rl.evaluation import evaluate
+    from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
+
+    stage_cfg = getattr(cfg.sft, stage)
+    model_dir = str(stage_output_model(cfg, stage))
+    examples = RowLoader(Path(cfg.data.dir) / stage_cfg.eval_file, require_answer=True,
+                         max_pixels=cfg.data.max_pixels, oversize_images=cfg.data.oversize_images,
+                         bad_rows=cfg.data.bad_rows).load_all()[: cfg.sft.eval_examples]
+    engine = VLLMEngine(EngineOptions(model=model_dir, seed=cfg.seed,
+                                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      dtype="bfloat16" if cfg.cluster.use_gpu else "float32"))
+    try:
+        return evaluate(engine, examples, AutoProcessor.from_pretrained(model_dir),
+                        think_open=cfg.model.think_open, think_close=cfg.model.think_close,
+                        max_new_tokens=cfg.sft.eval_max_new_tokens)
+    finally:
+        engine.shutdown()
+
+
+def _fit(cfg: Config, stage: str, input_model: str, directory: Path):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
-    input_model = stage_input_model(cfg, stage, base_model)
-    directory = stage_dir(cfg, stage)
-    directory.mkdir(parents=True, exist_ok=True)
     log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, stage_output_model(cfg, stage),
              attention_implementation(cfg.cluster.use_gpu))
     trainer = TorchTrainer(
@@ -211,10 +260,4 @@ def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.output.keep_last_checkpoints)),
     )
-    result = trainer.fit()
-    summary = {"stage": stage, "input_model": input_model,
-               "output_model": str(stage_output_model(cfg, stage)),
-               "final_metrics": result.metrics,
-               "plan": json.loads((stage_output_model(cfg, stage) / "sft_plan.json").read_text())}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+    return trainer.fit()

@@ -83,6 +83,11 @@ class VLLMEngine:
         return [[_sample(req.request_id, out.prompt_token_ids, completion) for completion in out.outputs]
                 for req, out in zip(requests, outputs)]
 
+    def shutdown(self) -> None:
+        """Stop the engine's processes and free its memory now, not at garbage collection."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Replace the engine's weights in place (HF parameter names)."""
         from safetensors.torch import save_file
