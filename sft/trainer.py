@@ -158,10 +158,8 @@ def train_loop(loop_config: dict) -> None:
                              cfg.sft.grad_accum_steps, image_token_id)
         metrics.update(step=step_index + 1, total_steps=total)
         done = step_index + 1
-        if writer:
-            for key in ("loss", "lr", "tokens_per_s", "packing_efficiency"):
-                writer.add_scalar(f"sft_{stage}/{key}", metrics[key], done)
         if rank == 0:
+            _log_metrics(cfg, stage, metrics, writer)
             log.info("sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing %.2f", stage, done,
                      total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
                      metrics["packing_efficiency"])
@@ -169,6 +167,15 @@ def train_loop(loop_config: dict) -> None:
     _export(engine, processor, stage_output_model(cfg, stage), plan, rank)
     if writer:
         writer.close()
+
+
+def _log_metrics(cfg: Config, stage: str, metrics: dict, writer) -> None:
+    """Append to the stage's metrics.jsonl (plots, tests) and TensorBoard."""
+    with open(stage_dir(cfg, stage) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer:
+        for key in ("loss", "lr", "tokens_per_s", "packing_efficiency"):
+            writer.add_scalar(f"sft_{stage}/{key}", metrics[key], metrics["step"])
 
 
 def _tensorboard(cfg: Config, stage: str):
@@ -206,18 +213,23 @@ def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
     if summary_file.is_file():
         log.info("SFT %s already finished (%s); skipping", stage, summary_file)
         return json.loads(summary_file.read_text())
+    summary = train_stage(cfg, stage, base_model)
+    summary["eval"] = evaluate_stage(cfg, stage).as_dict()
+    summary_file.write_text(json.dumps(summary, indent=1, default=str))
+    log.info("SFT %s done: %s", stage, summary["eval"])
+    return summary
+
+
+def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
+    """The Ray Train job of a stage alone (continuing a stopped one); no evaluation."""
     input_model = stage_input_model(cfg, stage, base_model)
+    directory = stage_dir(cfg, stage)
     directory.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     result = _fit(cfg, stage, input_model, directory)
     output = stage_output_model(cfg, stage)
-    summary = {"stage": stage, "input_model": input_model, "output_model": str(output),
-               "train": result.metrics,
-               "plan": json.loads((output / "sft_plan.json").read_text()),
-               "eval": evaluate_stage(cfg, stage).as_dict()}
-    summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    log.info("SFT %s done: %s", stage, summary["eval"])
-    return summary
+    return {"stage": stage, "input_model": input_model, "output_model": str(output),
+            "train": result.metrics, "plan": json.loads((output / "sft_plan.json").read_text())}
 
 
 def evaluate_stage(cfg: Config, stage: str):

@@ -18,3 +18,13 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
     return build_dataset(SMALL_DATA, tmp_path_factory.mktemp("data") / "builtin", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the integration tests of a session."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()

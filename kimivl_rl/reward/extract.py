@@ -29,7 +29,8 @@ class Extraction:
     reason: Optional[str] = None  # why nothing was found, when answer is None
 
 
-def thinking_unclosed(text: str, think_open: str = "<think>", think_close: str = "</think>") -> bool:
+def thinking_unclosed(text: str, think_open: str = "<think>",
+                      think_close: str = "</think>") -> bool:
     """True when the response opened a thinking section and never closed it (ran out of tokens)."""
     return bool(think_open) and think_open in text and not (think_close and think_close in text)
 

@@ -60,13 +60,22 @@ def _clean(s: str) -> str:
     return " ".join("".join(out).split())
 
 
+def _wrapper_at(s: str, i: int) -> Optional[str]:
+    """The text wrapper (e.g. ``\\text{``) starting at s[i], if any."""
+    if s[i] != "\\":
+        return None
+    return next((p for p in _TEXT_WRAPPERS if s.startswith(p, i)), None)
+
+
 def _unwrap_text(s: str) -> str:
     """Replace ``\\text{X}`` (and similar wrappers) by X, nested or not, in one pass."""
+    if "\\" not in s:
+        return s
     out: list[str] = []
     closes_wrapper: list[bool] = []  # one entry per open brace: does its "}" close a wrapper?
     i, n = 0, len(s)
     while i < n:
-        prefix = next((p for p in _TEXT_WRAPPERS if s.startswith(p, i)), None) if s[i] == "\\" else None
+        prefix = _wrapper_at(s, i)
         if prefix is not None:
             closes_wrapper.append(True)
             i += len(prefix)
@@ -138,7 +147,8 @@ def verify(predicted: str, reference: str, numeric_tolerance: float = 1e-6) -> V
         return Verdict(correct, "choice", None if correct else "different choice")
     pred_num, ref_num = parse_number(pred), parse_number(ref)
     if pred_num is not None and ref_num is not None:
-        correct = math.isclose(pred_num, ref_num, rel_tol=numeric_tolerance, abs_tol=numeric_tolerance)
+        correct = math.isclose(pred_num, ref_num, rel_tol=numeric_tolerance,
+                               abs_tol=numeric_tolerance)
         return Verdict(correct, "numeric", None if correct else "numbers differ")
     if _PLAIN_WORDS.fullmatch(pred) or _PLAIN_WORDS.fullmatch(ref):
         # Sympy reads words as products of symbols, so "red" would equal "der".

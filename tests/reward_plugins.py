@@ -1,0 +1,37 @@
+"""User reward functions for tests/test_reward.py, loaded by import path like real plugins."""
+from __future__ import annotations
+
+import os
+import time
+
+from kimivl_rl.reward import RewardInput, RewardOutput
+
+NOT_CALLABLE = 42
+
+
+def half(item: RewardInput) -> RewardOutput:
+    return RewardOutput(0.5, "half credit", item.response)
+
+
+def raises(item: RewardInput) -> RewardOutput:
+    raise ValueError("bad reference")
+
+
+def sleeps(item: RewardInput) -> RewardOutput:
+    time.sleep(10)
+    return RewardOutput(1.0, "slept")
+
+
+def by_response(item: RewardInput):
+    """Misbehave as the response says, so one scorer sees every failure mode in one batch."""
+    if item.response == "raise":
+        return raises(item)
+    if item.response == "sleep":
+        return sleeps(item)
+    if item.response == "too generous":
+        return RewardOutput(2.0)
+    if item.response == "not an output":
+        return 1.0
+    if item.response == "crash":
+        os._exit(3)
+    return RewardOutput(1.0 if item.response == item.reference else 0.0, "compared")
