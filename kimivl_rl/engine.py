@@ -7,6 +7,7 @@ partition through ``kimivl_rl.checkpoint.save_state``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Callable
@@ -58,6 +59,20 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
+@contextlib.contextmanager
+def _optimizer_groups_attached(engine):
+    """ZeRO-3 attaches its fp32 partitions to the torch optimizer only around a step; the
+    optimizer's state_dict needs them attached."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    engine.optimizer._set_fp32_optimizer_param_groups()
+    try:
+        yield
+    finally:
+        engine.optimizer._clear_fp32_optimizer_param_groups()
+
+
 def reset_optimizer(engine) -> None:
     """Forget Adam moments (the k1.5 recipe resets the optimizer every RL iteration)."""
     _base_optimizer(engine).state.clear()
@@ -85,8 +100,9 @@ def save_engine_state(engine, directory: str | Path) -> None:
     weights = full_state_dict(engine)
     if engine.global_rank == 0:
         save_state(weights, directory / "weights")
-    state = {"optimizer": _base_optimizer(engine).state_dict(),
-             "scheduler": engine.lr_scheduler.state_dict()}
+    with _optimizer_groups_attached(engine):
+        state = {"optimizer": _base_optimizer(engine).state_dict(),
+                 "scheduler": engine.lr_scheduler.state_dict()}
     save_state(state, directory / f"optimizer_rank{engine.global_rank}")
 
 
@@ -98,7 +114,8 @@ def load_engine_state(engine, directory: str | Path) -> None:
                                            enabled=engine.zero_optimization_stage() == 3):
         engine.module.load_state_dict(weights)
     state = load_state(directory / f"optimizer_rank{engine.global_rank}")
-    _base_optimizer(engine).load_state_dict(state["optimizer"])
+    with _optimizer_groups_attached(engine):
+        _base_optimizer(engine).load_state_dict(state["optimizer"])
     engine.lr_scheduler.load_state_dict(state["scheduler"])
     if engine.zero_optimization_stage() > 0:
         engine.optimizer.refresh_fp32_params()  # ZeRO's fp32 master copy follows the weights

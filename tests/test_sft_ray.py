@@ -83,9 +83,9 @@ def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     deadline = time.time() + 400
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     first.wait()
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+    time.sleep(10)  # Ray workers notice their raylet is gone and exit; read the log after that
     steps_before = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert 3 <= len(steps_before)
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
