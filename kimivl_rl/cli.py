@@ -94,6 +94,16 @@ def cmd_sft(args) -> None:
                       "eval": summary["eval"]}, indent=1))
 
 
+def cmd_rl(args) -> None:
+    from kimivl_rl.controller import run_rl
+    from sft.trainer import stage_output_model
+
+    cfg, base_model, _ = _prepared_config(args)
+    long_cot = stage_output_model(cfg, "long_cot")
+    start = args.model or (str(long_cot) if (long_cot / "config.json").is_file() else base_model)
+    print(json.dumps(run_rl(cfg, start), indent=1))
+
+
 # ----------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--stage", choices=["joint", "long_cot"], required=True)
     sft.set_defaults(func=cmd_sft)
 
+    rl = commands.add_parser("rl", help="run the RL stage on Ray (vLLM rollouts, reward service, "
+                                        "DeepSpeed learners)")
+    _add_config_args(rl)
+    rl.add_argument("--model", help="checkpoint to start from (default: the long-CoT SFT output "
+                                    "if present, else model.path)")
+    rl.set_defaults(func=cmd_rl)
+
     prepare = commands.add_parser("prepare", help="build the config's tiny model and data if absent")
     _add_config_args(prepare, optional=True)
     prepare.set_defaults(func=cmd_prepare)
@@ -148,7 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`sft CONFIG --stage joint rl.x=1`): collect them here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"this command takes no KEY=VALUE overrides: {' '.join(extra)}")
+        args.overrides = args.overrides + extra
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)

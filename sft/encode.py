@@ -9,33 +9,10 @@ outside every span.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from kimivl_rl.data.rows import Example
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Encoded:
-    """One example, ready to pack: token ids, labels, its images and its own positions."""
-
-    input_ids: torch.Tensor          # (L,)
-    labels: torch.Tensor             # (L,), IGNORE_INDEX outside answers
-    pixel_values: Optional[torch.Tensor]   # (patches, dim) or None
-    image_grid_thw: Optional[torch.Tensor]  # (images, 3) or None
-    position_ids: torch.Tensor       # (4, L): text positions, then the 3 mrope rows
-    source: str
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_label_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+from kimivl_rl.packing import IGNORE_INDEX, Encoded, example_positions
 
 
 def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -94,26 +71,3 @@ def encode_example(example: Example, processor, model) -> Encoded:
     labels = torch.where(in_answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return Encoded(input_ids, labels, pixel_values, grid,
                    example_positions(model, input_ids, grid), example.source)
-
-
-def example_positions(model, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-    """(4, L) positions of one example from 0: text positions, then Qwen2.5-VL's 3 mrope rows.
-
-    Packed examples each start from 0, which is also how the model tells them apart: a
-    restart in the text row makes its attention block-diagonal.
-    """
-    length = input_ids.shape[0]
-    text = torch.arange(length)
-    if image_grid_thw is None:
-        return text.expand(4, length).clone()
-    mm_types = (input_ids == model.config.image_token_id).int()[None]
-    with torch.no_grad():
-        rope, _ = inner_model(model).get_rope_index(input_ids[None], mm_token_type_ids=mm_types,
-                                                    image_grid_thw=image_grid_thw)
-    return torch.cat([text[None], rope[:, 0]], dim=0)
-
-
-def inner_model(model):
-    """The Qwen2.5-VL base model (``model.model``), also through a DeepSpeed wrapper."""
-    model = getattr(model, "module", model)
-    return model.model

@@ -11,8 +11,7 @@ import math
 from dataclasses import dataclass
 
 from kimivl_rl.config.schema import PhaseConfig
-from sft.encode import IGNORE_INDEX, Encoded
-from sft.packing import fit_to_length, plan_packs
+from kimivl_rl.packing import IGNORE_INDEX, Encoded, fit_to_length, plan_packs
 from sft.schedule import stage_lr
 
 log = logging.getLogger(__name__)

@@ -23,15 +23,16 @@ from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.models.loading import attention_implementation, load_policy
+from kimivl_rl.packing import IGNORE_INDEX, collate_pack
 from kimivl_rl.ray_runtime import init_ray
-from sft.encode import IGNORE_INDEX, encode_example
-from sft.packing import collate_pack
+from sft.encode import encode_example
 from sft.plan import StagePlan, Step, build_plan
 
 log = logging.getLogger(__name__)
 STAGES = ("joint", "long_cot")
 VISION_PREFIXES = ("model.visual.patch_embed", "model.visual.blocks")
 PROJECTOR_PREFIXES = ("model.visual.merger",)
+REPORT_EVERY = 10
 
 
 # ----------------------------------------------------------------------------- paths
@@ -163,7 +164,11 @@ def train_loop(loop_config: dict) -> None:
             log.info("sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing %.2f", stage, done,
                      total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
                      metrics["packing_efficiency"])
-        _report(metrics, engine, done, checkpoint=done % cfg.sft.checkpoint_every == 0 or done == total)
+        checkpoint = done % cfg.sft.checkpoint_every == 0 or done == total
+        # A Ray Train report is a round trip through its controller (about a second): every
+        # step goes to metrics.jsonl and TensorBoard, every 10th and each checkpoint to Ray.
+        if checkpoint or done % REPORT_EVERY == 0:
+            _report(metrics, engine, done, checkpoint)
     _export(engine, processor, stage_output_model(cfg, stage), plan, rank)
     if writer:
         writer.close()

@@ -10,8 +10,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.data.rows import Example
-from sft.encode import IGNORE_INDEX, encode_example
-from sft.packing import collate_pack, fit_to_length, plan_packs
+from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
+from sft.encode import encode_example
 from sft.plan import build_plan
 from sft.schedule import phase_lr, stage_lr
 from sft.trainer import answer_loss_sum

@@ -99,12 +99,16 @@ class RLConfig:
     tau: float = bounded(0.1, gt=0.0)
     grpo_clip: float = bounded(0.2, gt=0.0)
     lr: float = bounded(1e-4, gt=0.0)
+    # Optimizer steps per iteration on the same rollouts (the first has log π = log π_old;
+    # later ones are where the mirror-descent term τ holds the policy near π_old).
+    updates_per_iteration: int = bounded(2, ge=1)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)
     micro_batch_tokens: int = bounded(4096, ge=16)
     zero_stage: int = bounded(2, ge=0, le=3)
     eval_every: int = bounded(5, ge=1)
+    eval_prompts: int = bounded(64, ge=1)
     checkpoint_every: int = bounded(5, ge=1)
 
 

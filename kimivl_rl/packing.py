@@ -1,4 +1,7 @@
-"""Pack encoded examples into sequences without cross-example attention.
+"""Sequences and packing, shared by SFT and the RL learner.
+
+``Encoded`` is one sequence with its labels, images and own positions. A pack is a list of
+sequences whose lengths sum to at most a maximum length.
 
 A pack is a list of examples whose lengths sum to at most the phase's maximum length. Packs are
 concatenated into one row (batch size 1, no padding); each example keeps its own positions
@@ -8,11 +11,54 @@ the packed mask from restarts of the text position row), and keeps its own image
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 
-from sft.encode import IGNORE_INDEX, Encoded
+IGNORE_INDEX = -100
+
+@dataclass
+class Encoded:
+    """One example, ready to pack: token ids, labels, its images and its own positions."""
+
+    input_ids: torch.Tensor          # (L,)
+    labels: torch.Tensor             # (L,), IGNORE_INDEX outside answers
+    pixel_values: Optional[torch.Tensor]   # (patches, dim) or None
+    image_grid_thw: Optional[torch.Tensor]  # (images, 3) or None
+    position_ids: torch.Tensor       # (4, L): text positions, then the 3 mrope rows
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def example_positions(model, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
+    """(4, L) positions of one example from 0: text positions, then Qwen2.5-VL's 3 mrope rows.
+
+    Packed examples each start from 0, which is also how the model tells them apart: a
+    restart in the text row makes its attention block-diagonal.
+    """
+    length = input_ids.shape[0]
+    text = torch.arange(length)
+    if image_grid_thw is None:
+        return text.expand(4, length).clone()
+    mm_types = (input_ids == model.config.image_token_id).int()[None]
+    with torch.no_grad():
+        rope, _ = inner_model(model).get_rope_index(input_ids[None], mm_token_type_ids=mm_types,
+                                                    image_grid_thw=image_grid_thw)
+    return torch.cat([text[None], rope[:, 0]], dim=0)
+
+
+def inner_model(model):
+    """The Qwen2.5-VL base model (``model.model``), also through a DeepSpeed wrapper."""
+    model = getattr(model, "module", model)
+    return model.model
+
 
 MAX_OPEN_BINS = 64  # first-fit over this many open packs keeps planning linear in the data
 

@@ -1,0 +1,298 @@
+"""The RL driver loop (RECIPE.md, stage 3), over Ray actors:
+
+    sample prompts (difficulty-aware) -> rollouts (vLLM, k per prompt) -> answer-only rewards
+    (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
+    sync -> metrics -> periodic held-out evaluation -> checkpoint
+
+Actors are named by role (``rollout-0``, ``reward-0``, ``learner-0``) so the Ray dashboard shows
+who is who. A rerun continues from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from tqdm import tqdm
+
+from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
+from kimivl_rl.config import Config, config_to_dict
+from kimivl_rl.data.rows import Example, RowLoader
+from kimivl_rl.evaluation import generation_requests, prompt_messages
+from kimivl_rl.metrics import MetricsSink
+from kimivl_rl.ray_runtime import init_ray
+from kimivl_rl.remote import wait_all, wait_one
+from kimivl_rl.reward.contract import RewardInput
+from kimivl_rl.rl.experience import Trajectory, assign_rewards, trajectories_from_samples
+from kimivl_rl.rl.length_penalty import length_penalty_weight_at
+from kimivl_rl.rl.sampler import PromptSampler
+from kimivl_rl.rollout.vllm_engine import EngineOptions
+from kimivl_rl.weight_sync import ObjectStoreTransport
+
+log = logging.getLogger(__name__)
+
+
+def rl_dir(cfg: Config) -> Path:
+    return Path(cfg.output.dir) / "rl"
+
+
+def rl_output_model(cfg: Config) -> Path:
+    return rl_dir(cfg) / "model"
+
+
+# ----------------------------------------------------------------------------- actors
+
+@dataclass
+class RLActors:
+    learners: list
+    rollouts: list
+    reward: object
+
+    @classmethod
+    def start(cls, cfg: Config, model_path: str) -> "RLActors":
+        import ray
+
+        from kimivl_rl.learner import LearnerWorker
+        from kimivl_rl.reward.service import RewardService
+        from kimivl_rl.rollout.worker import RolloutWorker
+
+        gpu = 1 if cfg.cluster.use_gpu else 0
+        restarts = cfg.cluster.actor_max_restarts
+        config = config_to_dict(cfg)
+        learners = [ray.remote(LearnerWorker).options(
+            name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=gpu).remote(
+            config, model_path, rank, cfg.cluster.num_learners)
+            for rank in range(cfg.cluster.num_learners)]
+        options = EngineOptions(model=model_path, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
+                                dtype="bfloat16" if cfg.cluster.use_gpu else "float32")
+        rollouts = [ray.remote(RolloutWorker).options(
+            name=f"rollout-{i}", num_cpus=cfg.cluster.rollout_cpus,
+            num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=restarts).remote(options)
+            for i in range(cfg.rollout.num_workers)]
+        reward = ray.remote(RewardService).options(
+            name="reward-0", num_cpus=cfg.cluster.reward_cpus, max_restarts=restarts).remote(
+            cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
+        actors = cls(learners, rollouts, reward)
+        timeout = cfg.cluster.call_timeout_s
+        address = wait_one(learners[0].rendezvous_address.remote(), "learner", "start", timeout)
+        wait_all([a.init_group.remote(*address) for a in learners], "learner",
+                 "join the process group and build the DeepSpeed engine", timeout)
+        wait_all([a.ready.remote() for a in rollouts], "rollout", "start (vLLM engine)", timeout)
+        wait_one(reward.ready.remote(), "reward", "start", timeout)
+        return actors
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in [*self.learners, *self.rollouts, self.reward]:
+            ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+def generate(actors: RLActors, cfg: Config, requests, n: int, temperature: float, seed: int):
+    """Spread requests over the rollout workers; results come back in request order."""
+    workers = actors.rollouts
+    shards = [list(range(i, len(requests), len(workers))) for i in range(len(workers))]
+    refs = [w.generate.remote([requests[j] for j in shard], n, temperature, cfg.rollout.top_p,
+                              cfg.rollout.max_new_tokens, seed)
+            for w, shard in zip(workers, shards) if shard]
+    results = wait_all(refs, "rollout", "generate", cfg.cluster.call_timeout_s)
+    ordered = [None] * len(requests)
+    for shard, result in zip([s for s in shards if s], results):
+        for j, samples in zip(shard, result):
+            ordered[j] = samples
+    return ordered
+
+
+def score(actors: RLActors, cfg: Config, examples: list[Example], samples) -> list:
+    items = [RewardInput(response=s.text, reference=ex.answer, prompt_id=ex.source,
+                         think_open=cfg.model.think_open, think_close=cfg.model.think_close)
+             for ex, group in zip(examples, samples) for s in group]
+    return wait_one(actors.reward.score.remote(items), "reward", "score", cfg.cluster.call_timeout_s)
+
+
+def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, float]:
+    n = max(1, len(trajectories))
+    lengths = [len(t.response_token_ids) for t in trajectories]
+    return {"reward_mean": sum(t.reward for t in trajectories) / n,
+            "pass_rate": sum(t.task_reward for t in trajectories) / n,
+            "response_length_mean": sum(lengths) / n, "response_length_max": max(lengths, default=0),
+            "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
+            "length_penalty_weight": weight,
+            "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n}
+
+
+def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
+                  sampler: PromptSampler, iteration: int, transport) -> dict[str, float]:
+    timings = {}
+    started = time.perf_counter()
+    chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
+    examples = [prompts[i] for i in chosen]
+    samples = generate(actors, cfg, generation_requests(examples, processor), cfg.rl.samples_per_prompt,
+                       cfg.rollout.temperature, seed=cfg.seed * 100_003 + iteration)
+    timings["time_generate_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    scores = score(actors, cfg, examples, samples)
+    trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples)
+    weight = length_penalty_weight_at(iteration, cfg.rl.length_penalty_weight,
+                                      cfg.rl.length_penalty_start_iteration)
+    assign_rewards(trajectories, scores, weight)
+    _update_sampler(sampler, chosen, trajectories, cfg.rl.samples_per_prompt)
+    timings["time_reward_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    batch_ref = _put(trajectories)
+    learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
+                       f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
+    timings["time_learn_s"] = time.perf_counter() - started
+    sync = transport.push(actors.learners, actors.rollouts, version=iteration + 1)
+    timings["time_sync_s"] = sync.seconds
+    generated = sum(len(t.response_token_ids) for t in trajectories)
+    return {**rollout_metrics(trajectories, weight), **learned, **timings,
+            "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"])}
+
+
+def _put(value):
+    import ray
+
+    return ray.put(value)
+
+
+def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],
+                    k: int) -> None:
+    """Per prompt: mean task reward (not the length penalty) and whether all k were right."""
+    means, all_right = [], []
+    for g in range(len(chosen)):
+        group = trajectories[g * k:(g + 1) * k]
+        rewards = [t.task_reward for t in group]
+        means.append(sum(rewards) / len(rewards))
+        all_right.append(all(r >= 1.0 for r in rewards))
+    sampler.update(chosen, means, all_right)
+
+
+def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: list[Example]) -> dict:
+    samples = generate(actors, cfg, generation_requests(eval_prompts, processor), 1, 0.0, seed=cfg.seed)
+    scores = score(actors, cfg, eval_prompts, samples)
+    n = max(1, len(scores))
+    return {"eval_reward": sum(s.score for s in scores) / n,
+            "eval_response_length": sum(len(g[0].token_ids) for g in samples) / n}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(cfg: Config) -> Optional[Path]:
+    """The newest checkpoint whose manifest checks out; broken ones are skipped with a warning."""
+    for directory in sorted((rl_dir(cfg) / "checkpoints").glob("iter_*"), reverse=True):
+        try:
+            verify_manifest(directory)
+            return directory
+        except CheckpointError as exc:
+            log.warning("ignoring checkpoint: %s", exc)
+    return None
+
+
+def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler) -> Path:
+    root = rl_dir(cfg) / "checkpoints"
+    final = root / f"iter_{iteration:06d}"
+    with atomic_dir(final) as staging:
+        wait_all([l.save.remote(str(staging)) for l in actors.learners], "learner",
+                 f"save checkpoint {final.name}", cfg.cluster.call_timeout_s)
+        (staging / "controller_state.json").write_text(json.dumps(
+            {"iteration": iteration, "sampler": sampler.state_dict()}))
+    for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def restore(actors: RLActors, cfg: Config, sampler: PromptSampler, transport) -> int:
+    """Load the last checkpoint into the learners and sampler, sync the rollout engines, and
+    return the first iteration still to run (0 when there is none)."""
+    checkpoint = latest_checkpoint(cfg)
+    if checkpoint is None:
+        return 0
+    state = json.loads((checkpoint / "controller_state.json").read_text())
+    wait_all([l.load.remote(str(checkpoint)) for l in actors.learners], "learner",
+             f"load {checkpoint.name}", cfg.cluster.call_timeout_s)
+    sampler.load_state_dict(state["sampler"])
+    transport.push(actors.learners, actors.rollouts, version=state["iteration"])
+    log.info("resumed RL from %s", checkpoint)
+    return state["iteration"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def load_prompts(cfg: Config, file: str) -> list[Example]:
+    return RowLoader(Path(cfg.data.dir) / file, require_answer=True, max_pixels=cfg.data.max_pixels,
+                     oversize_images=cfg.data.oversize_images, bad_rows=cfg.data.bad_rows).load_all()
+
+
+def run_rl(cfg: Config, model_path: str) -> dict:
+    """Run (or continue) the RL stage from ``model_path``; return its summary."""
+    from transformers import AutoProcessor
+
+    summary_file = rl_dir(cfg) / "summary.json"
+    if summary_file.is_file():
+        finished = json.loads(summary_file.read_text())
+        if finished["iterations"] == cfg.rl.iterations:
+            log.info("RL already finished (%s); skipping", summary_file)
+            return finished
+        summary_file.unlink()  # more iterations asked for: continue from the last checkpoint
+    prompts = load_prompts(cfg, cfg.rl.train_file)
+    eval_prompts = load_prompts(cfg, cfg.rl.eval_file)[: cfg.rl.eval_prompts]
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    sampler = PromptSampler(len(prompts), cfg.sampler.mode, cfg.seed,
+                            pass_rates=[p.pass_rate for p in prompts], floor=cfg.sampler.floor,
+                            ema_decay=cfg.sampler.ema_decay,
+                            drop_always_solved_after=cfg.sampler.drop_always_solved_after,
+                            total_iterations=cfg.rl.iterations)
+    init_ray(cfg)
+    actors = RLActors.start(cfg, model_path)
+    transport = ObjectStoreTransport(cfg.cluster.call_timeout_s)
+    sink = MetricsSink(rl_dir(cfg) / "metrics.jsonl",
+                       Path(cfg.output.dir) / "tensorboard" / "rl" if cfg.output.tensorboard else None, "rl")
+    try:
+        start = restore(actors, cfg, sampler, transport)
+        first_eval = evaluate_heldout(actors, cfg, processor, eval_prompts) if start == 0 else None
+        if first_eval:
+            sink.log(0, first_eval)
+        for iteration in tqdm(range(start, cfg.rl.iterations), desc="RL", initial=start,
+                              total=cfg.rl.iterations, unit="iter"):
+            metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration, transport)
+            done = iteration + 1
+            if done % cfg.rl.eval_every == 0 or done == cfg.rl.iterations:
+                metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
+            sink.log(done, metrics)
+            log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
+                     {k: round(v, 4) for k, v in metrics.items()})
+            if done % cfg.rl.checkpoint_every == 0 or done == cfg.rl.iterations:
+                save_checkpoint(actors, cfg, done, sampler)
+        wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner",
+                 "export the final model", cfg.cluster.call_timeout_s)
+    finally:
+        sink.close()
+        actors.stop()
+    summary = _summary(cfg, model_path)
+    summary_file.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _summary(cfg: Config, model_path: str) -> dict:
+    from kimivl_rl.metrics import read_jsonl
+
+    records = read_jsonl(rl_dir(cfg) / "metrics.jsonl")
+    evals = [r for r in records if "eval_reward" in r]
+    trains = [r for r in records if "reward_mean" in r]
+    return {"input_model": model_path, "output_model": str(rl_output_model(cfg)),
+            "iterations": cfg.rl.iterations,
+            "eval_reward_start": evals[0]["eval_reward"] if evals else None,
+            "eval_reward_end": evals[-1]["eval_reward"] if evals else None,
+            "train_reward_start": trains[0]["reward_mean"] if trains else None,
+            "train_reward_end": trains[-1]["reward_mean"] if trains else None}

@@ -1,0 +1,215 @@
+"""The learner group: N DeepSpeed ranks as Ray actors in one torch.distributed group.
+
+Each rank gets the whole iteration's trajectories (one object-store reference), takes its
+shard, and:
+  1. computes log π_old of the sampled tokens with the weights that generated them (the
+     learner is synced to the rollout engines after every update, so its current weights are
+     the rollout policy);
+  2. computes advantages over the whole batch with the loss's registered estimator;
+  3. takes ``rl.updates_per_iteration`` optimizer steps on the registered loss, over
+     micro-batches packed up to ``rl.micro_batch_tokens`` tokens.
+Only response tokens carry loss. The loss is normalised by the global count of responses or
+tokens, so the update does not depend on how the batch is split over ranks and micro-batches.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from kimivl_rl.config import Config, config_from_dict
+from kimivl_rl.engine import (build_engine, full_state_dict, load_engine_state, reset_optimizer,
+                              save_engine_state, save_pretrained)
+from kimivl_rl.models.loading import load_policy
+from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
+from kimivl_rl.rl.advantages import get_advantage
+from kimivl_rl.rl.experience import Trajectory
+from kimivl_rl.rl.losses import LossConfig, get_loss
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def encode_trajectory(trajectory: Trajectory, image_processor, model) -> Encoded:
+    """Prompt + response ids as one sequence whose labels are the response tokens."""
+    prompt, response = trajectory.prompt_token_ids, trajectory.response_token_ids
+    input_ids = torch.tensor(prompt + response)
+    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + response)
+    pixel_values = grid = None
+    if trajectory.images:
+        vision = image_processor(images=trajectory.images, return_tensors="pt")
+        pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]
+    return Encoded(input_ids, labels, pixel_values, grid, example_positions(model, input_ids, grid),
+                   source=f"prompt {trajectory.prompt_index}")
+
+
+def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so each group's total length stays within ``budget``
+    (a longer sequence goes alone)."""
+    batches: list[list[int]] = []
+    used = budget
+    for index, length in enumerate(lengths):
+        if used + length > budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(index)
+        used += length
+    return batches
+
+
+def response_logprobs(model, sequences: list[Encoded], image_token_id: int) -> list[torch.Tensor]:
+    """log p(token | prefix) of each sequence's response tokens, from one packed forward."""
+    batch = collate_pack(sequences, image_token_id)
+    batch.pop("labels")
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    logits = model(**batch, use_cache=False).logits[0].float()
+    out, start = [], 0
+    for seq in sequences:
+        end = start + len(seq)
+        targets = seq.labels.to(logits.device)
+        positions = (targets != IGNORE_INDEX).nonzero()[:, 0]
+        # logits at t predict token t + 1
+        logps = torch.log_softmax(logits[start + positions - 1], dim=-1)
+        out.append(logps.gather(-1, targets[positions][:, None])[:, 0])
+        start = end
+    return out
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) values and mask from ragged rows."""
+    width = max(1, max(len(r) for r in rows))
+    values = torch.zeros(len(rows), width, device=rows[0].device)
+    mask = torch.zeros(len(rows), width, device=rows[0].device)
+    for i, row in enumerate(rows):
+        values[i, :len(row)] = row
+        mask[i, :len(row)] = 1.0
+    return values, mask
+
+
+# ----------------------------------------------------------------------------- the actor
+
+class LearnerWorker:
+    """One rank of the learner group (wrapped as a Ray actor by ``kimivl_rl.controller``)."""
+
+    def __init__(self, config: dict, model_path: str, rank: int, world_size: int):
+        self.cfg: Config = config_from_dict(config)
+        self.model_path = model_path
+        self.rank, self.world = rank, world_size
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a free port there, for the process group."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def init_group(self, master_addr: str, master_port: int) -> int:
+        """Join the torch.distributed group (all ranks at once), then build the engine."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
+        backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world)
+        torch.manual_seed(self.cfg.seed)
+        model, self.processor = load_policy(self.model_path, self.cfg, training=True)
+        self.image_processor = self.processor.image_processor
+        self.image_token_id = model.config.image_token_id
+        self.loss = get_loss(self.cfg.rl.loss)
+        self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip)
+        self.engine = build_engine(model, lambda step: self.cfg.rl.lr, zero_stage=self.cfg.rl.zero_stage,
+                                   bf16=self.cfg.cluster.use_gpu)
+        return self.rank
+
+    # ------------------------------------------------------------------ learning
+
+    def _encode(self, trajectories: list[Trajectory]) -> list[Encoded]:
+        return [encode_trajectory(t, self.image_processor, self.engine.module) for t in trajectories]
+
+    def _micro_batches(self, sequences: list[Encoded]) -> list[list[Encoded]]:
+        """Token-budget micro-batches, the same count on every rank (collectives must match):
+        a rank with fewer repeats its first batch with zero weight."""
+        groups = token_budget_batches([len(s) for s in sequences], self.cfg.rl.micro_batch_tokens)
+        count = torch.tensor(len(groups))
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        batches = [[sequences[i] for i in g] for g in groups]
+        return batches + [None] * (int(count) - len(batches))
+
+    @torch.no_grad()
+    def _logprobs(self, batches) -> list[torch.Tensor]:
+        self.engine.module.eval()
+        out = [lp for b in batches if b for lp in response_logprobs(self.engine.module, b, self.image_token_id)]
+        self.engine.module.train()
+        return out
+
+    def learn(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        """One RL iteration's update; returns metrics averaged over ranks."""
+        if self.cfg.rl.reset_optimizer_each_iteration:
+            reset_optimizer(self.engine)
+        rewards = torch.tensor([t.reward for t in trajectories])
+        groups = torch.tensor([t.prompt_index for t in trajectories])
+        advantages = get_advantage(self.loss.advantage)(rewards, groups)
+        normalizer = self.loss.normalizer(len(trajectories),
+                                          sum(len(t.response_token_ids) for t in trajectories))
+        mine = list(range(self.rank, len(trajectories), self.world))
+        batches = self._micro_batches(self._encode([trajectories[i] for i in mine]))
+        old = self._logprobs(batches)
+        my_advantages = advantages[mine]
+        metrics: dict[str, float] = {}
+        for _ in range(self.cfg.rl.updates_per_iteration):
+            metrics = self._update(batches, old, my_advantages, normalizer)
+        return metrics
+
+    def _update(self, batches, old: list[torch.Tensor], advantages: torch.Tensor,
+                normalizer: float) -> dict[str, float]:
+        sums = {"loss": 0.0, "logprob_diff_abs_mean": 0.0, "clip_fraction": 0.0}
+        offset = 0
+        for i, batch in enumerate(batches):
+            self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            sequences = batch or next(b for b in batches if b)
+            weight = 1.0 if batch else 0.0
+            n = len(sequences)
+            new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.image_token_id))
+            old_lp, _ = pad_rows(old[offset:offset + n] if batch else old[:n])
+            adv = advantages[offset:offset + n] if batch else advantages[:n]
+            loss, parts = self.loss.fn(new_lp, old_lp.to(new_lp.device), mask, adv.to(new_lp.device),
+                                       normalizer, self.loss_cfg)
+            # DeepSpeed averages gradients over ranks; the loss is already a global mean.
+            self.engine.backward(loss * weight * self.world)
+            self.engine.step()
+            offset += n if batch else 0
+            for key in sums:
+                sums[key] += weight * parts.get(key, 0.0) * (n if key != "loss" else 1)
+        totals = torch.tensor([sums["loss"], sums["logprob_diff_abs_mean"], sums["clip_fraction"],
+                               float(offset)], dtype=torch.float64)
+        dist.all_reduce(totals)
+        responses = max(1.0, float(totals[3]))
+        return {"loss": float(totals[0]), "logprob_diff_abs_mean": float(totals[1]) / responses,
+                "clip_fraction": float(totals[2]) / responses}
+
+    # ------------------------------------------------------------------ weights and state
+
+    def state_for_sync(self) -> Optional[dict[str, torch.Tensor]]:
+        """The full weights (rank 0; None elsewhere) for the rollout engines."""
+        return full_state_dict(self.engine)
+
+    def sequence_logprobs(self, trajectories: list[Trajectory]) -> list[list[float]]:
+        """Per-token log-probabilities of whole responses (for checks and tests)."""
+        with torch.no_grad():
+            return [lp.tolist() for lp in response_logprobs(self.engine.module, self._encode(trajectories),
+                                                             self.image_token_id)]
+
+    def export(self, directory: str) -> None:
+        """The policy as a Hugging Face checkpoint (rank 0 writes)."""
+        save_pretrained(self.engine, directory, self.processor)
+
+    def save(self, directory: str) -> None:
+        save_engine_state(self.engine, directory)
+
+    def load(self, directory: str) -> None:
+        load_engine_state(self.engine, directory)

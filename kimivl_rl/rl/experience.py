@@ -1,0 +1,50 @@
+"""What one RL iteration produces and the learner consumes: token-in/token-out trajectories
+with their rewards (task reward plus the weighted k1.5 length penalty)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from kimivl_rl.reward.contract import RewardOutput
+from kimivl_rl.rl.length_penalty import grouped_length_penalty
+from kimivl_rl.rollout.vllm_engine import Sample
+
+
+@dataclass
+class Trajectory:
+    prompt_index: int                # the prompt's row in the RL data set: the group id
+    prompt_token_ids: list[int]      # exactly what the rollout engine saw
+    response_token_ids: list[int]    # exactly what it sampled (no re-tokenising)
+    rollout_logprobs: list[float]
+    finish_reason: str
+    images: list[Image.Image] = field(default_factory=list)
+    task_reward: float = 0.0
+    length_penalty: float = 0.0
+    reward: float = 0.0              # task_reward + weight * length_penalty
+    reward_reason: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.response_token_ids)
+
+
+def trajectories_from_samples(prompt_indices: list[int], images: list[list[Image.Image]],
+                              samples: list[list[Sample]]) -> list[Trajectory]:
+    """Flatten the k samples of each prompt, keeping each one's prompt id and images."""
+    return [Trajectory(index, s.prompt_token_ids, s.token_ids, s.logprobs, s.finish_reason, imgs)
+            for index, imgs, group in zip(prompt_indices, images, samples) for s in group]
+
+
+def assign_rewards(trajectories: list[Trajectory], scores: list[RewardOutput],
+                   length_penalty_weight: float) -> None:
+    """Task reward from the reward service, plus the length penalty computed per prompt group
+    over all generated tokens (reasoning included); a weight of 0 is the warm-up."""
+    penalties = grouped_length_penalty([len(t.response_token_ids) for t in trajectories],
+                                       [s.score >= 1.0 for s in scores],
+                                       [t.prompt_index for t in trajectories])
+    for trajectory, score, penalty in zip(trajectories, scores, penalties):
+        trajectory.task_reward = score.score
+        trajectory.reward_reason = score.reason or ""
+        trajectory.length_penalty = penalty
+        trajectory.reward = score.score + length_penalty_weight * penalty
