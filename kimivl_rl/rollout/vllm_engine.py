@@ -64,6 +64,9 @@ class VLLMEngine:
                        trust_remote_code=options.trust_remote_code, dtype=options.dtype,
                        enforce_eager=not torch.cuda.is_available(),
                        limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
+                       # vLLM 0.32: an image seen by an earlier generate() call fails the next
+                       # call ("Encoder cache miss") unless both caches are off.
+                       enable_prefix_caching=False, mm_processor_cache_gb=0,
                        worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WeightReloadExtension")
         tokenizer = self.llm.get_tokenizer()
         self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
