@@ -68,6 +68,17 @@ def cmd_data_check(args) -> None:
           f"{loader.resized} image(s) resized")
 
 
+def cmd_label_difficulty(args) -> None:
+    from pathlib import Path
+
+    from kimivl_rl.difficulty import label_difficulty
+
+    cfg, base_model, data_dir = _prepared_config(args)
+    in_file = Path(args.input or Path(data_dir) / cfg.rl.train_file)
+    out_file = Path(args.out or in_file.with_name(in_file.stem + ".labelled.jsonl"))
+    print(json.dumps(label_difficulty(cfg, args.model or base_model, in_file, out_file), indent=1))
+
+
 def cmd_prepare(args) -> None:
     from kimivl_rl.prepare import ensure_data, ensure_model
 
@@ -157,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--model", help="checkpoint to start from (default: the long-CoT SFT output "
                                     "if present, else model.path)")
     rl.set_defaults(func=cmd_rl)
+
+    label = data.add_parser("label-difficulty", help="pass rate of each RL prompt over "
+                                                     "sampler.label_samples samples (vLLM + reward service)")
+    _add_config_args(label, optional=True)
+    label.add_argument("--model", help="checkpoint to sample from (default: model.path)")
+    label.add_argument("--input", help="RL prompts (default: the config's rl.train_file)")
+    label.add_argument("--out", help="output JSONL next to the input (default: <input>.labelled.jsonl)")
+    label.set_defaults(func=cmd_label_difficulty)
 
     prepare = commands.add_parser("prepare", help="build the config's tiny model and data if absent")
     _add_config_args(prepare, optional=True)

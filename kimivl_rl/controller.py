@@ -53,7 +53,7 @@ class RLActors:
     reward: object
 
     @classmethod
-    def start(cls, cfg: Config, model_path: str) -> "RLActors":
+    def start(cls, cfg: Config, model_path: str, with_learners: bool = True) -> "RLActors":
         import ray
 
         from kimivl_rl.learner import LearnerWorker
@@ -66,7 +66,7 @@ class RLActors:
         learners = [ray.remote(LearnerWorker).options(
             name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=gpu).remote(
             config, model_path, rank, cfg.cluster.num_learners)
-            for rank in range(cfg.cluster.num_learners)]
+            for rank in range(cfg.cluster.num_learners if with_learners else 0)]
         options = EngineOptions(model=model_path, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                                 gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                 seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
@@ -80,9 +80,10 @@ class RLActors:
             cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
         actors = cls(learners, rollouts, reward)
         timeout = cfg.cluster.call_timeout_s
-        address = wait_one(learners[0].rendezvous_address.remote(), "learner", "start", timeout)
-        wait_all([a.init_group.remote(*address) for a in learners], "learner",
-                 "join the process group and build the DeepSpeed engine", timeout)
+        if learners:
+            address = wait_one(learners[0].rendezvous_address.remote(), "learner", "start", timeout)
+            wait_all([a.init_group.remote(*address) for a in learners], "learner",
+                     "join the process group and build the DeepSpeed engine", timeout)
         wait_all([a.ready.remote() for a in rollouts], "rollout", "start (vLLM engine)", timeout)
         wait_one(reward.ready.remote(), "reward", "start", timeout)
         return actors

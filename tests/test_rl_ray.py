@@ -82,3 +82,23 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]  # not restarted
     state = json.loads((latest_checkpoint(cfg) / "controller_state.json").read_text())
     assert state["iteration"] == 3
+
+
+def test_label_difficulty_writes_pass_rates(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
+    import shutil
+
+    from kimivl_rl.data.rows import RowLoader
+    from kimivl_rl.difficulty import label_difficulty
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data_dir / "rl", data)
+    rows = (data / "train.jsonl").read_text().splitlines()[:6]
+    (data / "few.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "sampler.label_samples=3")
+    stats = label_difficulty(cfg, cfg.model.path, data / "few.jsonl", data / "few.labelled.jsonl")
+    assert stats["prompts"] == 6 and stats["samples_per_prompt"] == 3
+    labelled = RowLoader(data / "few.labelled.jsonl", require_answer=True).load_all()
+    assert len(labelled) == 6
+    assert all(r.pass_rate in (0.0, 1 / 3, 2 / 3, 1.0) for r in labelled)
+    with pytest.raises(ValueError, match="next to"):
+        label_difficulty(cfg, cfg.model.path, data / "few.jsonl", tmp_path / "elsewhere.jsonl")
