@@ -2,7 +2,8 @@
 long-CoT trace format? Used after each SFT stage and periodically during RL."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 
 from kimivl_rl.data.rows import Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
@@ -17,6 +18,7 @@ class EvalResult:
     accuracy: float
     mean_response_tokens: float
     trace_format_rate: float  # closed thinking section showing all four behaviours
+    accuracy_by_difficulty: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +51,13 @@ def score_samples(examples: list[Example], samples: list[Sample], think_open: st
                for ex, s in zip(examples, samples)]
     traces = [shows_trace_format(s.text, think_open, think_close) for s in samples]
     n = max(1, len(samples))
+    by_level = defaultdict(list)
+    for ex, c in zip(examples, correct):
+        by_level[str(int(ex.difficulty)) if ex.difficulty is not None else "unlabelled"].append(c)
     return EvalResult(examples=len(samples), accuracy=sum(correct) / n,
                       mean_response_tokens=sum(len(s.token_ids) for s in samples) / n,
-                      trace_format_rate=sum(traces) / n)
+                      trace_format_rate=sum(traces) / n,
+                      accuracy_by_difficulty={k: sum(v) / len(v) for k, v in sorted(by_level.items())})
 
 
 def evaluate(engine, examples: list[Example], processor, *, think_open: str, think_close: str,

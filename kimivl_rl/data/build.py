@@ -20,7 +20,7 @@ from kimivl_rl.data.tasks import MAX_DIFFICULTY, TASK_KINDS, Task, make_task
 from kimivl_rl.data.traces import long_cot_reasoning
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump when generated content changes for the same spec
 _SPLIT_IDS = {"joint_sft": 1, "long_cot": 2, "rl": 3, "corpus": 4}
 _PART_IDS = {"train": 0, "eval": 1}
 
@@ -48,8 +48,15 @@ def sample_task(spec: BuildSpec, split: str, part: str, index: int) -> Task:
         kind = "arith"
     else:
         kind = str(rng.choice([k for k in TASK_KINDS if k != "arith"]))
-    difficulty = int(rng.integers(1, spec.max_difficulty + 1))
-    return make_task(kind, rng, difficulty, spec.image_size)
+    return make_task(kind, rng, _draw_difficulty(rng, spec.max_difficulty), spec.image_size)
+
+
+def _draw_difficulty(rng: np.random.Generator, max_difficulty: int) -> int:
+    """Easier levels are drawn more often, P(d) ∝ max_difficulty + 1 - d, so a tiny model
+    learns the easy end in minutes while the hard end stays in every split."""
+    levels = np.arange(1, max_difficulty + 1)
+    weights = (max_difficulty + 1 - levels) / (max_difficulty + 1 - levels).sum()
+    return int(rng.choice(levels, p=weights))
 
 
 def _user_message(task: Task) -> dict:
