@@ -231,8 +231,7 @@ def restore(actors: RLActors, cfg: Config, sampler: PromptSampler, transport) ->
 # ----------------------------------------------------------------------------- the loop
 
 def load_prompts(cfg: Config, file: str) -> list[Example]:
-    return RowLoader(Path(cfg.data.dir) / file, require_answer=True, max_pixels=cfg.data.max_pixels,
-                     oversize_images=cfg.data.oversize_images, bad_rows=cfg.data.bad_rows).load_all()
+    return RowLoader.for_config(Path(cfg.data.dir) / file, cfg.data, require_answer=True).load_all()
 
 
 def run_rl(cfg: Config, model_path: str) -> dict:

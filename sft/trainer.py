@@ -93,9 +93,7 @@ def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum
 
 
 def _encode_split(cfg: Config, path: Path, processor, model) -> list:
-    loader = RowLoader(path, max_pixels=cfg.data.max_pixels, oversize_images=cfg.data.oversize_images,
-                       bad_rows=cfg.data.bad_rows)
-    return [encode_example(ex, processor, model) for ex in loader]
+    return [encode_example(ex, processor, model) for ex in RowLoader.for_config(path, cfg.data)]
 
 
 def _restore(engine) -> int:
@@ -246,9 +244,8 @@ def evaluate_stage(cfg: Config, stage: str):
 
     stage_cfg = getattr(cfg.sft, stage)
     model_dir = str(stage_output_model(cfg, stage))
-    examples = RowLoader(Path(cfg.data.dir) / stage_cfg.eval_file, require_answer=True,
-                         max_pixels=cfg.data.max_pixels, oversize_images=cfg.data.oversize_images,
-                         bad_rows=cfg.data.bad_rows).load_all()[: cfg.sft.eval_examples]
+    examples = RowLoader.for_config(Path(cfg.data.dir) / stage_cfg.eval_file, cfg.data,
+                                    require_answer=True).load_all()[: cfg.sft.eval_examples]
     engine = VLLMEngine(EngineOptions(model=model_dir, seed=cfg.seed,
                                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                                       trust_remote_code=cfg.model.trust_remote_code,

@@ -120,3 +120,15 @@ def test_parquet_rows_are_numbered(data_dir):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="data file not found"):
         RowLoader(tmp_path / "absent.jsonl").load_all()
+
+
+def test_loader_follows_the_configs_data_section(data_dir):
+    from kimivl_rl.config.schema import DataConfig
+
+    path = write_lines(data_dir, with_(images=["img/big.png"]), '{"broken": ')
+    strict = RowLoader.for_config(path, DataConfig(max_pixels=240 * 160, oversize_images="reject"))
+    with pytest.raises(DataError, match="over the budget"):
+        strict.load_all()
+    lenient = RowLoader.for_config(path, DataConfig(max_pixels=240 * 160, bad_rows="skip"))
+    (row,) = lenient.load_all()
+    assert row.images[0].size == (240, 160) and lenient.skipped == 1

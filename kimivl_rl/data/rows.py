@@ -85,6 +85,12 @@ class RowLoader:
         self.skipped = 0
         self.resized = 0
 
+    @classmethod
+    def for_config(cls, path: str | Path, data_cfg, require_answer: bool = False) -> "RowLoader":
+        """A loader with the image budget and bad-row policy of a config's ``data`` section."""
+        return cls(path, require_answer=require_answer, max_pixels=data_cfg.max_pixels,
+                   oversize_images=data_cfg.oversize_images, bad_rows=data_cfg.bad_rows)
+
     def __iter__(self) -> Iterator[Example]:
         if not self.path.is_file():
             raise DataError(f"{self.path}: data file not found")
