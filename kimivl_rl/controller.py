@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example, RowLoader
-from kimivl_rl.evaluation import generation_requests, prompt_messages
+from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import wait_all, wait_one
@@ -30,7 +30,7 @@ from kimivl_rl.reward.contract import RewardInput
 from kimivl_rl.rl.experience import Trajectory, assign_rewards, trajectories_from_samples
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.sampler import PromptSampler
-from kimivl_rl.rollout.vllm_engine import EngineOptions
+from kimivl_rl.rollout.vllm_engine import engine_options
 from kimivl_rl.weight_sync import ObjectStoreTransport
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,7 @@ class RLActors:
             name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=gpu).remote(
             config, model_path, rank, cfg.cluster.num_learners)
             for rank in range(cfg.cluster.num_learners if with_learners else 0)]
-        options = EngineOptions(model=model_path, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code,
-                                dtype="bfloat16" if cfg.cluster.use_gpu else "float32")
+        options = engine_options(cfg, model_path)
         rollouts = [ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=cfg.cluster.rollout_cpus,
             num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=restarts).remote(options)
@@ -132,6 +129,8 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, 
 
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
                   sampler: PromptSampler, iteration: int, transport) -> dict[str, float]:
+    import ray
+
     timings = {}
     started = time.perf_counter()
     chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
@@ -150,7 +149,7 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
     timings["time_reward_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    batch_ref = _put(trajectories)
+    batch_ref = ray.put(trajectories)  # one copy in the object store for every learner rank
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
     timings["time_learn_s"] = time.perf_counter() - started
@@ -159,12 +158,6 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
     generated = sum(len(t.response_token_ids) for t in trajectories)
     return {**rollout_metrics(trajectories, weight), **learned, **timings,
             "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"])}
-
-
-def _put(value):
-    import ray
-
-    return ray.put(value)
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],

@@ -37,5 +37,3 @@ class ObjectStoreTransport:
         wait_all(loads, "rollout", f"load weights version {version}", self.timeout_s)
         return SyncStats(version, time.perf_counter() - started)
 
-
-TRANSPORTS = {"object_store": ObjectStoreTransport}

@@ -240,16 +240,13 @@ def evaluate_stage(cfg: Config, stage: str):
     from transformers import AutoProcessor
 
     from kimivl_rl.evaluation import evaluate
-    from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
+    from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
 
     stage_cfg = getattr(cfg.sft, stage)
     model_dir = str(stage_output_model(cfg, stage))
     examples = RowLoader.for_config(Path(cfg.data.dir) / stage_cfg.eval_file, cfg.data,
                                     require_answer=True).load_all()[: cfg.sft.eval_examples]
-    engine = VLLMEngine(EngineOptions(model=model_dir, seed=cfg.seed,
-                                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      dtype="bfloat16" if cfg.cluster.use_gpu else "float32"))
+    engine = VLLMEngine(engine_options(cfg, model_dir))
     try:
         return evaluate(engine, examples, AutoProcessor.from_pretrained(model_dir),
                         think_open=cfg.model.think_open, think_close=cfg.model.think_close,

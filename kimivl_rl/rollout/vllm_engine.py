@@ -51,6 +51,14 @@ class EngineOptions:
     max_images_per_prompt: int = 1
 
 
+def engine_options(cfg, model: str) -> EngineOptions:
+    """The engine settings a kimivl-rl config implies (rollouts and evaluation alike)."""
+    return EngineOptions(model=model, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
+                         trust_remote_code=cfg.model.trust_remote_code,
+                         dtype="bfloat16" if cfg.cluster.use_gpu else "float32")
+
+
 class VLLMEngine:
     """A vLLM ``LLM`` with the calls kimivl-rl needs."""
 
