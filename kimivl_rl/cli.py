@@ -79,6 +79,25 @@ def cmd_label_difficulty(args) -> None:
     print(json.dumps(label_difficulty(cfg, args.model or base_model, in_file, out_file), indent=1))
 
 
+def cmd_build_long_cot(args) -> None:
+    from pathlib import Path
+
+    from kimivl_rl.data.long_cot_builder import build_long_cot, format_summary
+    from kimivl_rl.prepare import with_absolute_paths
+
+    # The flags are config overrides, so they are checked (and reported) like any other.
+    flags = {"samples": "long_cot_builder.samples_per_prompt", "temperature": "rollout.temperature",
+             "max_new_tokens": "rollout.max_new_tokens",
+             "min_tokens": "long_cot_builder.min_response_tokens",
+             "max_tokens": "long_cot_builder.max_response_tokens",
+             "min_behaviours": "long_cot_builder.min_behaviours"}
+    overrides = [*args.overrides, *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                                    if getattr(args, flag) is not None)]
+    cfg = with_absolute_paths(load_config(args.config, overrides))
+    teacher = str(Path(args.teacher).resolve()) if Path(args.teacher).exists() else args.teacher
+    print(format_summary(build_long_cot(cfg, teacher, Path(args.prompts), Path(args.out))))
+
+
 def cmd_prepare(args) -> None:
     from kimivl_rl.prepare import ensure_data, ensure_model
 
@@ -106,13 +125,24 @@ def cmd_sft(args) -> None:
 
 
 def cmd_rl(args) -> None:
-    from kimivl_rl.controller import run_rl
-    from sft.trainer import stage_output_model
+    from kimivl_rl.controller import rl_input_model, run_rl
 
     cfg, base_model, _ = _prepared_config(args)
-    long_cot = stage_output_model(cfg, "long_cot")
-    start = args.model or (str(long_cot) if (long_cot / "config.json").is_file() else base_model)
-    print(json.dumps(run_rl(cfg, start), indent=1))
+    print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, args.model)), indent=1))
+
+
+def cmd_run(args) -> None:
+    from kimivl_rl.pipeline import format_summary, parse_stages, run_pipeline
+    from kimivl_rl.prepare import with_absolute_paths
+
+    try:
+        stages = parse_stages(args.stages)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    summary = run_pipeline(with_absolute_paths(_config(args)), stages)
+    print("\n" + format_summary(summary))
+    for plot in summary["plots"]:
+        print(f"plot: {plot}")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -162,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--stage", choices=["joint", "long_cot"], required=True)
     sft.set_defaults(func=cmd_sft)
 
+    run = commands.add_parser("run", help="the whole recipe: joint SFT -> long-CoT SFT -> RL "
+                                          "(a rerun resumes)")
+    _add_config_args(run, optional=True)
+    run.add_argument("--stages", default="joint,long_cot,rl",
+                     help="comma-separated subset of joint,long_cot,rl (default: all three)")
+    run.set_defaults(func=cmd_run)
+
     rl = commands.add_parser("rl", help="run the RL stage on Ray (vLLM rollouts, reward service, "
                                         "DeepSpeed learners)")
     _add_config_args(rl)
@@ -176,6 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--input", help="RL prompts (default: the config's rl.train_file)")
     label.add_argument("--out", help="output JSONL next to the input (default: <input>.labelled.jsonl)")
     label.set_defaults(func=cmd_label_difficulty)
+
+    long_cot = data.add_parser(
+        "build-long-cot", help="long-CoT SFT set by rejection sampling from a teacher (vLLM + "
+                               "reward service): verified answers, length and behaviour filters, dedup")
+    _add_config_args(long_cot, optional=True)
+    long_cot.add_argument("--teacher", required=True, metavar="MODEL_DIR",
+                          help="checkpoint to sample traces from")
+    long_cot.add_argument("--prompts", required=True, metavar="FILE",
+                          help="prompts with a reference 'answer' (JSONL/Parquet)")
+    long_cot.add_argument("--out", required=True, metavar="FILE",
+                          help="output JSONL; statistics go to <out stem>.stats.json beside it")
+    long_cot.add_argument("--samples", type=int, metavar="N", help="samples per prompt "
+                          "(default: long_cot_builder.samples_per_prompt)")
+    long_cot.add_argument("--temperature", type=float, metavar="T", help="default: rollout.temperature")
+    long_cot.add_argument("--max-new-tokens", type=int, metavar="N", help="default: rollout.max_new_tokens")
+    long_cot.add_argument("--min-tokens", type=int, metavar="N",
+                          help="min response tokens (default: long_cot_builder.min_response_tokens)")
+    long_cot.add_argument("--max-tokens", type=int, metavar="N",
+                          help="max response tokens (default: long_cot_builder.max_response_tokens)")
+    long_cot.add_argument("--min-behaviours", type=int, metavar="N",
+                          help="behaviours the thinking must show (default: long_cot_builder.min_behaviours)")
+    long_cot.set_defaults(func=cmd_build_long_cot)
 
     prepare = commands.add_parser("prepare", help="build the config's tiny model and data if absent")
     _add_config_args(prepare, optional=True)

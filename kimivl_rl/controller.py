@@ -44,6 +44,17 @@ def rl_output_model(cfg: Config) -> Path:
     return rl_dir(cfg) / "model"
 
 
+def rl_input_model(cfg: Config, base_model: str, override: Optional[str] = None) -> str:
+    """RL starts from ``override`` if given, else long-CoT SFT's output if it exists, else the
+    base model."""
+    from sft.trainer import stage_output_model
+
+    long_cot = stage_output_model(cfg, "long_cot")
+    if override:
+        return override
+    return str(long_cot) if (long_cot / "config.json").is_file() else base_model
+
+
 # ----------------------------------------------------------------------------- actors
 
 @dataclass

@@ -99,6 +99,10 @@ class LearnerWorker:
         self.cfg: Config = config_from_dict(config)
         self.model_path = model_path
         self.rank, self.world = rank, world_size
+        if self.cfg.cluster.learner_threads:
+            # Ray gives an actor of fractional CPUs one thread, but rollouts and learning take
+            # turns, so on a small machine the learner may use the cores the rollouts left idle.
+            torch.set_num_threads(self.cfg.cluster.learner_threads)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there, for the process group."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 class MetricsSink:
@@ -49,3 +51,52 @@ def read_jsonl(path: Path) -> list[dict]:
         record = json.loads(line)
         by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
+
+
+def last_record(path: Path, tail_bytes: int = 8192) -> Optional[dict]:
+    """The last complete record of a JSONL file that another process may be appending to."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - tail_bytes))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue  # a line cut by the tail window or still being written
+    return None
+
+
+@contextmanager
+def follow_progress(jsonl: Path, desc: str, unit: str, interval_s: float = 1.0) -> Iterator[None]:
+    """A driver-side progress bar fed by the metrics file a Ray Train worker appends to (records
+    with ``step`` and ``total_steps``): worker processes cannot draw a terminal progress bar."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_follow, args=(jsonl, desc, unit, interval_s, stop), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _follow(jsonl: Path, desc: str, unit: str, interval_s: float, stop: threading.Event) -> None:
+    from tqdm import tqdm
+
+    bar, finished = None, False
+    while not finished:
+        finished = stop.wait(interval_s)
+        record = last_record(jsonl)
+        if not record or "total_steps" not in record:
+            continue
+        if bar is None:
+            bar = tqdm(total=record["total_steps"], desc=desc, unit=unit)
+        bar.n = record["step"]
+        if "loss" in record:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        bar.refresh()
+    if bar is not None:
+        bar.close()

@@ -20,5 +20,6 @@ def init_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(dashboard_host=cfg.cluster.bind_host, include_dashboard=False)
+        ray.init(include_dashboard=cfg.cluster.dashboard, dashboard_host=cfg.cluster.bind_host,
+                 dashboard_port=cfg.cluster.dashboard_port)
     log.info("Ray: %s", ray.get_runtime_context().gcs_address)

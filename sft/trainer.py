@@ -22,6 +22,7 @@ from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
+from kimivl_rl.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, load_policy
 from kimivl_rl.packing import IGNORE_INDEX, collate_pack
 from kimivl_rl.ray_runtime import init_ray
@@ -150,15 +151,16 @@ def train_loop(loop_config: dict) -> None:
                           weight_decay=cfg.sft.weight_decay, bf16=cfg.cluster.use_gpu,
                           freeze_prefixes=freeze)
     start = _restore(engine)
-    writer = _tensorboard(cfg, stage) if rank == 0 else None
+    sink = _metrics_sink(cfg, stage) if rank == 0 else None
     total = len(plan.steps)
     for step_index in range(start, total):
         metrics = train_step(engine, plan, plan.steps[step_index], rank, world,
                              cfg.sft.grad_accum_steps, image_token_id)
         metrics.update(step=step_index + 1, total_steps=total)
         done = step_index + 1
-        if rank == 0:
-            _log_metrics(cfg, stage, metrics, writer)
+        if sink:
+            sink.log(done, metrics)
+        if rank == 0 and (done % REPORT_EVERY == 0 or done == total):
             log.info("sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing %.2f", stage, done,
                      total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
                      metrics["packing_efficiency"])
@@ -168,25 +170,15 @@ def train_loop(loop_config: dict) -> None:
         if checkpoint or done % REPORT_EVERY == 0:
             _report(metrics, engine, done, checkpoint)
     _export(engine, processor, stage_output_model(cfg, stage), plan, rank)
-    if writer:
-        writer.close()
+    if sink:
+        sink.close()
 
 
-def _log_metrics(cfg: Config, stage: str, metrics: dict, writer) -> None:
-    """Append to the stage's metrics.jsonl (plots, tests) and TensorBoard."""
-    with open(stage_dir(cfg, stage) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    if writer:
-        for key in ("loss", "lr", "tokens_per_s", "packing_efficiency"):
-            writer.add_scalar(f"sft_{stage}/{key}", metrics[key], metrics["step"])
-
-
-def _tensorboard(cfg: Config, stage: str):
-    if not cfg.output.tensorboard:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(Path(cfg.output.dir).resolve() / "tensorboard" / f"sft_{stage}"))
+def _metrics_sink(cfg: Config, stage: str) -> MetricsSink:
+    """metrics.jsonl (plots, tests), TensorBoard, and Ray gauges ``kimivl_sft_<stage>_*``."""
+    tensorboard = Path(cfg.output.dir).resolve() / "tensorboard" / f"sft_{stage}"
+    return MetricsSink(stage_dir(cfg, stage) / "metrics.jsonl",
+                       tensorboard if cfg.output.tensorboard else None, f"sft_{stage}")
 
 
 def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> None:
@@ -271,4 +263,5 @@ def _fit(cfg: Config, stage: str, input_model: str, directory: Path):
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.output.keep_last_checkpoints)),
     )
-    return trainer.fit()
+    with follow_progress(directory / "metrics.jsonl", f"SFT {stage}", unit="step"):
+        return trainer.fit()

@@ -4,10 +4,15 @@ Each trace shows the four behaviours of the recipe, in this order, and ends at t
 answer: planning ("First I will ..."), evaluation ("Let me check ..."), reflection
 ("Wait, ...") and exploration ("Let me try another way: ..."). The phrases are fixed so that a
 trace's format can be recognised in model outputs (``trace_behaviours``).
+
+Image traces state their reading of the image first and then check it. An earlier version made
+the model read per-row counts and add them up; the tiny model misread the rows, and held-out
+accuracy fell from 0.60 after joint SFT to 0.15 after long-CoT SFT. Arithmetic traces still work
+through every step, which the model can follow.
 """
 from __future__ import annotations
 
-from kimivl_rl.data.tasks import GRID, Task
+from kimivl_rl.data.tasks import Task
 
 BEHAVIOUR_MARKERS = {
     "planning": "First I will",
@@ -22,34 +27,18 @@ def trace_behaviours(text: str) -> set[str]:
     return {name for name, marker in BEHAVIOUR_MARKERS.items() if marker in text}
 
 
-def _band_counts(task: Task, colour: str, axis: str) -> list[int]:
-    bands = task.image.size[0] // GRID
-    counts = [0] * bands
-    for s in task.squares:
-        if s.colour == colour:
-            centre = (s.y if axis == "row" else s.x) + s.size // 2
-            counts[min(centre // GRID, bands - 1)] += 1
-    return counts
-
-
-def _sum_text(counts: list[int]) -> str:
-    return " + ".join(str(c) for c in counts) + f" = {sum(counts)}"
-
-
 def _count_trace(task: Task, colour: str) -> str:
-    rows, cols = _band_counts(task, colour, "row"), _band_counts(task, colour, "col")
-    total = sum(rows)
+    total = task.answer
     others = sorted({s.colour for s in task.squares if s.colour != colour})
     reflection = (f"Wait, the image also has {' and '.join(others)} squares; those are not "
                   f"{colour}, so I leave them out and the count stays {total}."
                   if others else
-                  f"Wait, could a {colour} square hide at the edge? No, every {colour} square is "
-                  f"inside a row I counted, so the count stays {total}.")
-    return (f"First I will scan the image row by row and count the {colour} squares. "
-            f"Row by row: {_sum_text(rows)}. "
-            f"Let me check that sum: {' + '.join(map(str, rows))} is {total}, which matches. "
+                  f"Wait, could a {colour} square hide at the edge? No, the edges are white, so "
+                  f"the count stays {total}.")
+    return (f"First I will count the {colour} squares, then check the count. I count {total}. "
+            f"Let me check: I look at each {colour} square once more and again get {total}. "
             f"{reflection} "
-            f"Let me try another way: column by column I get {_sum_text(cols)}. "
+            f"Let me try another way: going column by column I still get {total}. "
             f"Both ways give {total}.")
 
 
@@ -62,16 +51,13 @@ def _colour_trace(task: Task) -> str:
                 f"Wait, the background is white, so the only coloured thing is the square. "
                 f"Let me try another way: the square's pixels are mostly {colour}. "
                 f"So the colour is {colour}.")
-    counts = {c: sum(s.colour == c for s in task.squares) for c in task.choices.values()}
-    listing = ", ".join(f"{c}: {n}" for c, n in counts.items())
     winner = task.choices[task.answer]
-    return (f"First I will count the squares of each colour. {listing}. "
-            f"Let me check the largest: {winner} has {counts[winner]}, more than any other. "
-            f"Wait, the question asks for a letter, not a colour: {winner} is option "
+    return (f"First I will find the colour with the most squares. Most of them are {winner}. "
+            f"Let me check the options: {winner} is option ({task.answer}). "
+            f"Wait, the question asks for a letter, not a colour, so I answer with "
             f"({task.answer}). "
-            f"Let me try another way: counting {winner} squares row by row gives "
-            f"{_sum_text(_band_counts(task, winner, 'row'))}, still the most. "
-            f"So the answer is ({task.answer}).")
+            f"Let me try another way: comparing {winner} with each other colour in turn, "
+            f"{winner} still has more squares. So the answer is ({task.answer}).")
 
 
 _INVERSE = {"+": ("minus", lambda v, b: v - b), "-": ("plus", lambda v, b: v + b),

@@ -18,7 +18,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLC
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
-from kimivl_rl.data.build import corpus_texts
+from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -131,12 +131,17 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec()) -> Pa
         pad_token_id=config.text_config.pad_token_id, bos_token_id=config.text_config.bos_token_id)
     model.save_pretrained(staging)
     _processor(tokenizer, spec).save_pretrained(staging)
-    (staging / BUILD_INFO).write_text(json.dumps(asdict(spec), indent=1, sort_keys=True))
+    (staging / BUILD_INFO).write_text(json.dumps(_build_info(spec), indent=1, sort_keys=True))
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir
 
 
+def _build_info(spec: TinyVLMSpec) -> dict:
+    # The tokenizer is trained on the built-in corpus, so a new data format means a new model.
+    return {**asdict(spec), "corpus_format_version": FORMAT_VERSION}
+
+
 def tiny_vlm_is_current(out_dir: str | Path, spec: TinyVLMSpec) -> bool:
     info = Path(out_dir) / BUILD_INFO
-    return info.is_file() and json.loads(info.read_text()) == asdict(spec)
+    return info.is_file() and json.loads(info.read_text()) == _build_info(spec)
