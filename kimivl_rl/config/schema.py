@@ -146,6 +146,20 @@ class SamplerConfig:
 
 
 @dataclass
+class LongCoTBuilderConfig:
+    # ``kimivl-rl data build-long-cot``: rejection sampling of long-CoT SFT traces from a teacher.
+    # Temperature and max_new_tokens come from the rollout section (or the command's flags).
+    samples_per_prompt: int = bounded(8, ge=1)
+    # Response length in tokens (thinking section included); a response cut off at
+    # max_new_tokens always counts as too long.
+    min_response_tokens: int = bounded(0, ge=0)
+    max_response_tokens: Optional[int] = bounded(None, ge=1)
+    # How many of the four behaviours (planning, evaluation, reflection, exploration) the
+    # thinking section must show.
+    min_behaviours: int = bounded(4, ge=0, le=4)
+
+
+@dataclass
 class ClusterConfig:
     # None starts (or joins, inside a Ray job) a local cluster.
     address: Optional[str] = None
@@ -154,8 +168,13 @@ class ClusterConfig:
     learner_cpus: float = bounded(0.5, gt=0.0)
     rollout_cpus: float = bounded(0.5, gt=0.0)
     reward_cpus: float = bounded(0.25, gt=0.0)
+    # torch threads per learner rank; None keeps Ray's (its CPUs, at least 1).
+    learner_threads: Optional[int] = bounded(None, ge=1)
     # Services the project starts bind here; "0.0.0.0" only when asked for.
     bind_host: str = "127.0.0.1"
+    # The dashboard of a local cluster this run starts (Ray Train's state queries need it too).
+    dashboard: bool = True
+    dashboard_port: int = bounded(8265, ge=1, le=65535)
     actor_max_restarts: int = bounded(2, ge=0)
     call_timeout_s: float = bounded(600.0, gt=0.0)
 
@@ -177,5 +196,6 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    long_cot_builder: LongCoTBuilderConfig = field(default_factory=LongCoTBuilderConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
