@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -25,13 +25,13 @@ from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import wait_all, wait_one
+from kimivl_rl.remote import ActorFailed, call_all, wait_all, wait_one
 from kimivl_rl.reward.contract import RewardInput
 from kimivl_rl.rl.experience import Trajectory, assign_rewards, trajectories_from_samples
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.vllm_engine import engine_options
-from kimivl_rl.weight_sync import ObjectStoreTransport
+from kimivl_rl.weight_sync import ObjectStoreTransport, SyncStats, WeightTransport
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,14 @@ def rl_input_model(cfg: Config, base_model: str, override: Optional[str] = None)
 
 @dataclass
 class RLActors:
+    """The actors of one RL run, and what the controller needs to bring a dead one back."""
+    cfg: Config
     learners: list
     rollouts: list
     reward: object
+    transport: WeightTransport
+    weights_version: int = 0  # what the rollout engines hold; 0 = the starting checkpoint
+    restarts: dict = field(default_factory=lambda: {"rollout": 0, "reward": 0})
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, with_learners: bool = True) -> "RLActors":
@@ -72,6 +77,8 @@ class RLActors:
         from kimivl_rl.rollout.worker import RolloutWorker
 
         gpu = 1 if cfg.cluster.use_gpu else 0
+        # Rollout and reward actors come back after a crash (the controller re-sends their
+        # work); learner ranks share a process group, so a dead one ends the run (rerun resumes).
         restarts = cfg.cluster.actor_max_restarts
         config = config_to_dict(cfg)
         learners = [ray.remote(LearnerWorker).options(
@@ -86,15 +93,68 @@ class RLActors:
         reward = ray.remote(RewardService).options(
             name="reward-0", num_cpus=cfg.cluster.reward_cpus, max_restarts=restarts).remote(
             cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
-        actors = cls(learners, rollouts, reward)
-        timeout = cfg.cluster.call_timeout_s
-        if learners:
-            address = wait_one(learners[0].rendezvous_address.remote(), "learner", "start", timeout)
-            wait_all([a.init_group.remote(*address) for a in learners], "learner",
-                     "join the process group and build the DeepSpeed engine", timeout)
-        wait_all([a.ready.remote() for a in rollouts], "rollout", "start (vLLM engine)", timeout)
-        wait_one(reward.ready.remote(), "reward", "start", timeout)
+        actors = cls(cfg, learners, rollouts, reward, ObjectStoreTransport(cfg.cluster.call_timeout_s))
+        try:
+            actors._wait_started()
+        except BaseException:
+            actors.stop()  # a failed start leaves no actor holding CPUs
+            raise
         return actors
+
+    def _wait_started(self) -> None:
+        timeout = self.cfg.cluster.call_timeout_s
+        if self.learners:
+            address = wait_one(self.learners[0].rendezvous_address.remote(), "learner-0", "start",
+                               timeout)
+            wait_all([a.init_group.remote(*address) for a in self.learners], "learner",
+                     "join the process group and build the DeepSpeed engine", timeout)
+        wait_all([a.ready.remote() for a in self.rollouts], "rollout", "start (vLLM engine)", timeout)
+        wait_one(self.reward.ready.remote(), "reward-0", "start", timeout)
+
+    def sync_weights(self, version: int, rollouts: Optional[list] = None) -> SyncStats:
+        """Push the learners' weights to the rollout engines (all of them by default). If a
+        rollout worker dies during the push, push again once Ray has restarted it."""
+        targets = self.rollouts if rollouts is None else rollouts
+        try:
+            stats = self.transport.push(self.learners, targets, version)
+        except ActorFailed as exc:
+            log.warning("weight sync %d failed (%s); retrying after restarts", version, exc)
+            self.restarts["rollout"] += 1
+            for index, worker in enumerate(self.rollouts):
+                if any(worker is t for t in targets):
+                    self._await_restart(worker, f"rollout-{index}")
+            stats = self.transport.push(self.learners, targets, version)
+        self.weights_version = version
+        return stats
+
+    def _await_restart(self, actor, name: str) -> None:
+        """Wait until Ray has restarted ``actor``: a call made before Ray has noticed the death
+        fails, so keep asking until the deadline."""
+        import ray
+
+        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
+        while True:
+            try:
+                wait_one(actor.ready.remote(), name, "restart", max(1.0, deadline - time.monotonic()))
+                return
+            except ActorFailed:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def recover_rollout(self, index: int) -> None:
+        """A restarted rollout worker has the starting weights: give it the current ones."""
+        self.restarts["rollout"] += 1
+        log.warning("rollout-%d died; waiting for its restart, then reloading weights version %d",
+                    index, self.weights_version)
+        self._await_restart(self.rollouts[index], f"rollout-{index}")
+        if self.weights_version:
+            self.sync_weights(self.weights_version, [self.rollouts[index]])
+
+    def recover_reward(self, _index: int = 0) -> None:
+        self.restarts["reward"] += 1
+        log.warning("reward-0 died; waiting for its restart, then scoring the batch again")
+        self._await_restart(self.reward, "reward-0")
 
     def stop(self) -> None:
         import ray
@@ -106,25 +166,35 @@ class RLActors:
 # ----------------------------------------------------------------------------- one iteration
 
 def generate(actors: RLActors, cfg: Config, requests, n: int, temperature: float, seed: int):
-    """Spread requests over the rollout workers; results come back in request order."""
+    """Spread requests over the rollout workers; results come back in request order. A worker
+    that dies is restarted, given the current weights, and sent its share again."""
     workers = actors.rollouts
     shards = [list(range(i, len(requests), len(workers))) for i in range(len(workers))]
-    refs = [w.generate.remote([requests[j] for j in shard], n, temperature, cfg.rollout.top_p,
-                              cfg.rollout.max_new_tokens, seed)
-            for w, shard in zip(workers, shards) if shard]
-    results = wait_all(refs, "rollout", "generate", cfg.cluster.call_timeout_s)
+    busy = [w for w, shard in enumerate(shards) if shard]
+    submits = [lambda w=w: workers[w].generate.remote(
+        [requests[j] for j in shards[w]], n, temperature, cfg.rollout.top_p,
+        cfg.rollout.max_new_tokens, seed) for w in busy]
+    results = call_all(submits, [f"rollout-{w}" for w in busy], "generate",
+                       cfg.cluster.call_timeout_s, recover=lambda k: actors.recover_rollout(busy[k]),
+                       retries=cfg.cluster.actor_max_restarts)
     ordered = [None] * len(requests)
-    for shard, result in zip([s for s in shards if s], results):
-        for j, samples in zip(shard, result):
+    for w, result in zip(busy, results):
+        for j, samples in zip(shards[w], result):
             ordered[j] = samples
     return ordered
 
 
 def score(actors: RLActors, cfg: Config, examples: list[Example], samples) -> list:
-    items = [RewardInput(response=s.text, reference=ex.answer, prompt_id=ex.source,
-                         think_open=cfg.model.think_open, think_close=cfg.model.think_close)
-             for ex, group in zip(examples, samples) for s in group]
-    return wait_one(actors.reward.score.remote(items), "reward", "score", cfg.cluster.call_timeout_s)
+    """Answer-only scores of every sample; if the reward service dies, the whole batch is scored
+    again by its restarted successor (so each sample is scored exactly once)."""
+    import ray
+
+    items = ray.put([RewardInput(response=s.text, reference=ex.answer, prompt_id=ex.source,
+                                 think_open=cfg.model.think_open, think_close=cfg.model.think_close)
+                     for ex, group in zip(examples, samples) for s in group])
+    return call_all([lambda: actors.reward.score.remote(items)], "reward-0", "score",
+                    cfg.cluster.call_timeout_s, recover=actors.recover_reward,
+                    retries=cfg.cluster.actor_max_restarts)[0]
 
 
 def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, float]:
@@ -139,7 +209,7 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, 
 
 
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                  sampler: PromptSampler, iteration: int, transport) -> dict[str, float]:
+                  sampler: PromptSampler, iteration: int) -> dict:
     import ray
 
     timings = {}
@@ -164,11 +234,12 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
     timings["time_learn_s"] = time.perf_counter() - started
-    sync = transport.push(actors.learners, actors.rollouts, version=iteration + 1)
-    timings["time_sync_s"] = sync.seconds
+    timings["time_sync_s"] = actors.sync_weights(version=iteration + 1).seconds
     generated = sum(len(t.response_token_ids) for t in trajectories)
     return {**rollout_metrics(trajectories, weight), **learned, **timings,
-            "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"])}
+            "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"]),
+            **{f"restarts_{role}": count for role, count in actors.restarts.items()},
+            "sampled_prompts": chosen}
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],
@@ -214,10 +285,12 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
             {"iteration": iteration, "sampler": sampler.state_dict()}))
     for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
+    for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
+        shutil.rmtree(unfinished, ignore_errors=True)
     return final
 
 
-def restore(actors: RLActors, cfg: Config, sampler: PromptSampler, transport) -> int:
+def restore(actors: RLActors, cfg: Config, sampler: PromptSampler) -> int:
     """Load the last checkpoint into the learners and sampler, sync the rollout engines, and
     return the first iteration still to run (0 when there is none)."""
     checkpoint = latest_checkpoint(cfg)
@@ -227,7 +300,7 @@ def restore(actors: RLActors, cfg: Config, sampler: PromptSampler, transport) ->
     wait_all([l.load.remote(str(checkpoint)) for l in actors.learners], "learner",
              f"load {checkpoint.name}", cfg.cluster.call_timeout_s)
     sampler.load_state_dict(state["sampler"])
-    transport.push(actors.learners, actors.rollouts, version=state["iteration"])
+    actors.sync_weights(version=state["iteration"])
     log.info("resumed RL from %s", checkpoint)
     return state["iteration"]
 
@@ -259,26 +332,25 @@ def run_rl(cfg: Config, model_path: str) -> dict:
                             total_iterations=cfg.rl.iterations)
     init_ray(cfg)
     actors = RLActors.start(cfg, model_path)
-    transport = ObjectStoreTransport(cfg.cluster.call_timeout_s)
     sink = MetricsSink(rl_dir(cfg) / "metrics.jsonl",
                        Path(cfg.output.dir) / "tensorboard" / "rl" if cfg.output.tensorboard else None, "rl")
     try:
-        start = restore(actors, cfg, sampler, transport)
+        start = restore(actors, cfg, sampler)
         first_eval = evaluate_heldout(actors, cfg, processor, eval_prompts) if start == 0 else None
         if first_eval:
             sink.log(0, first_eval)
         for iteration in tqdm(range(start, cfg.rl.iterations), desc="RL", initial=start,
                               total=cfg.rl.iterations, unit="iter"):
-            metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration, transport)
+            metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration)
             done = iteration + 1
             if done % cfg.rl.eval_every == 0 or done == cfg.rl.iterations:
                 metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
             sink.log(done, metrics)
             log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
-                     {k: round(v, 4) for k, v in metrics.items()})
+                     {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
             if done % cfg.rl.checkpoint_every == 0 or done == cfg.rl.iterations:
                 save_checkpoint(actors, cfg, done, sampler)
-        wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner",
+        wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
     finally:
         sink.close()

@@ -1,23 +1,72 @@
-"""Waiting on Ray actors with a deadline: a hang becomes an error naming the actor and step."""
+"""Waiting on Ray actors with a deadline: a hang becomes an error naming the actor and the step,
+and a call whose actor died can be re-submitted once the actor is back."""
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable, Optional, Sequence, Union
 
 
 class RemoteTimeout(TimeoutError):
     """An actor did not answer in time."""
 
 
-def wait_all(refs: list, role: str, step: str, timeout_s: float) -> list[Any]:
-    """``ray.get`` with a deadline; names the role (rollout, reward, learner) and the step."""
+class ActorFailed(RuntimeError):
+    """An actor died during a call and was not (or could no longer be) recovered."""
+
+
+Names = Union[str, Sequence[str]]
+
+
+def _name_list(names: Names, count: int) -> list[str]:
+    if isinstance(names, str):
+        return [names] * count if count == 1 else [f"{names}-{i}" for i in range(count)]
+    return list(names)
+
+
+def call_all(submits: Sequence[Callable[[], Any]], names: Names, step: str, timeout_s: float,
+             recover: Optional[Callable[[int], None]] = None, retries: int = 0) -> list[Any]:
+    """Submit every call (``submit()`` returns an ObjectRef) and wait for all of them.
+
+    A call whose actor died (``RayActorError``) is re-submitted after ``recover(i)`` has brought
+    actor ``i`` back, at most ``retries`` times per call; an exception raised inside the actor's
+    method is never retried. Fails with ``RemoteTimeout`` naming the actors still busy when
+    ``timeout_s`` has passed since the last (re-)submission.
+    """
     import ray
 
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise RemoteTimeout(f"{role} actors did not finish '{step}' within {timeout_s:.0f}s "
-                            f"(cluster.call_timeout_s)") from None
+    names = _name_list(names, len(submits))
+    refs = [submit() for submit in submits]
+    results: list[Any] = [None] * len(submits)
+    attempts = [0] * len(submits)
+    pending = set(range(len(submits)))
+    deadline = time.monotonic() + timeout_s
+    while pending:
+        waiting = {refs[i]: i for i in pending}
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            busy = ", ".join(names[i] for i in sorted(pending))
+            raise RemoteTimeout(f"{busy} did not finish '{step}' within {timeout_s:.0f}s "
+                                f"(cluster.call_timeout_s)")
+        i = waiting[ready[0]]
+        try:
+            results[i] = ray.get(ready[0])
+        except ray.exceptions.RayActorError as exc:
+            if recover is None or attempts[i] >= retries:
+                raise ActorFailed(f"{names[i]} died during '{step}' "
+                                  f"(after {attempts[i]} recoveries): {exc}") from exc
+            attempts[i] += 1
+            recover(i)
+            refs[i] = submits[i]()
+            deadline = time.monotonic() + timeout_s
+            continue
+        pending.discard(i)
+    return results
 
 
-def wait_one(ref, role: str, step: str, timeout_s: float) -> Any:
-    return wait_all([ref], role, step, timeout_s)[0]
+def wait_all(refs: list, names: Names, step: str, timeout_s: float) -> list[Any]:
+    """``ray.get`` of calls already submitted, with a deadline and the actors' names in errors."""
+    return call_all([lambda ref=ref: ref for ref in refs], names, step, timeout_s)
+
+
+def wait_one(ref, name: str, step: str, timeout_s: float) -> Any:
+    return wait_all([ref], name, step, timeout_s)[0]

