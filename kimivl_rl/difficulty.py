@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -17,32 +18,49 @@ log = logging.getLogger(__name__)
 CHUNK = 64  # prompts per generate call: progress output and bounded memory
 
 
-def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path) -> dict:
-    """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set; return statistics."""
+def sample_and_score(cfg: Config, model_path: str, prompts: list, n: int, temperature: float,
+                     desc: str) -> Iterator[tuple[list, list, list]]:
+    """Sample ``n`` responses per prompt from ``model_path`` on rollout actors and score them
+    with the reward service, ``CHUNK`` prompts at a time.
+
+    Yields ``(chunk, samples, scores)``: ``samples[i]`` holds chunk[i]'s ``n`` samples,
+    ``scores`` the reward outputs of all of them in that order. Generation follows the config's
+    rollout section (``top_p``, ``max_new_tokens``); the actors stop when the loop ends.
+    """
     from transformers import AutoProcessor
 
-    from kimivl_rl.controller import RLActors, generate, load_prompts, score
+    from kimivl_rl.controller import RLActors, generate, score
     from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.ray_runtime import init_ray
+
+    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    init_ray(cfg)
+    actors = RLActors.start(cfg, model_path, with_learners=False)
+    try:
+        with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+            for start in range(0, len(prompts), CHUNK):
+                chunk = prompts[start:start + CHUNK]
+                samples = generate(actors, cfg, generation_requests(chunk, processor), n, temperature,
+                                   seed=cfg.seed + start)
+                yield chunk, samples, score(actors, cfg, chunk, samples)
+                bar.update(len(chunk))
+    finally:
+        actors.stop()
+
+
+def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path) -> dict:
+    """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set; return statistics."""
+    from kimivl_rl.controller import load_prompts
 
     if out_file.resolve().parent != in_file.resolve().parent:
         raise ValueError(f"{out_file}: write labels next to {in_file} (image paths are relative "
                          f"to the data file's directory)")
     prompts = load_prompts(cfg, str(in_file.resolve()))  # an absolute path ignores data.dir
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    init_ray(cfg)
-    actors = RLActors.start(cfg, model_path, with_learners=False)
+    k = cfg.sampler.label_samples
     rates: list[float] = []
-    try:
-        for start in tqdm(range(0, len(prompts), CHUNK), desc="labelling", unit="chunk"):
-            chunk = prompts[start:start + CHUNK]
-            samples = generate(actors, cfg, generation_requests(chunk, processor), cfg.sampler.label_samples,
-                               cfg.sampler.label_temperature, seed=cfg.seed + start)
-            scores = score(actors, cfg, chunk, samples)
-            k = cfg.sampler.label_samples
-            rates += [sum(s.score for s in scores[i * k:(i + 1) * k]) / k for i in range(len(chunk))]
-    finally:
-        actors.stop()
+    for chunk, _, scores in sample_and_score(cfg, model_path, prompts, k,
+                                             cfg.sampler.label_temperature, "labelling"):
+        rates += [sum(s.score for s in scores[i * k:(i + 1) * k]) / k for i in range(len(chunk))]
     rows = [json.loads(line) for line in in_file.read_text().splitlines() if line.strip()]
     with open(out_file, "w") as f:
         for row, rate in zip(rows, rates):
