@@ -35,3 +35,10 @@ def by_response(item: RewardInput):
     if item.response == "crash":
         os._exit(3)
     return RewardOutput(1.0 if item.response == item.reference else 0.0, "compared")
+
+
+def echo_reason(item: RewardInput) -> RewardOutput:
+    """The response is the reason (none for an empty one); "raise" raises with the input."""
+    if item.response == "raise":
+        raise ValueError(f"cannot score {item.response!r}")
+    return RewardOutput(0.0, item.response or None, item.response)

@@ -10,6 +10,7 @@ up the rest of the batch.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from dataclasses import replace
 from functools import partial
 from multiprocessing.connection import Connection
@@ -22,6 +23,7 @@ from kimivl_rl.reward.contract import (RewardFn, RewardInput, RewardOutput, answ
 
 STARTUP_TIMEOUT_S = 120.0  # imports only; generous because CPUs may be shared with training
 ERROR_MESSAGE_CHARS = 500  # an exception message may quote the (huge) input
+NO_REASON = "no reason given"  # a reward function's output without a reason
 # Scoring this once at start-up imports sympy and compiles the parsers, so a worker's first item
 # does not spend its time limit on imports.
 _WARM_UP = RewardInput("\\boxed{\\frac{1}{2}}", "0.5")
@@ -39,7 +41,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _checked(output: object) -> RewardOutput:
-    """A plain RewardOutput with a score in [0, 1], or an exception saying what is wrong."""
+    """A plain RewardOutput with a score in [0, 1] and a reason ("no reason given" when the
+    function gave none), or an exception saying what is wrong."""
     if not isinstance(output, RewardOutput):
         raise TypeError(f"reward function returned {type(output).__name__}, expected RewardOutput")
     score = float(output.score)
@@ -48,7 +51,7 @@ def _checked(output: object) -> RewardOutput:
     for name in ("reason", "extracted"):
         if not isinstance(getattr(output, name), (str, type(None))):
             raise TypeError(f"reward function returned a non-string {name}")
-    return RewardOutput(score, output.reason, output.extracted)
+    return RewardOutput(score, output.reason or NO_REASON, output.extracted)
 
 
 def score_one(fn: RewardFn, item: RewardInput) -> RewardOutput:
@@ -96,13 +99,27 @@ class TimedScorer:
         self._proc: Optional[BaseProcess] = None
         self._conn: Optional[Connection] = None
         self._closed = False
+        # Per item of the last batch: seconds from handing it to the worker until its output
+        # (a worker restart before an item is not counted; a timed-out item shows the limit).
+        self.last_seconds: list[float] = []
         self._start()
 
     def score_batch(self, items: list[RewardInput]) -> list[RewardOutput]:
         """One RewardOutput per item, in order; timeouts and errors score 0 with a reason."""
         if self._closed:
             raise RuntimeError("TimedScorer is closed")
-        return [self._score(item) for item in items]
+        outputs, seconds = [], []
+        for item in items:
+            output, took = self._score(item)
+            outputs.append(output)
+            seconds.append(took)
+        self.last_seconds = seconds
+        return outputs
+
+    @property
+    def worker_pid(self) -> Optional[int]:
+        """The process id of the current worker (None between a kill and the next item)."""
+        return None if self._proc is None else self._proc.pid
 
     def close(self) -> None:
         """Stop the worker; the scorer cannot be used afterwards."""
@@ -116,21 +133,26 @@ class TimedScorer:
                  tb: Optional[TracebackType]) -> None:
         self.close()
 
-    def _score(self, item: RewardInput) -> RewardOutput:
+    def _score(self, item: RewardInput) -> tuple[RewardOutput, float]:
+        """The item's output and the seconds it took in the worker."""
         if self._proc is None or not self._proc.is_alive():
             self._stop()
             self._start()  # the previous worker was killed or died between items
         assert self._conn is not None
+        start = time.perf_counter()
         self._conn.send(self._truncate(item))
         if not self._conn.poll(self.timeout_s):
+            took = time.perf_counter() - start
             self._stop()
-            return RewardOutput(0.0, f"timeout after {self.timeout_s}s")
+            return RewardOutput(0.0, f"timeout after {self.timeout_s}s"), took
         try:
-            return self._conn.recv()
+            output = self._conn.recv()
         except EOFError:  # the worker died: a crash in native code, memory, os._exit
+            took = time.perf_counter() - start
             exit_code = self._exit_code()
             self._stop()
-            return RewardOutput(0.0, f"worker crashed (exit code {exit_code})")
+            return RewardOutput(0.0, f"worker crashed (exit code {exit_code})"), took
+        return output, time.perf_counter() - start
 
     def _truncate(self, item: RewardInput) -> RewardInput:
         """Keep the LAST max_chars characters: the final answer is at the end of a response."""

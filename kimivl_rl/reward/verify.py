@@ -5,6 +5,12 @@ math_verify runs last, only on short inputs that look like math. math_verify's o
 ``signal.alarm``, which only works in a process's main thread, so they are switched off here
 (``parsing_timeout=None`` / ``timeout_seconds=None``): :class:`kimivl_rl.reward.TimedScorer`
 bounds the time of the whole reward call instead.
+
+Other scripts' numbers: every Unicode decimal digit (category Nd: Arabic-Indic ٣, Devanagari ३,
+fullwidth ３, mathematical bold 𝟑, ...) reads as its ASCII digit, the Arabic decimal and
+thousands separators and percent sign (٫ ٬ ٪) and the minus sign (−) as ``. , % -``, and the
+other fullwidth ASCII forms (``（Ｂ）``) as ASCII. Other numeric characters (superscripts ³, vulgar
+fractions ½, Roman numerals Ⅲ) are not digits and are compared as written.
 """
 from __future__ import annotations
 
@@ -16,13 +22,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 MATH_MAX_CHARS = 1000  # symbolic parsing of longer strings is slow and never a real answer
+# The LaTeX parser's time grows exponentially with nesting (12 nested \frac or 10 nested braces
+# take seconds); real answers nest a few levels, so deeper ones are judged without it.
+MATH_MAX_DEPTH = 8
 NUMBER_MAX_CHARS = 100
 
 _TEXT_WRAPPERS = ("\\text{", "\\textbf{", "\\mathrm{", "\\mbox{")
 _DROP_CATEGORIES = {"Cc", "Cf", "Cs"}  # control, format (zero-width) and lone surrogates
 # Whitespace controls become spaces when whitespace is collapsed; the others are dropped.
 _ASCII_CONTROLS = {code: None for code in [*range(0x20), 0x7F] if not chr(code).isspace()}
-_UNICODE_MINUS = "\u2212"
+# Number punctuation of other scripts: the minus sign, Arabic decimal and thousands separators
+# and the Arabic percent sign.
+_NUMBER_PUNCTUATION = {"\u2212": "-", "\u066b": ".", "\u066c": ",", "\u066a": "%"}
+_FULLWIDTH_ASCII = range(0xFF01, 0xFF5F)  # "！" .. "～": ASCII shifted by 0xFEE0
 _LEADING_JUNK = " '\"`*:;,"
 # "." "?" and "!" are not stripped at the start (".5") and "!" never (factorials).
 _TRAILING_JUNK = " '\"`*:;,.?"
@@ -46,18 +58,37 @@ class Verdict:
 
 
 def _clean(s: str) -> str:
-    """Drop control characters, map other scripts' digits and the minus sign to ASCII, collapse
-    whitespace."""
+    """Drop control characters, map other scripts' digits and number punctuation and the
+    fullwidth ASCII forms to ASCII, collapse whitespace."""
     if s.isascii():  # fast path for the common case
         return " ".join(s.translate(_ASCII_CONTROLS).split())
     out = []
-    for ch in s.replace(_UNICODE_MINUS, "-"):
+    for ch in s:
         if ch.isspace():
             out.append(" ")
+        elif ch in _NUMBER_PUNCTUATION:
+            out.append(_NUMBER_PUNCTUATION[ch])
         elif unicodedata.category(ch) not in _DROP_CATEGORIES:
             digit = unicodedata.decimal(ch, None)
-            out.append(ch if digit is None else str(digit))
+            if digit is not None:
+                out.append(str(digit))
+            elif ord(ch) in _FULLWIDTH_ASCII:
+                out.append(chr(ord(ch) - 0xFEE0))
+            else:
+                out.append(ch)
     return " ".join("".join(out).split())
+
+
+def nesting_depth(s: str) -> int:
+    """The deepest nesting of (), [] and {} (escaped or not, matched or not) in one pass."""
+    depth = deepest = 0
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in ")]}" and depth:
+            depth -= 1
+    return deepest
 
 
 def _wrapper_at(s: str, i: int) -> Optional[str]:
@@ -123,6 +154,8 @@ def _math_verdict(predicted: str, reference: str) -> Verdict:
     """Symbolic equivalence with math_verify, e.g. "\\frac{1}{2}" vs "0.5"."""
     if max(len(predicted), len(reference)) > MATH_MAX_CHARS:
         return Verdict(False, "none", "too long for symbolic check")
+    if max(nesting_depth(predicted), nesting_depth(reference)) > MATH_MAX_DEPTH:
+        return Verdict(False, "none", "too deeply nested for symbolic check")
     from math_verify import parse, verify as math_equal  # imports sympy: only when needed
 
     gold = parse(f"${reference}$", parsing_timeout=None)
