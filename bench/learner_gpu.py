@@ -1,7 +1,7 @@
 """Learner throughput and MFU on one GPU for a realistic-size random model (no download).
 
     export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
-    torchrun --nproc_per_node 1 bench/learner_gpu.py [--seq 8192] [--steps 10]
+    torchrun --nproc_per_node 1 bench/learner_gpu.py [--seq 8192] [--steps 10] [--accum 4]
 
 Shape: Qwen2.5-1.5B's language model (28 layers, hidden 1536, 152K vocabulary), bf16, one
 packed sequence of --seq tokens per step (documents of --doc tokens, positions restarting).
@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--attention", default="sdpa", help="sdpa or flex_attention")
     parser.add_argument("--variants", default="plain,deepspeed,ds+chunked")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="micro-batches (packed sequences) per optimizer step")
+    parser.add_argument("--zero", type=int, default=2, help="ZeRO stage of the DeepSpeed variants")
     args = parser.parse_args()
     peak = matmul_peak_tflops()
     results = {}
@@ -106,20 +109,23 @@ def main() -> None:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
 
             def step():
-                full_loss(model, inputs).backward()
+                for _ in range(args.accum):
+                    (full_loss(model, inputs) / args.accum).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         else:
             from kimivl_rl.engine import build_engine
 
-            engine = build_engine(model, lambda s: 1e-5, zero_stage=2, bf16=True)
+            engine = build_engine(model, lambda s: 1e-5, zero_stage=args.zero,
+                                  grad_accum_steps=args.accum, bf16=True)
             loss_fn = full_loss if variant == "deepspeed" else chunked_loss
 
             def step():
-                engine.backward(loss_fn(engine, inputs))
-                engine.step()
+                for _ in range(args.accum):  # the engine steps the optimizer on the last one
+                    engine.backward(loss_fn(engine, inputs))
+                    engine.step()
         seconds = timed(step, args.steps)
-        tokens_per_s = args.seq / seconds
+        tokens_per_s = args.seq * args.accum / seconds
         mfu = tokens_per_s * flops_per_token / (peak * 1e12)
         results[variant] = tokens_per_s
         print(f"{variant:11s} {tokens_per_s:9.0f} tokens/s  MFU {100 * mfu:5.1f}%  "
@@ -128,7 +134,8 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print(f"bf16 matmul peak {peak:.0f} TFLOP/s; params {n_params / 1e9:.2f}B; seq {args.seq}, "
-          f"docs of {args.doc}, attention {args.attention}")
+          f"docs of {args.doc}, attention {args.attention}, {args.accum} micro-batch(es) per "
+          f"optimizer step, ZeRO-{args.zero}")
     for variant in variants[1:]:
         print(f"{variant} / {variants[0]}: {results[variant] / results[variants[0]]:.2f}x")
 

@@ -42,20 +42,23 @@ def parse_stages(text: str) -> list[str]:
 def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> dict:
     """Run (or continue) the given stages in order; return the run's summary."""
     from kimivl_rl.controller import rl_input_model, run_rl
-    from kimivl_rl.prepare import ensure_data, ensure_model
+    from kimivl_rl.prepare import check_data, ensure_data, ensure_model
     from sft.trainer import run_stage
 
+    base_model = ensure_model(cfg)
+    ensure_data(cfg)
+    # Every stage's data is checked before the first stage starts, and before anything is
+    # written to the output directory: a bad row fails the run in seconds, not after SFT.
+    check_data(cfg, stages)
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
-    base_model = ensure_model(cfg)
-    ensure_data(cfg)
     for number, stage in enumerate(stages, 1):
         log.info("=== stage %d/%d: %s ===", number, len(stages), STAGE_TITLES[stage])
         if stage == "rl":
             run_rl(cfg, rl_input_model(cfg, base_model))
         else:
-            run_stage(cfg, stage, base_model)
+            run_stage(cfg, stage, base_model, check=False)
     summary = run_summary(cfg)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["plots"] = [str(p) for p in write_plots(cfg, out / "plots")]

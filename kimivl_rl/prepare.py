@@ -4,9 +4,11 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterable
 
 from kimivl_rl.config import Config
 from kimivl_rl.data.build import BuildSpec, ensure_dataset
+from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
 
 log = logging.getLogger(__name__)
@@ -46,3 +48,41 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
     if not cfg.data.build_if_missing:
         return Path(cfg.data.dir)
     return ensure_dataset(BuildSpec.from_config(cfg.data), cfg.data.dir, progress)
+
+
+STAGES = ("joint", "long_cot", "rl")
+
+
+def stage_data_files(cfg: Config, stage: str) -> list[tuple[Path, bool]]:
+    """(file, whether its rows need an ``answer``) for each data file a stage reads: its
+    training file and its held-out evaluation file."""
+    if stage == "rl":
+        return [(Path(cfg.data.dir) / cfg.rl.train_file, True),
+                (Path(cfg.data.dir) / cfg.rl.eval_file, True)]
+    if stage not in ("joint", "long_cot"):
+        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
+    stage_cfg = getattr(cfg.sft, stage)
+    return [(Path(cfg.data.dir) / stage_cfg.train_file, False),
+            (Path(cfg.data.dir) / stage_cfg.eval_file, True)]
+
+
+def check_data(cfg: Config, stages: Iterable[str] = STAGES) -> dict[str, dict[str, int]]:
+    """Read every row and image of the data files the stages use, exactly as training will.
+
+    Call it before anything starts (Ray, output directories): a bad row raises ``DataError``
+    naming ``file:line`` and the field, unless ``data.bad_rows=skip``, in which case it is
+    counted. Returns, per file, ``{"rows", "skipped", "resized"}``. Reads only; writes nothing.
+    """
+    report: dict[str, dict[str, int]] = {}
+    seen: set[tuple[Path, bool]] = set()
+    for stage in stages:
+        for path, require_answer in stage_data_files(cfg, stage):
+            if (path, require_answer) in seen:
+                continue
+            seen.add((path, require_answer))
+            loader = RowLoader.for_config(path, cfg.data, require_answer=require_answer)
+            rows = sum(1 for _ in loader)
+            report[str(path)] = {"rows": rows, "skipped": loader.skipped, "resized": loader.resized}
+            log.info("%s: %d row(s) valid, %d skipped, %d image(s) resized", path, rows,
+                     loader.skipped, loader.resized)
+    return report

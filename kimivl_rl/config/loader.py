@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,20 +25,49 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- YAML + lines
 
-def _node_to_python(node: yaml.Node, path: str, lines: dict[str, int]) -> Any:
-    """Convert a composed YAML node, recording the 1-based line of every dotted key."""
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for key_node, value_node in node.value:
-            key = str(yaml.safe_load(yaml.serialize(key_node)))
-            child = f"{path}.{key}" if path else key
-            out[key] = _node_to_python(value_node, child, lines)
-            lines[child] = key_node.start_mark.line + 1
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_to_python(item, f"{path}.{i}", lines) for i, item in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+# Values a config may hold once YAML aliases are expanded: a real config has a few hundred, and
+# nine aliases of nine aliases of ... ("billion laughs") would otherwise expand without end.
+MAX_YAML_VALUES = 10_000
+
+
+class _YamlReader:
+    """Converts composed YAML nodes, recording the 1-based line of every dotted key."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        self.lines: dict[str, int] = {}
+        self.budget = MAX_YAML_VALUES
+
+    def _error(self, node: yaml.Node, path: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.file}:{node.start_mark.line + 1}: {path or '<top>'}: {message}")
+
+    def _scalar(self, node: yaml.Node, path: str) -> Any:
+        try:
+            return yaml.safe_load(yaml.serialize(node))
+        except yaml.YAMLError as exc:  # e.g. a !!python/object tag, which safe_load refuses
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise self._error(node, path, f"not a plain YAML value: {problem}") from None
+
+    def convert(self, node: yaml.Node, path: str = "") -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise self._error(node, path, f"more than {MAX_YAML_VALUES} values (aliases "
+                                          f"expanding?)")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key_node, value_node in node.value:
+                key = str(self._scalar(key_node, path))
+                child = f"{path}.{key}" if path else key
+                if key in out:
+                    raise self._error(key_node, child, f"duplicate key (first set on line "
+                                                       f"{self.lines[child]})")
+                self.lines[child] = key_node.start_mark.line + 1
+                out[key] = self.convert(value_node, child)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, f"{path}.{i}") for i, item in enumerate(node.value)]
+        return self._scalar(node, path)
 
 
 def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
@@ -45,12 +75,20 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    raw = path.read_bytes()
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          f"config files must be UTF-8") from None
+    try:
+        node = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    lines: dict[str, int] = {}
-    data = {} if node is None else _node_to_python(node, "", lines)
+    reader = _YamlReader(path)
+    data = {} if node is None else reader.convert(node)
+    lines = reader.lines
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping of sections")
     return data, lines
@@ -169,13 +207,21 @@ def _coerce_scalar(tp, value: Any, key: str, where: _Where):
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is float and not isinstance(value, bool):
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+        elif isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise where.error(key, f"expected a finite number, got {_kind(value)}")
+            return number
     if tp is str and isinstance(value, str):
         return value
     raise where.error(key, f"expected {tp.__name__}, got {_kind(value)}")

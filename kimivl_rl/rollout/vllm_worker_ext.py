@@ -5,21 +5,11 @@ worker process.
 """
 from __future__ import annotations
 
-import random
-
-import numpy as np
-import torch
 from safetensors.torch import load_file
 
 
 class WorkerExtension:
-    """Weight reload and reseeding inside vLLM's worker processes."""
-
-    def reseed(self, seed: int) -> None:
-        """Seed the generators that unseeded requests sample from."""
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+    """Weight reload inside vLLM's worker processes."""
 
     def reload_weights_from_file(self, path: str) -> None:
         # The CPU backend repacks linear layers at load time, so plain ``model.load_weights``
