@@ -25,6 +25,8 @@ def ray_cluster():
     """One local Ray cluster for the integration tests of a session."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls; without
+    # it the cleaner can decide a live run is dead and tear its workers down.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     ray.shutdown()

@@ -172,7 +172,9 @@ class ClusterConfig:
     learner_threads: Optional[int] = bounded(None, ge=1)
     # Services the project starts bind here; "0.0.0.0" only when asked for.
     bind_host: str = "127.0.0.1"
-    # The dashboard of a local cluster this run starts (Ray Train's state queries need it too).
+    # The dashboard of a local cluster this run starts. Keep it on for SFT: it serves the state
+    # API that Ray Train's placement-group cleaner polls, and without it the cleaner can take a
+    # live run for dead and remove its workers (seen with Ray 2.60).
     dashboard: bool = True
     dashboard_port: int = bounded(8265, ge=1, le=65535)
     actor_max_restarts: int = bounded(2, ge=0)
