@@ -196,12 +196,16 @@ def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> Non
 
 # ----------------------------------------------------------------------------- driver side
 
-def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
+def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> dict:
     """Train one SFT stage on Ray Train, evaluate it, and return its summary.
 
     A stage whose summary exists is finished and is not run again; an interrupted one
-    continues from its last Ray Train checkpoint.
+    continues from its last Ray Train checkpoint. Unless ``check`` is False (the caller
+    already did it), every row of the stage's data is checked first, so a bad row stops the
+    stage with a ``DataError`` naming ``file:line`` before Ray starts or anything is written.
     """
+    from kimivl_rl.prepare import check_data
+
     if stage not in STAGES:
         raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
     directory = stage_dir(cfg, stage)
@@ -209,6 +213,8 @@ def run_stage(cfg: Config, stage: str, base_model: str) -> dict:
     if summary_file.is_file():
         log.info("SFT %s already finished (%s); skipping", stage, summary_file)
         return json.loads(summary_file.read_text())
+    if check:
+        check_data(cfg, [stage])
     summary = train_stage(cfg, stage, base_model)
     summary["eval"] = evaluate_stage(cfg, stage).as_dict()
     summary_file.write_text(json.dumps(summary, indent=1, default=str))

@@ -30,6 +30,10 @@ class ConfigError(ValueError):
 MAX_YAML_VALUES = 10_000
 
 
+_PLAIN_COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map",
+                          yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+
+
 class _YamlReader:
     """Converts composed YAML nodes, recording the 1-based line of every dotted key."""
 
@@ -54,6 +58,9 @@ class _YamlReader:
             raise self._error(node, path, f"more than {MAX_YAML_VALUES} values (aliases "
                                           f"expanding?)")
         self.lines.setdefault(path, node.start_mark.line + 1)
+        plain_tag = _PLAIN_COLLECTION_TAGS.get(type(node))
+        if plain_tag is not None and node.tag != plain_tag:  # e.g. !!python/object/apply:...
+            raise self._error(node, path, f"not a plain YAML value: tag {node.tag!r}")
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:

@@ -195,9 +195,11 @@ class RowLoader:
             inside = path.is_relative_to(base)
             found = inside and path.is_file()
         except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the system
-            raise DataError(f"{where}: field 'images': bad path {_short(relative)}: {exc}") from None
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DataError(f"{where}: field 'images': bad path {_short(relative)}: "
+                            f"{_short(reason)}") from None
         if not inside:
-            raise DataError(f"{where}: field 'images': {relative!r} points outside the data "
+            raise DataError(f"{where}: field 'images': {_short(relative)} points outside the data "
                             f"directory {base}")
         if not found:
             raise DataError(f"{where}: field 'images': image file not found: {path}")
