@@ -31,12 +31,16 @@ def tiny_spec(cfg: Config) -> TinyVLMSpec:
 
 def ensure_model(cfg: Config) -> str:
     """The model path to load: the configured one, built as the tiny model when asked to."""
+    from kimivl_rl.models.loading import check_remote_code
+
     path = Path(cfg.model.path)
-    if not cfg.model.init_if_missing:
-        return cfg.model.path  # a local directory or a hub name, loaded as given
+    tiny = cfg.model.init_if_missing and (not path.exists() or (path / "kimivl_tiny.json").is_file())
+    if not tiny:
+        # A local directory or a hub name, loaded as given (a user's checkpoint is never
+        # overwritten). Before Ray starts: one that needs custom code is refused unless allowed.
+        check_remote_code(cfg.model.path, cfg.model.trust_remote_code)
+        return cfg.model.path
     spec = tiny_spec(cfg)
-    if path.exists() and not (path / "kimivl_tiny.json").is_file():
-        return cfg.model.path  # the user's own checkpoint: never overwritten
     if not tiny_vlm_is_current(path, spec):
         log.info("building the tiny model at %s (seed %d)", path, spec.seed)
         build_tiny_vlm(path, spec)

@@ -3,12 +3,45 @@ code only when the config asks, the fastest exact attention available."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from kimivl_rl.config import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+def check_remote_code(path: str, trust_remote_code: bool) -> None:
+    """Refuse a local model directory whose config needs custom code (an ``auto_map`` for a
+    model type transformers does not know) unless ``model.trust_remote_code`` is set: a
+    ``ConfigError`` names the code files and the setting. Nothing in the directory is run."""
+    config_file = Path(path) / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return  # allowed, or a hub name (transformers itself refuses custom code there)
+    try:
+        auto_map = json.loads(config_file.read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable or not a JSON object: the loader reports that, in context
+    if not auto_map or not isinstance(auto_map, dict):
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=False)  # runs nothing when refusing
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            return  # some other problem: the loader reports it, in context
+        targets = [t for v in auto_map.values() for t in (v if isinstance(v, list) else [v])
+                   if isinstance(t, str)]
+        files = sorted({t.rpartition(".")[0].split("--")[-1] + ".py" for t in targets})
+        raise ConfigError(f"{path}: the model needs custom code from its directory "
+                          f"({', '.join(files) or 'auto_map'}) and model.trust_remote_code is false; "
+                          f"read that code, and set model.trust_remote_code=true only if you "
+                          f"trust it") from None
 
 
 def attention_implementation(use_gpu: bool) -> str:
@@ -23,6 +56,7 @@ def attention_implementation(use_gpu: bool) -> str:
 
 def load_policy(path: str, cfg, training: bool = False):
     """(model, processor) for ``path``; bf16 on GPU, fp32 on CPU unless model.dtype says."""
+    check_remote_code(path, cfg.model.trust_remote_code)
     use_gpu = cfg.cluster.use_gpu
     dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
