@@ -93,7 +93,7 @@ def _follow(jsonl: Path, desc: str, unit: str, interval_s: float, stop: threadin
         if not record or "total_steps" not in record:
             continue
         if bar is None:
-            bar = tqdm(total=record["total_steps"], desc=desc, unit=unit)
+            bar = tqdm(total=record["total_steps"], initial=record["step"], desc=desc, unit=unit)
         bar.n = record["step"]
         if "loss" in record:
             bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
