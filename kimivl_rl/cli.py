@@ -99,11 +99,12 @@ def cmd_build_long_cot(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from kimivl_rl.prepare import ensure_data, ensure_model
+    from kimivl_rl.prepare import check_data, ensure_data, ensure_model
 
     cfg = _config(args)
     model = ensure_model(cfg)
     data = ensure_data(cfg)
+    check_data(cfg)
     print(f"model: {model}\ndata:  {data}")
 
 

@@ -321,9 +321,10 @@ def run_rl(cfg: Config, model_path: str) -> dict:
         if finished["iterations"] == cfg.rl.iterations:
             log.info("RL already finished (%s); skipping", summary_file)
             return finished
-        summary_file.unlink()  # more iterations asked for: continue from the last checkpoint
+    # Loading checks every row and image: bad data stops the run before the output changes.
     prompts = load_prompts(cfg, cfg.rl.train_file)
     eval_prompts = load_prompts(cfg, cfg.rl.eval_file)[: cfg.rl.eval_prompts]
+    summary_file.unlink(missing_ok=True)  # more iterations asked for: continue from a checkpoint
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampler = PromptSampler(len(prompts), cfg.sampler.mode, cfg.seed,
                             pass_rates=[p.pass_rate for p in prompts], floor=cfg.sampler.floor,

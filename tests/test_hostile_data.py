@@ -375,10 +375,6 @@ def test_a_failed_start_names_the_row_and_leaves_the_output_untouched(
     assert snapshot(previous_output) == before
 
 
-@pytest.mark.xfail(strict=True, reason="controller.run_rl deletes rl/summary.json (more iterations "
-                   "asked for) before it reads its prompts; cmd_rl should call "
-                   "kimivl_rl.prepare.check_data(cfg, ['rl']) first (cli.py/controller.py are "
-                   "another engineer's)")
 def test_a_failed_rl_start_leaves_the_output_untouched(tmp_path, capsys, previous_output, no_ray):
     from kimivl_rl import cli
 
