@@ -111,3 +111,9 @@ def test_dump_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
 def test_every_shipped_config_is_valid(path):
     load_config(path)
+
+
+def test_unknown_section_from_an_override_names_the_override_not_the_file():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny.yaml", ["sftt.x=1"])
+    assert str(err.value).startswith("command-line override 'sftt.x=1': sftt: unknown key 'sftt'")

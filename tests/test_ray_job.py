@@ -92,7 +92,7 @@ def finished_job(head_cluster, tiny_model_dir, small_data_dir, tmp_path_factory)
     entrypoint = ["kimivl-rl", "run", "configs/tiny.yaml", "--stages", "joint,rl",
                   f"model.path={tiny_model_dir}", "model.init_if_missing=false",
                   f"data.dir={small_data_dir}", "data.build_if_missing=false", f"output.dir={out}",
-                  f"'sft.joint.phases={SHORT_PHASE}'", "sft.cpus_per_worker=0.5",
+                  f"sft.joint.phases={SHORT_PHASE}", "sft.cpus_per_worker=0.5",
                   "sft.eval_examples=4", "sft.eval_max_new_tokens=16",
                   "rl.iterations=2", "rl.prompts_per_iteration=2", "rl.samples_per_prompt=2",
                   "rl.eval_every=1", "rl.eval_prompts=4", "rollout.max_new_tokens=12"]
@@ -103,7 +103,8 @@ def finished_job(head_cluster, tiny_model_dir, small_data_dir, tmp_path_factory)
     while time.monotonic() < deadline:
         scraped.append(_scrape(head_cluster["metrics"]))
         status = _ray(env, "job", "status", "--address", address, job_id)
-        if any(state in status for state in ("SUCCEEDED", "FAILED", "STOPPED")):
+        # `ray job status` prints "Job '<id>' succeeded" / "failed" / "was stopped" at the end
+        if re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", status):
             break
         time.sleep(3)
     logs = _ray(env, "job", "logs", "--address", address, job_id)
@@ -111,7 +112,7 @@ def finished_job(head_cluster, tiny_model_dir, small_data_dir, tmp_path_factory)
 
 
 def test_ray_job_submit_runs_the_pipeline(finished_job):
-    assert "SUCCEEDED" in finished_job["status"], finished_job["logs"][-5000:]
+    assert "succeeded" in finished_job["status"], finished_job["logs"][-5000:]
     out = finished_job["out"]
     for path in ("config.yaml", "summary.json", "sft_joint/model/model.safetensors",
                  "rl/model/model.safetensors", "rl/metrics.jsonl", "plots/sft_loss.png", "plots/rl.png"):

@@ -151,6 +151,10 @@ class _Where:
         for dotted, text in self.overrides.items():
             if key == dotted or key.startswith(dotted + "."):
                 return f"command-line override '{text}'"
+        if key not in self.lines:  # a section that only an override created
+            for dotted, text in self.overrides.items():
+                if dotted.startswith(key + "."):
+                    return f"command-line override '{text}'"
         probe = key
         while probe and probe not in self.lines:
             probe = probe.rpartition(".")[0]
