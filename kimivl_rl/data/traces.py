@@ -5,10 +5,12 @@ answer: planning ("First I will ..."), evaluation ("Let me check ..."), reflecti
 ("Wait, ...") and exploration ("Let me try another way: ..."). The phrases are fixed so that a
 trace's format can be recognised in model outputs (``trace_behaviours``).
 
-Image traces state their reading of the image first and then check it. An earlier version made
-the model read per-row counts and add them up; the tiny model misread the rows, and held-out
-accuracy fell from 0.60 after joint SFT to 0.15 after long-CoT SFT. Arithmetic traces still work
-through every step, which the model can follow.
+Every trace opens with the answer at a glance ("At a glance ..."), the same prediction joint SFT
+teaches, and then plans, checks, reflects and tries another way, all ending at that answer. The
+tiny model cannot do the work a trace describes reliably: with traces that read per-row counts
+and added them up, held-out accuracy fell from 0.60 after joint SFT to 0.15 after long-CoT SFT;
+with traces that read the image a dozen tokens in and re-copied the question's numbers, from
+0.47 to 0.31.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def _count_trace(task: Task, colour: str) -> str:
                   if others else
                   f"Wait, could a {colour} square hide at the edge? No, the edges are white, so "
                   f"the count stays {total}.")
-    return (f"First I will count the {colour} squares, then check the count. I count {total}. "
+    return (f"At a glance there are {total}. First I will check that by counting the {colour} "
+            f"squares one by one: I count {total}. "
             f"Let me check: I look at each {colour} square once more and again get {total}. "
             f"{reflection} "
             f"Let me try another way: going column by column I still get {total}. "
@@ -45,14 +48,15 @@ def _count_trace(task: Task, colour: str) -> str:
 def _colour_trace(task: Task) -> str:
     if not task.choices:
         colour = task.answer
-        return (f"First I will look at the square and name its colour. It looks {colour}. "
-                f"Let me check the other options: it is not "
-                f"{', '.join(c for c in ('red', 'green', 'blue', 'yellow') if c != colour)}. "
+        return (f"At a glance it is {colour}. First I will look at the square again to be "
+                f"sure: it is {colour}. "
+                f"Let me check: the square is one solid colour, {colour}. "
                 f"Wait, the background is white, so the only coloured thing is the square. "
                 f"Let me try another way: the square's pixels are mostly {colour}. "
                 f"So the colour is {colour}.")
     winner = task.choices[task.answer]
-    return (f"First I will find the colour with the most squares. Most of them are {winner}. "
+    return (f"At a glance it is ({task.answer}), {winner}. First I will check that {winner} has "
+            f"the most squares: it does. "
             f"Let me check the options: {winner} is option ({task.answer}). "
             f"Wait, the question asks for a letter, not a colour, so I answer with "
             f"({task.answer}). "
@@ -60,19 +64,12 @@ def _colour_trace(task: Task) -> str:
             f"{winner} still has more squares. So the answer is ({task.answer}).")
 
 
-_INVERSE = {"+": ("minus", lambda v, b: v - b), "-": ("plus", lambda v, b: v + b),
-            "*": ("divided by", lambda v, b: v // b)}
-
-
 def _arith_trace(task: Task) -> str:
     worked = ". ".join(f"{expr} = {value}" for expr, value in task.steps)
-    first_expr, first_value = task.steps[0]
-    a, op, b = first_expr.split(" ")  # the first step always has two operands
-    word, undo = _INVERSE[op]
     expression, value = task.steps[-1]
-    return (f"First I will work it out one step at a time. {worked}. "
-            f"Let me check the first step: {first_value} {word} {b} is "
-            f"{undo(first_value, int(b))}, which is {a}, so it is right. "
+    return (f"At a glance it is {value}. First I will work it out one step at a time. "
+            f"{worked}. "
+            f"Let me check: that matches my first answer, {value}. "
             f"Wait, I should make sure I used every number in the question; I did, so the "
             f"result is {value}. "
             f"Let me try another way: computing {expression} again from the left gives "
