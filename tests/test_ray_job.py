@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -46,6 +47,11 @@ def _scrape(url: str) -> str:
             return response.read().decode()
     except OSError:
         return ""  # the endpoint comes up a few seconds after the cluster
+
+
+def _scrape_until(url: str, done: threading.Event, into: list[str]) -> None:
+    while not done.wait(0.5):
+        into.append(_scrape(url))
 
 
 def _stop_cluster(temp_dir: str) -> None:
@@ -96,19 +102,32 @@ def finished_job(head_cluster, tiny_model_dir, small_data_dir, tmp_path_factory)
                   "sft.eval_examples=4", "sft.eval_max_new_tokens=16",
                   "rl.iterations=2", "rl.prompts_per_iteration=2", "rl.samples_per_prompt=2",
                   "rl.eval_every=1", "rl.eval_prompts=4", "rollout.max_new_tokens=12"]
-    submitted = _ray(env, "job", "submit", "--address", address, "--working-dir", str(REPO),
-                     "--no-wait", "--", *entrypoint)
-    job_id = re.search(r"Job '([^']+)' submitted successfully", submitted).group(1)
-    scraped, status, deadline = [], "", time.monotonic() + JOB_TIMEOUT_S
+    submit = ["job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+              *entrypoint]
+    submitted, deadline = _ray(env, *submit, check=False), time.monotonic() + 120
+    while "No available agent to submit job" in submitted and time.monotonic() < deadline:
+        time.sleep(3)  # the head's job agent comes up a little after `ray start` returns
+        submitted = _ray(env, *submit, check=False)
+    match = re.search(r"Job '([^']+)' submitted successfully", submitted)
+    assert match, submitted[-3000:]
+    job_id = match.group(1)
+    # Scrape in the background: a gauge lives on the endpoint only while its process does.
+    scraped, done = [], threading.Event()
+    scraper = threading.Thread(target=_scrape_until, args=(head_cluster["metrics"], done, scraped))
+    scraper.start()
+    status, deadline = "", time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        scraped.append(_scrape(head_cluster["metrics"]))
         status = _ray(env, "job", "status", "--address", address, job_id)
         # `ray job status` prints "Job '<id>' succeeded" / "failed" / "was stopped" at the end
         if re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", status):
             break
         time.sleep(3)
+    done.set()
+    scraper.join()
     logs = _ray(env, "job", "logs", "--address", address, job_id)
-    return {"status": status, "logs": logs, "metrics": "\n".join(scraped), "out": out}
+    metrics = "\n".join(line for text in scraped for line in text.splitlines()
+                        if line.startswith("ray_kimivl_"))
+    return {"status": status, "logs": logs, "metrics": metrics, "out": out}
 
 
 def test_ray_job_submit_runs_the_pipeline(finished_job):
