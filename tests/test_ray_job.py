@@ -74,13 +74,19 @@ def _stop_cluster(temp_dir: str) -> None:
 @pytest.fixture(scope="module")
 def head_cluster():
     temp_dir = tempfile.mkdtemp(prefix="kjob_", dir="/tmp")  # short: Ray puts sockets in it
-    ports = {"gcs": _free_port(), "dashboard": _free_port(), "metrics": _free_port()}
+    # Every port its own: another local cluster (the session's) may hold Ray's defaults.
+    ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc",
+                                               "runtime_env", "client")}
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_metrics_report_interval_ms": "1000"}
     env.pop("RAY_ADDRESS", None)
     _ray(env, "start", "--head", f"--port={ports['gcs']}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
          f"--metrics-export-port={ports['metrics']}", f"--temp-dir={temp_dir}",
+         f"--dashboard-agent-listen-port={ports['agent']}",
+         f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+         f"--runtime-env-agent-port={ports['runtime_env']}",
+         f"--ray-client-server-port={ports['client']}",
          "--disable-usage-stats")
     try:
         yield {"env": env, "dashboard": f"http://127.0.0.1:{ports['dashboard']}",

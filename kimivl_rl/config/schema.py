@@ -176,7 +176,8 @@ class ClusterConfig:
     # API that Ray Train's placement-group cleaner polls, and without it the cleaner can take a
     # live run for dead and remove its workers (seen with Ray 2.60).
     dashboard: bool = True
-    dashboard_port: int = bounded(8265, ge=1, le=65535)
+    # None: 8265, or the next free port when another local cluster holds it.
+    dashboard_port: Optional[int] = bounded(None, ge=1, le=65535)
     actor_max_restarts: int = bounded(2, ge=0)
     call_timeout_s: float = bounded(600.0, gt=0.0)
 
