@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import random
-import resource
 import unicodedata
 from collections import Counter
 from typing import Callable, Iterator, Optional
@@ -180,10 +179,6 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def _children_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-
-
 def _check(output: RewardOutput, seconds: float, case: Case, index: int) -> Optional[str]:
     """What is wrong with one item's result, or None."""
     response, reference, must_be_correct = case
@@ -207,7 +202,6 @@ def _check(output: RewardOutput, seconds: float, case: Case, index: int) -> Opti
 
 def test_reward_service_survives_a_hostile_corpus():
     rss_before = _rss()
-    children_peak_before = _children_peak_rss()
     service = RewardService(None, timeout_s=TIMEOUT_S, numeric_tolerance=1e-6)
     problems: list[str] = []
     reasons: Counter = Counter()
@@ -241,9 +235,6 @@ def test_reward_service_survives_a_hostile_corpus():
     finally:
         service.scorer.close()
     assert _rss() - rss_before < MAX_RSS_GROWTH
-    # The largest worker that ever ran (killed ones included: the scorer reaps them) stayed
-    # under the bound, unless an earlier child of this process was bigger still.
-    assert _children_peak_rss() <= max(children_peak_before, MAX_WORKER_RSS)
 
 
 # ----------------------------------------------------------------------------- other scripts' digits
