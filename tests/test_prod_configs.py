@@ -30,7 +30,9 @@ def test_the_production_configs_exist():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_check_accepts_every_config(path, capsys):
     assert main(["config", "check", str(path)]) == 0
-    assert capsys.readouterr().out.startswith(f"OK: {path} is a valid config")
+    # Line by line: a Ray actor torn down by an earlier test may still print into stdout.
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"OK: {path} is a valid config") for line in lines), lines
 
 
 @pytest.mark.parametrize("name", sorted(PROD))
