@@ -31,7 +31,7 @@ from kimivl_rl.rl.experience import Trajectory, assign_rewards, trajectories_fro
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.vllm_engine import engine_options
-from kimivl_rl.weight_sync import ObjectStoreTransport, SyncStats, WeightTransport
+from kimivl_rl.weight_sync import SyncStats, WeightTransport, transport_for
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RLActors:
         reward = ray.remote(RewardService).options(
             name="reward-0", num_cpus=cfg.cluster.reward_cpus, max_restarts=restarts).remote(
             cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
-        actors = cls(cfg, learners, rollouts, reward, ObjectStoreTransport(cfg.cluster.call_timeout_s))
+        actors = cls(cfg, learners, rollouts, reward, transport_for(cfg))
         try:
             actors._wait_started()
         except BaseException:
@@ -123,6 +123,7 @@ class RLActors:
             for index, worker in enumerate(self.rollouts):
                 if any(worker is t for t in targets):
                     self._await_restart(worker, f"rollout-{index}")
+            self.transport.reset()
             stats = self.transport.push(self.learners, targets, version)
         self.weights_version = version
         return stats
@@ -148,6 +149,7 @@ class RLActors:
         log.warning("rollout-%d died; waiting for its restart, then reloading weights version %d",
                     index, self.weights_version)
         self._await_restart(self.rollouts[index], f"rollout-{index}")
+        self.transport.reset()  # the new process is in no weight-update group yet
         if self.weights_version:
             self.sync_weights(self.weights_version, [self.rollouts[index]])
 

@@ -28,6 +28,7 @@ from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_posit
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
 from kimivl_rl.rl.losses import LossConfig, get_loss
+from kimivl_rl.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class LearnerWorker:
         self.cfg: Config = config_from_dict(config)
         self.model_path = model_path
         self.rank, self.world = rank, world_size
+        self.weight_group = None  # rank 0's group with the rollout engines (CollectiveTransport)
         if self.cfg.cluster.learner_threads:
             # Ray gives an actor of fractional CPUs one thread, but rollouts and learning take
             # turns, so on a small machine the learner may use the cores the rollouts left idle.
@@ -201,6 +203,31 @@ class LearnerWorker:
     def state_for_sync(self) -> Optional[dict[str, torch.Tensor]]:
         """The full weights (rank 0; None elsewhere) for the rollout engines."""
         return full_state_dict(self.engine)
+
+    def weight_group_address(self, single_node: bool) -> tuple[str, int]:
+        """Rank 0: where the weight-update group meets (loopback when the whole cluster is this
+        node, else this node's address), and a free port there, held open for the group's store."""
+        import ray
+
+        host = LOOPBACK if single_node else ray.util.get_node_ip_address()
+        self.weight_listener = listen(host)
+        return host, self.weight_listener.getsockname()[1]
+
+    def init_weight_update_group(self, host: str, port: int, world_size: int, backend: str,
+                                 timeout_s: float) -> None:
+        """Rank 0 forms the group with the rollout engines' workers (they join concurrently),
+        in place of any group formed before."""
+        self.weight_group = new_weight_group(host, port, 0, world_size, backend, timeout_s,
+                                             listener=self.weight_listener, replacing=self.weight_group)
+
+    def broadcast_weights(self) -> int:
+        """The full weights to the weight-update group (rank 0 sends; every rank is called because
+        gathering them is a collective under ZeRO-3); returns the bytes sent."""
+        state = full_state_dict(self.engine)
+        if self.rank != 0:
+            return 0
+        return send_weights(self.weight_group, state, self.cfg.cluster.weight_bucket_bytes,
+                            self.engine.device)
 
     def sequence_logprobs(self, trajectories: list[Trajectory]) -> list[list[float]]:
         """Per-token log-probabilities of whole responses (for checks and tests)."""

@@ -26,6 +26,30 @@ def rl_cfg(tmp_path, model_dir, data_dir, *overrides):
         "rl.eval_prompts=4", "rl.micro_batch_tokens=256", "rl.lr=1.0e-3", *overrides]))
 
 
+def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> list:
+    """One learner update on 3 samples per prompt, every other one rewarded; the trajectories."""
+    import ray
+
+    samples = generate(actors, cfg, requests, 3, 1.0, seed=0)
+    trajectories = trajectories_from_samples(list(range(len(prompts))), [p.images for p in prompts], samples)
+    for i, t in enumerate(trajectories):
+        t.reward = float(i % 2)
+    ray.get(actors.learners[0].learn.remote(trajectories))
+    return trajectories
+
+
+def assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests) -> None:
+    """Same prompts, fresh samples from the synced engines, scored by both sides."""
+    import ray
+
+    fresh = trajectories_from_samples(list(range(len(prompts))), [p.images for p in prompts],
+                                      generate(actors, cfg, requests, 2, 1.0, seed=1))
+    learner = ray.get(actors.learners[0].sequence_logprobs.remote(fresh))
+    for trajectory, expected in zip(fresh, learner):
+        torch.testing.assert_close(torch.tensor(trajectory.rollout_logprobs), torch.tensor(expected),
+                                   atol=2e-3, rtol=0)
+
+
 def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_model_dir, small_data_dir,
                                                               ray_cluster):
     from transformers import AutoProcessor
@@ -35,22 +59,12 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
     prompts = load_prompts(cfg, cfg.rl.train_file)[:2]  # includes an image prompt or a text one
     actors = RLActors.start(cfg, cfg.model.path)
     try:
-        requests = generation_requests(prompts, processor)
-        samples = generate(actors, cfg, requests, 3, 1.0, seed=0)
-        trajectories = trajectories_from_samples([0, 1], [p.images for p in prompts], samples)
-        for i, t in enumerate(trajectories):
-            t.reward = float(i % 2)
         import ray
 
-        ray.get(actors.learners[0].learn.remote(trajectories))
+        requests = generation_requests(prompts, processor)
+        trajectories = learn_from_alternate_rewards(actors, cfg, prompts, requests)
         ObjectStoreTransport(cfg.cluster.call_timeout_s).push(actors.learners, actors.rollouts, 1)
-        # Same prompts, fresh samples from the synced engine, scored by both sides.
-        fresh = trajectories_from_samples([0, 1], [p.images for p in prompts],
-                                          generate(actors, cfg, requests, 2, 1.0, seed=1))
-        learner = ray.get(actors.learners[0].sequence_logprobs.remote(fresh))
-        for trajectory, expected in zip(fresh, learner):
-            torch.testing.assert_close(torch.tensor(trajectory.rollout_logprobs), torch.tensor(expected),
-                                       atol=2e-3, rtol=0)
+        assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
         # The update moved the policy the right way: rewarded responses gained probability
         # relative to unrewarded ones of the same prompts.
         before = [sum(t.rollout_logprobs) for t in trajectories]

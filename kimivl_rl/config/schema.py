@@ -179,6 +179,14 @@ class ClusterConfig:
     # None: 8265, or the next free port when another local cluster holds it.
     dashboard_port: Optional[int] = bounded(None, ge=1, le=65535)
     actor_max_restarts: int = bounded(2, ge=0)
+    # How the learners' weights reach the rollout engines after each update (weight_sync.py):
+    # "object_store": rank 0's weights through Ray's object store (the CPU choice);
+    # "collective": broadcast from learner rank 0 to every vLLM worker over a process group of
+    # their own, NCCL on GPU (the GPU choice) and gloo on CPU.
+    weight_transport: Literal["object_store", "collective"] = "object_store"
+    # "collective": the most bytes one broadcast carries (a larger tensor goes alone). Each side
+    # holds about one bucket beside the model while a sync runs.
+    weight_bucket_bytes: int = bounded(512 * 2**20, ge=1)
     call_timeout_s: float = bounded(600.0, gt=0.0)
 
 

@@ -121,6 +121,18 @@ class VLLMEngine:
         finally:
             os.unlink(path)
 
+    def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                                 backend: str, timeout_s: float) -> None:
+        """Every worker of the engine (``tensor_parallel_size`` ranks from ``rank_offset`` on) joins
+        the learner's weight-update group; blocks until all ranks have joined."""
+        self.llm.collective_rpc("init_weight_update_group",
+                                args=(host, port, rank_offset, world_size, backend, timeout_s))
+
+    def receive_weights(self) -> None:
+        """Replace the engine's weights in place with what learner rank 0 broadcasts; blocks
+        until the broadcast is over, so the learner's side must be issued concurrently."""
+        self.llm.collective_rpc("receive_weights")
+
 
 def _sample(request_id: str, prompt_token_ids, completion) -> Sample:
     token_ids = list(completion.token_ids)

@@ -27,3 +27,12 @@ class RolloutWorker:
         self.engine.load_weights(named_tensors)
         self.weights_version = version
         return version
+
+    def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                                 backend: str, timeout_s: float) -> None:
+        self.engine.init_weight_update_group(host, port, rank_offset, world_size, backend, timeout_s)
+
+    def receive_weights(self, version: int) -> int:
+        self.engine.receive_weights()
+        self.weights_version = version
+        return version
