@@ -1,143 +1,340 @@
-"""Learner throughput and MFU on one GPU for a realistic-size random model (no download).
+r"""Learner throughput and MFU on one GPU for a realistic-size random model (no download).
 
     export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
-    torchrun --nproc_per_node 1 bench/learner_gpu.py [--seq 8192] [--steps 10] [--accum 4]
+    torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm] [--seq 8192] [--doc 1024]
+        [--attention flex_attention] [--variants plain,deepspeed,ds+chunked,ds+fused] [--accum 4]
+        [--compile] [--grad-ckpt] [--steps 10]
+    # smoke check of every path on CPU (tiny shapes, float32):
+    torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --shape vlm --seq 256 --doc 128 \
+        --image 112 --steps 1
 
-Shape: Qwen2.5-1.5B's language model (28 layers, hidden 1536, 152K vocabulary), bf16, one
-packed sequence of --seq tokens per step (documents of --doc tokens, positions restarting).
+Shapes, bf16, random init; a micro-batch is one packed sequence of --seq tokens made of documents
+of --doc tokens, each with its own positions from 0 (block-diagonal attention):
+  lm   Qwen2.5-1.5B's language model (28 layers, hidden 1536, 152K vocabulary); every token but
+       a document's first is a target
+  vlm  Qwen2.5-VL-3B: its language model (36 layers, hidden 2048, 152K vocabulary, tied) and
+       vision encoder (32 blocks, hidden 1280). Each document is an --image x --image picture
+       (448: 1024 patches of 14x14, 256 tokens after the 2x2 merge; random pixel values shaped
+       as the processor's) and then text, packed by kimivl_rl.packing with the model's
+       multimodal rope positions; only text tokens are targets
 Variants, measured in the same run:
   plain      torch, fused AdamW, full-vocabulary float logits (the baseline)
   deepspeed  kimivl_rl.engine (DeepSpeed ZeRO-2, bf16), same loss
-  ds+chunked the same engine, cross-entropy computed in vocabulary-projection chunks
-Model FLOPs per token: 6·N + 6·layers·hidden·seq; MFU divides by a bf16 8192³ matmul rate
-measured in this run.
+  ds+chunked the same engine, cross-entropy in checkpointed chunks of the vocabulary projection
+             (each chunk's logits made again in backward)
+  ds+fused   the same engine, kimivl_rl.linear_cross_entropy (each chunk's gradients made in the
+             forward: no logits made again)
+--attention is the language model's: sdpa (a dense block-diagonal mask) or flex_attention
+(skips the blocks between documents). transformers declares no FlexAttention for Qwen2.5-VL, so
+kimivl_rl.models.loading falls back to SDPA there; this bench sets it on the language model
+after building (same loss as SDPA). The vision encoder runs SDPA over each window or image.
+--compile compiles each decoder layer of the language model on its own (regional compilation,
+as torchtitan does): fused elementwise kernels for RMSNorm, SwiGLU and RoPE. --grad-ckpt
+recomputes each layer's activations in backward, as the production configs do.
+
+Model FLOPs of a micro-batch: 6·N_body per sequence token (N_body: the language model without
+its embedding) + 6·N_head per target token (the vocabulary projection; the variants with full
+logits also project the non-targets, uncounted) + 6·layers·hidden·context per sequence token
+(causal attention) + for vlm 6·N_vision per image patch, where the merger's MLP counts
+6·N_merger per merged token instead (vision attention, about 2% of the vision FLOPs at 448
+pixels, is not counted). Recomputation (--grad-ckpt) is not counted. MFU divides by a bf16
+8192³ matmul rate measured in this run; it is printed with context = --seq (the issue's
+formula) and, in parentheses, context = --doc (the attention the block-diagonal mask leaves to
+compute).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from kimivl_rl.linear_cross_entropy import linear_cross_entropy
+from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
+
+LM_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+               num_attention_heads=12, num_key_value_heads=2)
+VLM_TEXT = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2)
+VLM_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  out_hidden_size=2048, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+TINY_TEXT = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=0)
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                   fullatt_block_indexes=[1])
+TINY_TOKEN_IDS = dict(vision_start_token_id=4092, vision_end_token_id=4093, image_token_id=4094,
+                      video_token_id=4095)
+LOSS_CHUNK = 2048
 
 
-def matmul_peak_tflops() -> float:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # model inputs, on the device
+    targets: torch.Tensor            # (seq - 1,): the next token, or IGNORE_INDEX (no target)
+    rows: torch.Tensor               # positions with a target, found on the host (no sync)
+    patches: int                     # image patches, before the merge
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize()
+    sync(device)
     started = time.perf_counter()
     for _ in range(20):
         a @ b
-    torch.cuda.synchronize()
-    return 20 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
+    sync(device)
+    return 20 * 2 * n**3 / (time.perf_counter() - started) / 1e12
 
 
-def build_model(attention: str):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    config = Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                         max_position_embeddings=32768, tie_word_embeddings=True)
+
+def build_model(args, device: torch.device, dtype: torch.dtype):
+    if args.shape == "lm":
+        cls, config = Qwen2ForCausalLM, Qwen2Config(**(TINY_TEXT if args.tiny else LM_TEXT),
+                                                    max_position_embeddings=32768,
+                                                    tie_word_embeddings=True)
+    else:
+        cls, config = Qwen2_5_VLForConditionalGeneration, vlm_config(args.tiny)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
-    model.config._attn_implementation = attention
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    # Set after building: transformers declares no FlexAttention for Qwen2.5-VL, yet its language
+    # model runs it (the same loss as SDPA); the vision encoder keeps SDPA over its windows.
+    language_model(model).config._attn_implementation = args.attention
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def batch(seq: int, doc: int, vocab: int) -> dict:
-    ids = torch.randint(0, vocab, (1, seq), device="cuda")
-    positions = (torch.arange(seq, device="cuda") % doc)[None]
-    return {"input_ids": ids, "position_ids": positions}
+def vlm_config(tiny: bool) -> Qwen2_5_VLConfig:
+    text = TINY_TEXT if tiny else VLM_TEXT
+    half = text["hidden_size"] // text["num_attention_heads"] // 2  # 64 in Qwen2.5-VL-3B
+    rope = {"rope_type": "default", "rope_theta": 1000000.0,  # mrope_section [16, 24, 24]
+            "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]}
+    vision = dict(TINY_VISION if tiny else VLM_VISION, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=112)
+    return Qwen2_5_VLConfig(
+        text_config=dict(text, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         rope_parameters=rope),
+        vision_config=vision, tie_word_embeddings=True, **(TINY_TOKEN_IDS if tiny else {}))
 
 
-def full_loss(model, inputs) -> torch.Tensor:
-    logits = model(**inputs, use_cache=False).logits[0, :-1]
-    return F.cross_entropy(logits.float(), inputs["input_ids"][0, 1:])
+def lm_batch(seq: int, doc: int, vocab: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (1, seq))
+    labels = ids.clone()
+    labels[0, ::doc] = IGNORE_INDEX  # a document's first token is not predicted from another's
+    return {"input_ids": ids, "position_ids": (torch.arange(seq) % doc)[None], "labels": labels}
+
+
+def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
+    """Documents of one image (vision start, image pads, vision end) then text, as
+    kimivl_rl.packing packs SFT and RL sequences."""
+    config, vision = model.config, model.config.vision_config
+    side = image // vision.patch_size
+    grid = torch.tensor([[1, side, side]])
+    image_tokens = side * side // vision.spatial_merge_size**2
+    pixel_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    head = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * image_tokens
+                        + [config.vision_end_token_id])
+    examples = []
+    for _ in range(seq // doc):
+        ids = torch.cat([head, torch.randint(0, config.vision_start_token_id, (doc - len(head),))])
+        labels = torch.where(torch.arange(doc) < len(head), IGNORE_INDEX, ids)
+        examples.append(Encoded(ids, labels, torch.randn(side * side, pixel_dim), grid,
+                                example_positions(model, ids, grid), "bench"))
+    return collate_pack(examples, config.image_token_id)
+
+
+def make_batch(packed: dict[str, torch.Tensor], device: torch.device) -> Batch:
+    targets = packed.pop("labels")[0, 1:]
+    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+    grid = packed.get("image_grid_thw")
+    patches = int(grid.prod(-1).sum()) if grid is not None else 0
+    return Batch({k: v.to(device) for k, v in packed.items()}, targets.to(device), rows.to(device),
+                 patches)
+
+
+def language_model(model):
+    core = inner_model(model)
+    return getattr(core, "language_model", core)
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def step_flops(model, batch: Batch, context: int) -> float:
+    """Model FLOPs of one micro-batch (the module docstring's rule)."""
+    core, lm = inner_model(model), language_model(model)
+    seq, cfg = batch.targets.numel() + 1, lm.config
+    embed = lm.embed_tokens.weight.numel()
+    flops = 6 * (_count(lm) - embed) * seq + 6 * model.lm_head.weight.numel() * batch.rows.numel()
+    flops += 6 * cfg.num_hidden_layers * cfg.hidden_size * context * seq
+    if batch.patches:
+        merger = _count(core.visual.merger.mlp)
+        merged = batch.patches // core.visual.spatial_merge_unit
+        flops += 6 * (_count(core.visual) - merger) * batch.patches + 6 * merger * merged
+    return flops
+
+
+def full_loss(model, batch: Batch) -> torch.Tensor:
+    logits = model(**batch.inputs, use_cache=False).logits[0, :-1]
+    return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX)
+
+
+def _target_hidden(model, batch: Batch):
+    """Final hidden states at target positions, the vocabulary projection, and the targets."""
+    hidden = inner_model(model)(**batch.inputs, use_cache=False).last_hidden_state[0, :-1]
+    head = getattr(model, "module", model).lm_head.weight
+    return hidden[batch.rows], head, batch.targets[batch.rows]
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
 
 
-def chunked_loss(model, inputs, chunk: int = 2048) -> torch.Tensor:
+def chunked_loss(model, batch: Batch) -> torch.Tensor:
     """Cross-entropy without the full (tokens x vocabulary) float logits: each chunk's logits
     are made, reduced and recomputed in backward (activation checkpointing)."""
-    core = model.module.model if hasattr(model, "module") else model.model
-    head = (model.module if hasattr(model, "module") else model).lm_head.weight
-    hidden = core(**inputs, use_cache=False).last_hidden_state[0, :-1]
-    targets = inputs["input_ids"][0, 1:]
-    total = sum(checkpoint(_chunk_ce, hidden[i:i + chunk], head, targets[i:i + chunk], use_reentrant=False)
-                for i in range(0, hidden.shape[0], chunk))
+    hidden, head, targets = _target_hidden(model, batch)
+    total = sum(checkpoint(_chunk_ce, hidden[i:i + LOSS_CHUNK], head, targets[i:i + LOSS_CHUNK],
+                           use_reentrant=False) for i in range(0, targets.numel(), LOSS_CHUNK))
     return total / targets.numel()
 
 
-def timed(step, steps: int) -> float:
+def fused_loss(model, batch: Batch) -> torch.Tensor:
+    hidden, head, targets = _target_hidden(model, batch)
+    return linear_cross_entropy(hidden, head, targets) / targets.numel()
+
+
+LOSSES = {"plain": full_loss, "deepspeed": full_loss, "ds+chunked": chunked_loss,
+          "ds+fused": fused_loss}
+
+
+def compile_layers(model) -> None:
+    """Regional compilation: each decoder layer of the language model compiled on its own."""
+    for layer in language_model(model).layers:
+        layer.compile()
+
+
+def make_step(args, variant: str, model, batch: Batch):
+    """(one optimizer step, what frees its state afterwards)."""
+    loss_fn, on_gpu = LOSSES[variant], model.device.type == "cuda"
+    if variant == "plain":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
+
+        def step():
+            for _ in range(args.accum):
+                (loss_fn(model, batch) / args.accum).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step, lambda: None
+    from kimivl_rl.engine import build_engine
+
+    engine = build_engine(model, lambda s: 1e-5, zero_stage=args.zero, grad_accum_steps=args.accum,
+                          bf16=on_gpu)
+
+    def step():
+        for _ in range(args.accum):  # the engine steps the optimizer on the last one
+            engine.backward(loss_fn(engine, batch))
+            engine.step()
+    return step, engine.destroy  # its gradient hooks would keep model and optimizer alive
+
+
+def timed(step, steps: int, device: torch.device) -> float:
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - started) / steps
+
+
+def measure(args, variant: str, device: torch.device, dtype: torch.dtype, peak: float) -> float:
+    """Tokens per second of one variant, printed with its MFU; its model is freed on return."""
+    model = build_model(args, device, dtype)
+    packed = (lm_batch(args.seq, args.doc, model.config.vocab_size) if args.shape == "lm"
+              else vlm_batch(model, args.seq, args.doc, args.image))
+    batch = make_batch(packed, device)
+    if args.compile:
+        compile_layers(model)
+    step, close = make_step(args, variant, model, batch)
+    try:
+        seconds = timed(step, args.steps, device)
+    finally:
+        close()
+    tokens_per_s = args.seq * args.accum / seconds
+    mfu = [100 * step_flops(model, batch, context) * args.accum / seconds / (peak * 1e12)
+           for context in (args.seq, args.doc)]
+    memory = (f"  peak mem {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB"
+              if device.type == "cuda" else "")
+    print(f"{variant:11s} {tokens_per_s:9.0f} tokens/s  MFU {mfu[0]:5.1f}% ({mfu[1]:4.1f}% "
+          f"attention within documents){memory}", flush=True)
+    return tokens_per_s
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=["lm", "vlm"], default="lm")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--doc", type=int, default=1024)
+    parser.add_argument("--image", type=int, default=448, help="vlm: image side in pixels")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--attention", default="sdpa", help="sdpa or flex_attention")
-    parser.add_argument("--variants", default="plain,deepspeed,ds+chunked")
+    parser.add_argument("--attention", default="sdpa",
+                        help="the language model's: sdpa or flex_attention")
+    parser.add_argument("--variants", default="plain,deepspeed,ds+chunked,ds+fused")
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches (packed sequences) per optimizer step")
     parser.add_argument("--zero", type=int, default=2, help="ZeRO stage of the DeepSpeed variants")
+    parser.add_argument("--compile", action="store_true", help="compile each decoder layer")
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke check)")
     args = parser.parse_args()
-    peak = matmul_peak_tflops()
+    if args.seq % args.doc:
+        parser.error("--seq must be a multiple of --doc")
+    if args.shape == "vlm" and (args.image % 28 or (args.image // 28) ** 2 + 2 >= args.doc):
+        parser.error("--image must be a multiple of 28 (14-pixel patches, merged 2x2) whose "
+                     "tokens leave room for text in a document")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_tflops(device, dtype)
     results = {}
     variants = args.variants.split(",")
     for variant in variants:
-        model = build_model(args.attention)
-        cfg = model.config
-        n_params = sum(p.numel() for p in model.parameters())
-        flops_per_token = 6 * n_params + 6 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
-        inputs = batch(args.seq, args.doc, cfg.vocab_size)
-        if variant == "plain":
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-
-            def step():
-                for _ in range(args.accum):
-                    (full_loss(model, inputs) / args.accum).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        else:
-            from kimivl_rl.engine import build_engine
-
-            engine = build_engine(model, lambda s: 1e-5, zero_stage=args.zero,
-                                  grad_accum_steps=args.accum, bf16=True)
-            loss_fn = full_loss if variant == "deepspeed" else chunked_loss
-
-            def step():
-                for _ in range(args.accum):  # the engine steps the optimizer on the last one
-                    engine.backward(loss_fn(engine, inputs))
-                    engine.step()
-        seconds = timed(step, args.steps)
-        tokens_per_s = args.seq * args.accum / seconds
-        mfu = tokens_per_s * flops_per_token / (peak * 1e12)
-        results[variant] = tokens_per_s
-        print(f"{variant:11s} {tokens_per_s:9.0f} tokens/s  MFU {100 * mfu:5.1f}%  "
-              f"peak mem {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB", flush=True)
-        del model
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    print(f"bf16 matmul peak {peak:.0f} TFLOP/s; params {n_params / 1e9:.2f}B; seq {args.seq}, "
-          f"docs of {args.doc}, attention {args.attention}, {args.accum} micro-batch(es) per "
-          f"optimizer step, ZeRO-{args.zero}")
+        try:
+            results[variant] = measure(args, variant, device, dtype, peak)
+        except torch.OutOfMemoryError:
+            print(f"{variant:11s} out of memory", flush=True)
+        release(device)
+    print(f"{str(dtype).removeprefix('torch.')} matmul peak {peak:.4g} TFLOP/s; {args.shape}; "
+          f"seq {args.seq}, docs of {args.doc}, attention {args.attention}, {args.accum} "
+          f"micro-batch(es) per optimizer step, ZeRO-{args.zero}, compile {args.compile}, "
+          f"activation checkpointing {args.grad_ckpt}")
+    base = variants[0]
     for variant in variants[1:]:
-        print(f"{variant} / {variants[0]}: {results[variant] / results[variants[0]]:.2f}x")
+        if base in results and variant in results:
+            print(f"{variant} / {base}: {results[variant] / results[base]:.2f}x")
 
 
 if __name__ == "__main__":
