@@ -55,7 +55,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from kimivl_rl.linear_cross_entropy import linear_cross_entropy
+from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
+from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
 from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
 
 LM_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -110,9 +111,7 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)
-    # Set after building: transformers declares no FlexAttention for Qwen2.5-VL, yet its language
-    # model runs it (the same loss as SDPA); the vision encoder keeps SDPA over its windows.
-    language_model(model).config._attn_implementation = args.attention
+    use_language_model_attention(model, args.attention)  # as kimivl_rl's loader does
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -158,17 +157,11 @@ def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
 
 
 def make_batch(packed: dict[str, torch.Tensor], device: torch.device) -> Batch:
-    targets = packed.pop("labels")[0, 1:]
-    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+    targets, rows = target_rows(packed.pop("labels"))
     grid = packed.get("image_grid_thw")
     patches = int(grid.prod(-1).sum()) if grid is not None else 0
     return Batch({k: v.to(device) for k, v in packed.items()}, targets.to(device), rows.to(device),
                  patches)
-
-
-def language_model(model):
-    core = inner_model(model)
-    return getattr(core, "language_model", core)
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -215,18 +208,12 @@ def chunked_loss(model, batch: Batch) -> torch.Tensor:
 
 
 def fused_loss(model, batch: Batch) -> torch.Tensor:
-    hidden, head, targets = _target_hidden(model, batch)
-    return linear_cross_entropy(hidden, head, targets) / targets.numel()
+    """The SFT trainer's loss (``sft.trainer.answer_loss_sum``), as a mean."""
+    return causal_lm_loss_sum(model, batch.inputs, batch.targets, batch.rows) / batch.rows.numel()
 
 
 LOSSES = {"plain": full_loss, "deepspeed": full_loss, "ds+chunked": chunked_loss,
           "ds+fused": fused_loss}
-
-
-def compile_layers(model) -> None:
-    """Regional compilation: each decoder layer of the language model compiled on its own."""
-    for layer in language_model(model).layers:
-        layer.compile()
 
 
 def make_step(args, variant: str, model, batch: Batch):
@@ -271,7 +258,7 @@ def measure(args, variant: str, device: torch.device, dtype: torch.dtype, peak: 
               else vlm_batch(model, args.seq, args.doc, args.image))
     batch = make_batch(packed, device)
     if args.compile:
-        compile_layers(model)
+        compile_decoder_layers(model)
     step, close = make_step(args, variant, model, batch)
     try:
         seconds = timed(step, args.steps, device)

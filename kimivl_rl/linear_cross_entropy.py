@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from kimivl_rl.packing import IGNORE_INDEX
+from kimivl_rl.packing import IGNORE_INDEX, inner_model
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -26,6 +26,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Summed cross-entropy of ``hidden @ weight.T`` (tokens, vocabulary) against ``targets``;
     targets equal to ``ignore_index`` add nothing. A float32 scalar."""
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index)
+
+
+def target_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token targets, positions that carry loss) of a packed (1, T) label row. Call it on
+    the host copy of the labels: finding the rows on a GPU would wait for the device."""
+    targets = labels[0, 1:]
+    return targets, (targets != IGNORE_INDEX).nonzero()[:, 0]
+
+
+def causal_lm_loss_sum(model, inputs: dict, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one packed sequence over ``rows`` (from
+    ``target_rows``): the final hidden states go through the vocabulary projection chunk by
+    chunk, so neither the (tokens x vocabulary) logits nor their float copy are ever made, and
+    positions without loss are never projected. ``model`` may be a DeepSpeed engine."""
+    hidden = inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1]
+    head = getattr(model, "module", model).lm_head.weight
+    return linear_cross_entropy(hidden[rows], head, targets[rows])
 
 
 def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor,

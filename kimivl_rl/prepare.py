@@ -59,14 +59,15 @@ STAGES = ("joint", "long_cot", "rl")
 
 def stage_data_files(cfg: Config, stage: str) -> list[tuple[Path, bool]]:
     """(file, whether its rows need an ``answer``) for each data file a stage reads: its
-    training file and its held-out evaluation file."""
+    training file, its replay file if any, and its held-out evaluation file."""
     if stage == "rl":
         return [(Path(cfg.data.dir) / cfg.rl.train_file, True),
                 (Path(cfg.data.dir) / cfg.rl.eval_file, True)]
     if stage not in ("joint", "long_cot"):
         raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
     stage_cfg = getattr(cfg.sft, stage)
-    return [(Path(cfg.data.dir) / stage_cfg.train_file, False),
+    replay = [(Path(cfg.data.dir) / stage_cfg.replay_file, False)] if stage_cfg.replay_file else []
+    return [(Path(cfg.data.dir) / stage_cfg.train_file, False), *replay,
             (Path(cfg.data.dir) / stage_cfg.eval_file, True)]
 
 

@@ -7,24 +7,26 @@ Train; a rerun of the same stage continues from the last reported checkpoint.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.data.rows import RowLoader
+from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.metrics import MetricsSink, follow_progress
-from kimivl_rl.models.loading import attention_implementation, load_policy
-from kimivl_rl.packing import IGNORE_INDEX, collate_pack
+from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
+from kimivl_rl.packing import collate_pack
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import wait_one
 from sft.encode import encode_example
@@ -62,11 +64,10 @@ def stage_input_model(cfg: Config, stage: str, base_model: str) -> str:
 # ----------------------------------------------------------------------------- worker side
 
 def answer_loss_sum(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over answer tokens of one pack."""
-    labels = batch.pop("labels")
-    logits = engine(**batch, use_cache=False).logits[0, :-1]
-    return F.cross_entropy(logits.float(), labels[0, 1:].to(logits.device),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed cross-entropy over answer tokens of one pack (``batch`` on the host)."""
+    targets, rows = target_rows(batch.pop("labels"))
+    device = engine.device
+    return causal_lm_loss_sum(engine, _to_device(batch, device), targets.to(device), rows.to(device))
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -79,8 +80,7 @@ def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum
     started = time.perf_counter()
     local_sum = torch.zeros((), dtype=torch.float64)
     for index in range(rank * accum, (rank + 1) * accum):
-        batch = _to_device(collate_pack(plan.pack(step, index), image_token_id), engine.device)
-        loss_sum = answer_loss_sum(engine, batch)
+        loss_sum = answer_loss_sum(engine, collate_pack(plan.pack(step, index), image_token_id))
         # DeepSpeed averages gradients over ranks and accumulation steps; scaling by
         # world * accum / global_tokens makes the result the exact global token mean.
         engine.backward(loss_sum * world * accum / max(1, step.label_tokens))
@@ -94,8 +94,9 @@ def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum
             "packing_efficiency": step.tokens / step.slots}
 
 
-def _encode_split(cfg: Config, path: Path, processor, model) -> list:
-    return [encode_example(ex, processor, model) for ex in RowLoader.for_config(path, cfg.data)]
+def _encode_split(cfg: Config, path: Path, processor, model, limit: Optional[int] = None) -> list:
+    rows = itertools.islice(RowLoader.for_config(path, cfg.data), limit)
+    return [encode_example(ex, processor, model) for ex in rows]
 
 
 def _restore(engine) -> int:
@@ -140,8 +141,13 @@ def train_loop(loop_config: dict) -> None:
     model, processor = load_policy(loop_config["input_model"], cfg, training=True)
     if cfg.sft.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.sft.compile_layers:
+        compile_decoder_layers(model)
     data_dir = Path(cfg.data.dir)
     examples = _encode_split(cfg, data_dir / stage_cfg.train_file, processor, model)
+    if stage_cfg.replay_file:
+        examples += _encode_split(cfg, data_dir / stage_cfg.replay_file, processor, model,
+                                  limit=stage_cfg.replay_examples)
     image_token_id = model.config.image_token_id
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=image_token_id)

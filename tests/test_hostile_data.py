@@ -285,6 +285,10 @@ def test_stage_data_files_follow_the_config():
                                               (Path("/d/rl/eval.jsonl"), True)]
     assert stage_data_files(cfg, "rl") == [(Path("/d/rl/train.jsonl"), True),
                                            (Path("/d/rl/eval.jsonl"), True)]
+    replaying = load_config(None, ["data.dir=/d", "sft.long_cot.replay_file=joint_sft/train.jsonl"])
+    assert stage_data_files(replaying, "long_cot") == [(Path("/d/long_cot/train.jsonl"), False),
+                                                       (Path("/d/joint_sft/train.jsonl"), False),
+                                                       (Path("/d/long_cot/eval.jsonl"), True)]
     with pytest.raises(ValueError, match="unknown stage 'ppo'"):
         stage_data_files(cfg, "ppo")
 

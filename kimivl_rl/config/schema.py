@@ -61,6 +61,10 @@ class PhaseConfig:
 class SFTStageConfig:
     train_file: str = ""
     eval_file: str = ""
+    # Rows of another stage's training file mixed into this one ("" for none), e.g. joint-SFT
+    # answers replayed during long-CoT SFT so that a small model keeps what joint SFT taught.
+    replay_file: str = ""
+    replay_examples: int = bounded(0, ge=0)   # the first N rows of replay_file
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
 
 
@@ -78,6 +82,8 @@ class SFTConfig:
     # takes num_workers * grad_accum_steps packs.
     grad_accum_steps: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False
+    # torch.compile each decoder layer of the language model (GPU; fused elementwise kernels).
+    compile_layers: bool = False
     freeze_vision: bool = False
     freeze_projector: bool = False
     overlong: Literal["truncate", "drop"] = "drop"
