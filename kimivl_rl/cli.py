@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "DeepSpeed learners)")
     _add_config_args(rl)
     rl.add_argument("--model", help="checkpoint to start from (default: the long-CoT SFT output "
-                                    "if present, else model.path)")
+                                    "if present, else the joint SFT output, else model.path)")
     rl.set_defaults(func=cmd_rl)
 
     label = data.add_parser("label-difficulty", help="pass rate of each RL prompt over "

@@ -45,14 +45,14 @@ def rl_output_model(cfg: Config) -> Path:
 
 
 def rl_input_model(cfg: Config, base_model: str, override: Optional[str] = None) -> str:
-    """RL starts from ``override`` if given, else long-CoT SFT's output if it exists, else the
-    base model."""
+    """RL starts from ``override`` if given, else from the output of the last SFT stage that
+    finished (long-CoT, then joint), else from the base model."""
     from sft.trainer import stage_output_model
 
-    long_cot = stage_output_model(cfg, "long_cot")
     if override:
         return override
-    return str(long_cot) if (long_cot / "config.json").is_file() else base_model
+    finished = [stage_output_model(cfg, stage) for stage in ("long_cot", "joint")]
+    return next((str(m) for m in finished if (m / "config.json").is_file()), base_model)
 
 
 # ----------------------------------------------------------------------------- actors

@@ -5,12 +5,20 @@ answer: planning ("First I will ..."), evaluation ("Let me check ..."), reflecti
 ("Wait, ...") and exploration ("Let me try another way: ..."). The phrases are fixed so that a
 trace's format can be recognised in model outputs (``trace_behaviours``).
 
-Every trace opens with the answer at a glance ("At a glance ..."), the same prediction joint SFT
-teaches, and then plans, checks, reflects and tries another way, all ending at that answer. The
-tiny model cannot do the work a trace describes reliably: with traces that read per-row counts
-and added them up, held-out accuracy fell from 0.60 after joint SFT to 0.15 after long-CoT SFT;
-with traces that read the image a dozen tokens in and re-copied the question's numbers, from
-0.47 to 0.31.
+Every trace opens with the answer at a glance, written exactly as joint SFT taught the model to
+answer (``\\boxed{X} at a glance``), and then plans, checks, reflects and tries another way, all
+ending at that answer. The tiny model cannot do the work a trace describes reliably, and what it
+loses after long-CoT SFT is mostly copying: the answer drifts between its restatements. Held-out
+accuracy after joint SFT -> after long-CoT SFT, same joint checkpoint, measured per design:
+
+- traces that read per-row counts and added them up: 0.60 -> 0.15;
+- traces that read the image a dozen tokens in and re-copied the question's numbers: 0.47 -> 0.31;
+- "At a glance it is X" opening, the answer restated in each behaviour: 0.49 -> 0.37;
+- the boxed opening (these traces): 0.49 -> 0.39, trace format 0.99;
+- the boxed opening, the answer stated only there and after the thinking: 0.49 -> 0.33 (the
+  long-range copy failed more often than the chain of restatements);
+- these traces with 600 joint-SFT rows replayed (``sft.long_cot.replay_file``): 0.40, and RL
+  then dropped the thinking altogether.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ def _count_trace(task: Task, colour: str) -> str:
                   if others else
                   f"Wait, could a {colour} square hide at the edge? No, the edges are white, so "
                   f"the count stays {total}.")
-    return (f"At a glance there are {total}. First I will check that by counting the {colour} "
+    return (f"\\boxed{{{total}}} at a glance. First I will check that by counting the {colour} "
             f"squares one by one: I count {total}. "
             f"Let me check: I look at each {colour} square once more and again get {total}. "
             f"{reflection} "
@@ -48,14 +56,14 @@ def _count_trace(task: Task, colour: str) -> str:
 def _colour_trace(task: Task) -> str:
     if not task.choices:
         colour = task.answer
-        return (f"At a glance it is {colour}. First I will look at the square again to be "
+        return (f"\\boxed{{{colour}}} at a glance. First I will look at the square again to be "
                 f"sure: it is {colour}. "
                 f"Let me check: the square is one solid colour, {colour}. "
                 f"Wait, the background is white, so the only coloured thing is the square. "
                 f"Let me try another way: the square's pixels are mostly {colour}. "
                 f"So the colour is {colour}.")
     winner = task.choices[task.answer]
-    return (f"At a glance it is ({task.answer}), {winner}. First I will check that {winner} has "
+    return (f"\\boxed{{{task.answer}}} at a glance, {winner}. First I will check that {winner} has "
             f"the most squares: it does. "
             f"Let me check the options: {winner} is option ({task.answer}). "
             f"Wait, the question asks for a letter, not a colour, so I answer with "
@@ -67,7 +75,7 @@ def _colour_trace(task: Task) -> str:
 def _arith_trace(task: Task) -> str:
     worked = ". ".join(f"{expr} = {value}" for expr, value in task.steps)
     expression, value = task.steps[-1]
-    return (f"At a glance it is {value}. First I will work it out one step at a time. "
+    return (f"\\boxed{{{value}}} at a glance. First I will work it out one step at a time. "
             f"{worked}. "
             f"Let me check: that matches my first answer, {value}. "
             f"Wait, I should make sure I used every number in the question; I did, so the "
