@@ -23,7 +23,7 @@ EASY_DATA = ["data.joint_sft_examples=3000", "data.long_cot_examples=10", "data.
              "data.eval_examples=60", "data.max_difficulty=1", "sft.eval_examples=60",
              "sft.joint.train_file=joint_sft/weak_train.jsonl", "sft.joint.phases.0.epochs=1"]
 RL = ["rl.lr=2e-4", "rl.iterations=10", "rl.eval_every=10", "rl.eval_prompts=60",
-      "rl.checkpoint_every=10", "rollout.max_new_tokens=16"]
+      "rl.checkpoint_every=10", "rollout.max_new_tokens=16", "rollout.temperature=1.0"]
 
 
 def write_weak_answers(data_dir) -> None:
