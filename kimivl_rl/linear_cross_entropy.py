@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from kimivl_rl.packing import IGNORE_INDEX, inner_model
 
@@ -39,10 +40,14 @@ def causal_lm_loss_sum(model, inputs: dict, targets: torch.Tensor, rows: torch.T
     """Summed next-token cross-entropy of one packed sequence over ``rows`` (from
     ``target_rows``): the final hidden states go through the vocabulary projection chunk by
     chunk, so neither the (tokens x vocabulary) logits nor their float copy are ever made, and
-    positions without loss are never projected. ``model`` may be a DeepSpeed engine."""
-    hidden = inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1]
-    head = getattr(model, "module", model).lm_head.weight
-    return linear_cross_entropy(hidden[rows], head, targets[rows])
+    positions without loss are never projected. ``model`` may be a DeepSpeed engine; under
+    ZeRO-3 the projection runs as the module itself (full logits of the loss positions only)."""
+    hidden = inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1][rows]
+    head = getattr(model, "module", model).lm_head
+    if hasattr(head.weight, "ds_id"):
+        # ZeRO-3 partitions the weight and gathers it only inside the module's own forward.
+        return F.cross_entropy(head(hidden).float(), targets[rows], reduction="sum")
+    return linear_cross_entropy(hidden, head.weight, targets[rows])
 
 
 def loss_and_logit_grad(logits: torch.Tensor, targets: torch.Tensor,
