@@ -55,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
+from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, loss_position_hidden, target_rows
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
 from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
 
@@ -189,9 +189,8 @@ def full_loss(model, batch: Batch) -> torch.Tensor:
 
 def _target_hidden(model, batch: Batch):
     """Final hidden states at target positions, the vocabulary projection, and the targets."""
-    hidden = inner_model(model)(**batch.inputs, use_cache=False).last_hidden_state[0, :-1]
     head = getattr(model, "module", model).lm_head.weight
-    return hidden[batch.rows], head, batch.targets[batch.rows]
+    return loss_position_hidden(model, batch.inputs, batch.rows), head, batch.targets[batch.rows]
 
 
 def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -36,13 +36,18 @@ def target_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return targets, (targets != IGNORE_INDEX).nonzero()[:, 0]
 
 
+def loss_position_hidden(model, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
+    """Final hidden states at the positions that predict a target (``rows`` of ``target_rows``)."""
+    return inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1][rows]
+
+
 def causal_lm_loss_sum(model, inputs: dict, targets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of one packed sequence over ``rows`` (from
     ``target_rows``): the final hidden states go through the vocabulary projection chunk by
     chunk, so neither the (tokens x vocabulary) logits nor their float copy are ever made, and
     positions without loss are never projected. ``model`` may be a DeepSpeed engine; under
     ZeRO-3 the projection runs as the module itself (full logits of the loss positions only)."""
-    hidden = inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1][rows]
+    hidden = loss_position_hidden(model, inputs, rows)
     head = getattr(model, "module", model).lm_head
     if hasattr(head.weight, "ds_id"):
         # ZeRO-3 partitions the weight and gathers it only inside the module's own forward.
