@@ -7,6 +7,7 @@ Train; a rerun of the same stage continues from the last reported checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
-from kimivl_rl.data.rows import RowLoader
+from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.metrics import MetricsSink, follow_progress
@@ -94,9 +95,18 @@ def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum
             "packing_efficiency": step.tokens / step.slots}
 
 
-def _encode_split(cfg: Config, path: Path, processor, model, limit: Optional[int] = None) -> list:
+def with_system_prompt(example: Example, prompt: str) -> Example:
+    """The example with ``prompt`` as its only system message (none when ``prompt`` is empty)."""
+    if not prompt:
+        return example
+    turns = [m for m in example.messages if m["role"] != "system"]
+    return dataclasses.replace(example, messages=[{"role": "system", "content": prompt}, *turns])
+
+
+def _encode_split(cfg: Config, path: Path, processor, model, limit: Optional[int] = None,
+                  system_prompt: str = "") -> list:
     rows = itertools.islice(RowLoader.for_config(path, cfg.data), limit)
-    return [encode_example(ex, processor, model) for ex in rows]
+    return [encode_example(with_system_prompt(ex, system_prompt), processor, model) for ex in rows]
 
 
 def _restore(engine) -> int:
@@ -147,7 +157,8 @@ def train_loop(loop_config: dict) -> None:
     examples = _encode_split(cfg, data_dir / stage_cfg.train_file, processor, model)
     if stage_cfg.replay_file:
         examples += _encode_split(cfg, data_dir / stage_cfg.replay_file, processor, model,
-                                  limit=stage_cfg.replay_examples)
+                                  limit=stage_cfg.replay_examples,
+                                  system_prompt=stage_cfg.replay_system_prompt)
     image_token_id = model.config.image_token_id
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=image_token_id)

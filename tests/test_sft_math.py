@@ -14,7 +14,7 @@ from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_pa
 from sft.encode import encode_example
 from sft.plan import build_plan
 from sft.schedule import phase_lr, stage_lr
-from sft.trainer import answer_loss_sum
+from sft.trainer import answer_loss_sum, with_system_prompt
 
 
 def image(colour) -> Image.Image:
@@ -69,6 +69,20 @@ def test_loss_only_on_every_assistant_turn_and_its_closing_token(policy):
     labelled = encoded.labels != IGNORE_INDEX
     assert torch.equal(encoded.labels[labelled], encoded.input_ids[labelled])
 
+
+
+def test_replayed_rows_get_the_replay_system_prompt_in_place_of_their_own(policy):
+    model, processor = policy
+    replayed = with_system_prompt(MULTI_TURN, "Answer directly.")
+    assert [m["role"] for m in replayed.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert replayed.messages[0] == {"role": "system", "content": "Answer directly."}
+    assert MULTI_TURN.messages[0]["content"] == "Be brief."  # the loaded row is not changed
+    assert with_system_prompt(MULTI_TURN, "") is MULTI_TURN
+    encoded = encode_example(replayed, processor, model)
+    text = processor.tokenizer.decode(encoded.input_ids.tolist())
+    assert text.startswith("<|im_start|>system\nAnswer directly.<|im_end|>") and "Be brief." not in text
+    assert labelled_runs(encoded, processor.tokenizer) == labelled_runs(
+        encode_example(MULTI_TURN, processor, model), processor.tokenizer)
 
 def test_positions_restart_per_example_and_follow_mrope(policy):
     model, processor = policy

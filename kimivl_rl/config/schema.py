@@ -67,6 +67,10 @@ class SFTStageConfig:
     # can move it there (measured on the tiny model: held-out responses 108 -> 7 tokens).
     replay_file: str = ""
     replay_examples: int = bounded(0, ge=0)   # the first N rows of replay_file
+    # A system message for every replayed row, so the model tells the replayed mode (answering
+    # without thinking) from the stage's own. Without one the tiny model mixed them: only 35%
+    # of its long-CoT outputs were in the trace format.
+    replay_system_prompt: str = ""
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
 
 

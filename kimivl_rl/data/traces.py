@@ -37,6 +37,15 @@ def trace_behaviours(text: str) -> set[str]:
     return {name for name, marker in BEHAVIOUR_MARKERS.items() if marker in text}
 
 
+def _glance(answer: str) -> str:
+    """The trace's first thought: the answer as joint SFT taught the model to give it, at the
+    same token offset in the reply. ``boxed{`` (no backslash) keeps it there, ``<think>`` taking
+    the backslash's place: the tiny model's arithmetic is tied to that offset. The joint-SFT
+    model answered 46 of 156 held-out sums after ``\\boxed{``, 21 after ``<think>\\boxed{``
+    (one token later) and 47 after ``<think>boxed{``."""
+    return f"boxed{{{answer}}} at a glance"
+
+
 def _count_trace(task: Task, colour: str) -> str:
     total = task.answer
     others = sorted({s.colour for s in task.squares if s.colour != colour})
@@ -45,7 +54,7 @@ def _count_trace(task: Task, colour: str) -> str:
                   if others else
                   f"Wait, could a {colour} square hide at the edge? No, the edges are white, so "
                   f"the count stays {total}.")
-    return (f"\\boxed{{{total}}} at a glance. First I will check that by counting the {colour} "
+    return (f"{_glance(total)}. First I will check that by counting the {colour} "
             f"squares one by one: I count {total}. "
             f"Let me check: I look at each {colour} square once more and again get {total}. "
             f"{reflection} "
@@ -54,16 +63,19 @@ def _count_trace(task: Task, colour: str) -> str:
 
 
 def _colour_trace(task: Task) -> str:
+    # Colours are quoted: '"green"' tokenizes to the same token as the answer in '\\boxed{green}',
+    # so restating it is a copy; an unquoted ' green' is a different token, and the tiny model
+    # looked at the image again at each restatement instead of copying (and drifted).
     if not task.choices:
-        colour = task.answer
-        return (f"\\boxed{{{colour}}} at a glance. First I will look at the square again to be "
+        colour = f'"{task.answer}"'
+        return (f"{_glance(task.answer)}. First I will look at the square again to be "
                 f"sure: it is {colour}. "
                 f"Let me check: the square is one solid colour, {colour}. "
                 f"Wait, the background is white, so the only coloured thing is the square. "
                 f"Let me try another way: the square's pixels are mostly {colour}. "
                 f"So the colour is {colour}.")
-    winner = task.choices[task.answer]
-    return (f"\\boxed{{{task.answer}}} at a glance, {winner}. First I will check that {winner} has "
+    winner = f'"{task.choices[task.answer]}"'
+    return (f"{_glance(task.answer)}, {winner}. First I will check that {winner} has "
             f"the most squares: it does. "
             f"Let me check the options: {winner} is option ({task.answer}). "
             f"Wait, the question asks for a letter, not a colour, so I answer with "
@@ -73,15 +85,16 @@ def _colour_trace(task: Task) -> str:
 
 
 def _arith_trace(task: Task) -> str:
-    worked = ". ".join(f"{expr} = {value}" for expr, value in task.steps)
-    expression, value = task.steps[-1]
-    return (f"\\boxed{{{value}}} at a glance. First I will work it out one step at a time. "
-            f"{worked}. "
-            f"Let me check: that matches my first answer, {value}. "
+    # No worked steps: each "a + b = v" made the model recompute (badly) a value that competed
+    # with its first answer, and later restatements copied the newer, wrong one.
+    value = task.answer
+    return (f"{_glance(value)}. First I will work it out one step at a time and "
+            f"get {value}. "
+            f"Let me check: adding it up once more I again get {value}. "
             f"Wait, I should make sure I used every number in the question; I did, so the "
-            f"result is {value}. "
-            f"Let me try another way: computing {expression} again from the left gives "
-            f"{value}. Both ways give {value}.")
+            f"result stays {value}. "
+            f"Let me try another way: computing it again from the left gives {value}. "
+            f"Both ways give {value}.")
 
 
 def long_cot_reasoning(task: Task) -> str:
