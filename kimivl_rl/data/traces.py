@@ -5,20 +5,26 @@ answer: planning ("First I will ..."), evaluation ("Let me check ..."), reflecti
 ("Wait, ...") and exploration ("Let me try another way: ..."). The phrases are fixed so that a
 trace's format can be recognised in model outputs (``trace_behaviours``).
 
-Every trace opens with the answer at a glance, written exactly as joint SFT taught the model to
-answer (``\\boxed{X} at a glance``), and then plans, checks, reflects and tries another way, all
-ending at that answer. The tiny model cannot do the work a trace describes reliably, and what it
-loses after long-CoT SFT is mostly copying: the answer drifts between its restatements. Held-out
-accuracy after joint SFT -> after long-CoT SFT, same joint checkpoint, measured per design:
+Every trace opens with the answer at a glance, written as joint SFT taught the model to answer
+(see ``_glance``), then plans, checks, reflects and tries another way, each restating that
+answer, and ends at it. The tiny model cannot do the work a trace describes, so a trace that
+makes it recompute (a worked sum) gives it a second, often different, answer to copy from.
+Held-out accuracy after joint SFT -> after long-CoT SFT, from the same joint checkpoint, per
+design measured (100 held-out prompts for the first five, 300 for the rest):
 
 - traces that read per-row counts and added them up: 0.60 -> 0.15;
 - traces that read the image a dozen tokens in and re-copied the question's numbers: 0.47 -> 0.31;
 - "At a glance it is X" opening, the answer restated in each behaviour: 0.49 -> 0.37;
-- the boxed opening (these traces): 0.49 -> 0.39, trace format 0.99;
+- a ``\\boxed{X} at a glance`` opening and worked sums: 0.49 -> 0.39, trace format 0.99;
 - the boxed opening, the answer stated only there and after the thinking: 0.49 -> 0.33 (the
   long-range copy failed more often than the chain of restatements);
-- these traces with 600 joint-SFT rows replayed (``sft.long_cot.replay_file``): 0.40, and RL
-  then dropped the thinking altogether.
+- the boxed opening, no worked sums: 0.49 -> 0.45; what is lost is the arithmetic of the first
+  answer (46 -> 30 of 156 sums), which sits one token later than joint SFT's answer;
+- the same with colours quoted (restated by copying the boxed token): 0.42; at joint SFT's answer
+  offset (``_glance``): 0.42, single-digit sums still 42 -> 23 of 43, off by one;
+- with 1200 joint-SFT rows replayed without a system prompt: 0.46, but only 35% of outputs in the
+  trace format; under their own system prompt (``sft.long_cot.replay_system_prompt``) and at the
+  answer offset (these traces, the tiny config): 0.43, format 1.00, sums 34 of 156.
 """
 from __future__ import annotations
 
@@ -63,18 +69,18 @@ def _count_trace(task: Task, colour: str) -> str:
 
 
 def _colour_trace(task: Task) -> str:
-    # Colours are quoted: '"green"' tokenizes to the same token as the answer in '\\boxed{green}',
-    # so restating it is a copy; an unquoted ' green' is a different token, and the tiny model
-    # looked at the image again at each restatement instead of copying (and drifted).
+    # Colours are restated unquoted: ' green' is a different token from the boxed 'green', so the
+    # model looks at the image again instead of copying. Measured, that second look is right more
+    # often than the first (single colours 46 vs 25 of 53); quoted colours, copied, gave 41.
     if not task.choices:
-        colour = f'"{task.answer}"'
-        return (f"{_glance(task.answer)}. First I will look at the square again to be "
-                f"sure: it is {colour}. "
+        colour = task.answer
+        return (f"{_glance(colour)}. First I will look at the square again to be sure: it is "
+                f"{colour}. "
                 f"Let me check: the square is one solid colour, {colour}. "
                 f"Wait, the background is white, so the only coloured thing is the square. "
                 f"Let me try another way: the square's pixels are mostly {colour}. "
                 f"So the colour is {colour}.")
-    winner = f'"{task.choices[task.answer]}"'
+    winner = task.choices[task.answer]
     return (f"{_glance(task.answer)}, {winner}. First I will check that {winner} has "
             f"the most squares: it does. "
             f"Let me check the options: {winner} is option ({task.answer}). "
