@@ -70,7 +70,6 @@ def test_loss_only_on_every_assistant_turn_and_its_closing_token(policy):
     assert torch.equal(encoded.labels[labelled], encoded.input_ids[labelled])
 
 
-
 def test_replayed_rows_get_the_replay_system_prompt_in_place_of_their_own(policy):
     model, processor = policy
     replayed = with_system_prompt(MULTI_TURN, "Answer directly.")
@@ -83,6 +82,7 @@ def test_replayed_rows_get_the_replay_system_prompt_in_place_of_their_own(policy
     assert text.startswith("<|im_start|>system\nAnswer directly.<|im_end|>") and "Be brief." not in text
     assert labelled_runs(encoded, processor.tokenizer) == labelled_runs(
         encode_example(MULTI_TURN, processor, model), processor.tokenizer)
+
 
 def test_positions_restart_per_example_and_follow_mrope(policy):
     model, processor = policy

@@ -8,9 +8,8 @@ Three kinds, each with difficulty 1 (learnable by the tiny model in minutes) to 
   a multiple-choice question (hard: close counts, small off-grid squares).
 - ``arith``: text arithmetic, from one-digit sums to multi-step expressions.
 
-Each task carries what a long chain-of-thought trace needs (its squares, or the steps of an
-expression), so traces can plan, check, reflect and try a second way before giving the
-(correct) final answer.
+Each task keeps how it was made (its squares, or the steps of its expression, whose count
+grows with difficulty); the long chain-of-thought traces read the squares' colours.
 """
 from __future__ import annotations
 
