@@ -27,7 +27,8 @@ from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import ActorFailed, call_all, wait_all, wait_one
 from kimivl_rl.reward.contract import RewardInput
-from kimivl_rl.rl.experience import Trajectory, assign_rewards, trajectories_from_samples
+from kimivl_rl.rl.experience import (Trajectory, assign_rewards, informative_groups,
+                                     trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.vllm_engine import engine_options
@@ -212,8 +213,6 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, 
 
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
                   sampler: PromptSampler, iteration: int) -> dict:
-    import ray
-
     timings = {}
     started = time.perf_counter()
     chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
@@ -231,17 +230,37 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
     _update_sampler(sampler, chosen, trajectories, cfg.rl.samples_per_prompt)
     timings["time_reward_s"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    batch_ref = ray.put(trajectories)  # one copy in the object store for every learner rank
-    learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
-                       f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
-    timings["time_learn_s"] = time.perf_counter() - started
-    timings["time_sync_s"] = actors.sync_weights(version=iteration + 1).seconds
+    informative = informative_groups(trajectories)
+    batch = informative if cfg.rl.drop_zero_advantage_groups else trajectories
+    learned, learn_timings = learn_and_sync(actors, cfg, batch, iteration)
     generated = sum(len(t.response_token_ids) for t in trajectories)
-    return {**rollout_metrics(trajectories, weight), **learned, **timings,
+    return {**rollout_metrics(trajectories, weight), **learned, **timings, **learn_timings,
+            # every group has samples_per_prompt responses: the share of groups with signal
+            "informative_group_fraction": len(informative) / len(trajectories),
+            "learner_responses": len(batch),
             "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
             "sampled_prompts": chosen}
+
+
+def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int
+                   ) -> tuple[dict, dict]:
+    """One learner update on ``batch``, then the new weights to every rollout engine. A batch
+    too small to give every learner rank a response (all groups uniform) leaves the policy as
+    it is: no update, nothing to sync."""
+    import ray
+
+    if len(batch) < len(actors.learners):
+        log.info("iteration %d: no group with differing rewards; the policy is unchanged", iteration)
+        return ({"loss": 0.0, "logprob_diff_abs_mean": 0.0, "clip_fraction": 0.0},
+                {"time_learn_s": 0.0, "time_sync_s": 0.0})
+    started = time.perf_counter()
+    batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
+    learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
+                       f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
+    learn_s = time.perf_counter() - started
+    sync_s = actors.sync_weights(version=iteration + 1).seconds
+    return learned, {"time_learn_s": learn_s, "time_sync_s": sync_s}
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kimivl_rl.rl.advantages import ADVANTAGE_ESTIMATORS, get_advantage, register_advantage
+from kimivl_rl.rl.experience import Trajectory, informative_groups
 from kimivl_rl.rl.length_penalty import (grouped_length_penalty, length_penalty,
                                          length_penalty_weight_at)
 from kimivl_rl.rl.losses import LOSSES, LossConfig, get_loss, register_loss
@@ -98,6 +99,26 @@ def test_group_norm_single_response_group_and_int_rewards():
     out = get_advantage("group_norm")(torch.tensor([1, 0, 1]), torch.tensor([0, 1, 1]))
     # group 0 alone -> 0; group 1 [0, 1] -> mean 0.5, std 0.5 -> -+0.5 / (0.5 + 1e-6)
     torch.testing.assert_close(out, torch.tensor([0.0, -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6)]))
+
+
+
+def test_informative_groups_keep_only_groups_with_unequal_rewards():
+    def trajectory(prompt: int, reward: float) -> Trajectory:
+        return Trajectory(prompt, [1], [2], [0.0], "stop", reward=reward)
+
+    batch = [trajectory(7, 1.0), trajectory(3, 0.0), trajectory(7, 1.0), trajectory(3, 1.0),
+             trajectory(5, 0.0), trajectory(5, 0.0), trajectory(9, 0.75), trajectory(9, 0.5)]
+    kept = informative_groups(batch)
+    # 7: all right, 5: all wrong -> dropped; 3 mixed, 9 equal task rewards but unequal length
+    # penalties -> kept, in their order
+    assert [(t.prompt_index, t.reward) for t in kept] == [(3, 0.0), (3, 1.0), (9, 0.75), (9, 0.5)]
+    # what is dropped is exactly what has zero advantage under both estimators
+    rewards = torch.tensor([t.reward for t in batch])
+    groups = torch.tensor([t.prompt_index for t in batch])
+    for name in ("group_mean", "group_norm"):
+        zero = get_advantage(name)(rewards, groups) == 0
+        assert [t for t, z in zip(batch, zero.tolist()) if not z] == kept
+    assert informative_groups([trajectory(1, 1.0)]) == []
 
 
 # ----------------------------------------------------------------------------- losses

@@ -19,11 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 def rl_cfg(tmp_path, model_dir, data_dir, *overrides):
+    # The random-init model earns no reward, so every group is uniform: the learner gets them all
+    # anyway, so that every iteration really updates and syncs.
     return with_absolute_paths(load_config("configs/tiny.yaml", [
         f"model.path={model_dir}", "model.init_if_missing=false", f"data.dir={data_dir}",
         "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
         "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rollout.max_new_tokens=12",
-        "rl.eval_prompts=4", "rl.micro_batch_tokens=256", "rl.lr=1.0e-3", *overrides]))
+        "rl.eval_prompts=4", "rl.micro_batch_tokens=256", "rl.lr=1.0e-3",
+        "rl.drop_zero_advantage_groups=false", *overrides]))
 
 
 def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> list:
@@ -85,8 +88,10 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [r["step"] for r in trained] == [1, 2]
     assert [r["length_penalty_weight"] for r in trained] == [0.0, cfg.rl.length_penalty_weight]
     for key in ("pass_rate", "response_length_mean", "logprob_diff_abs_mean", "time_generate_s",
-                "time_reward_s", "time_learn_s", "time_sync_s", "generated_tokens_per_s"):
+                "time_reward_s", "time_learn_s", "time_sync_s", "generated_tokens_per_s",
+                "informative_group_fraction"):
         assert all(key in r for r in trained), key
+    assert [r["learner_responses"] for r in trained] == [16, 16]  # 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (rl_output_model(cfg) / "model.safetensors").is_file()
 

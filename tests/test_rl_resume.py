@@ -22,7 +22,8 @@ def _rl_command(model_dir, data_dir, out) -> list[str]:
             "data.build_if_missing=false", f"output.dir={out}", "cluster.dashboard=false",
             "rl.iterations=3", "rl.checkpoint_every=1", "rl.eval_every=3", "rl.eval_prompts=4",
             "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.micro_batch_tokens=256",
-            "rl.lr=1.0e-3", "rl.length_penalty_start_iteration=1", "rollout.max_new_tokens=16"]
+            "rl.lr=1.0e-3", "rl.length_penalty_start_iteration=1", "rollout.max_new_tokens=16",
+            "rl.drop_zero_advantage_groups=false"]  # the random model's groups are all uniform
 
 
 def test_driver_killed_mid_run_resumes_like_an_uninterrupted_run(tmp_path, tiny_model_dir,

@@ -114,6 +114,11 @@ class RLConfig:
     # Optimizer steps per iteration on the same rollouts (the first has log π = log π_old;
     # later ones are where the mirror-descent term τ holds the policy near π_old).
     updates_per_iteration: int = bounded(2, ge=1)
+    # Send the learner only the groups whose rewards differ (verl's group filtering, DAPO's
+    # dynamic sampling): an all-right or all-wrong group has zero advantage, so it adds learner
+    # time but no policy gradient. Every group is still scored and updates the sampler. Under
+    # kimi_pmd this also drops those groups' tau term from later updates of the iteration.
+    drop_zero_advantage_groups: bool = True
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)

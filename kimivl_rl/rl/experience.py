@@ -48,3 +48,16 @@ def assign_rewards(trajectories: list[Trajectory], scores: list[RewardOutput],
         trajectory.reward_reason = score.reason or ""
         trajectory.length_penalty = penalty
         trajectory.reward = score.score + length_penalty_weight * penalty
+
+
+def informative_groups(trajectories: list[Trajectory]) -> list[Trajectory]:
+    """The trajectories of prompt groups whose rewards are not all equal.
+
+    A group of equal rewards (all right, all wrong, and after the warm-up equal length
+    penalties too) has advantage 0 for every response under both registered estimators
+    (``r - mean``; ``(r - mean) / std`` with 0 for a constant group), so it adds no policy
+    gradient, only learner time and a share of the loss normaliser. Order is kept."""
+    rewards: dict[int, set[float]] = {}
+    for t in trajectories:
+        rewards.setdefault(t.prompt_index, set()).add(t.reward)
+    return [t for t in trajectories if len(rewards[t.prompt_index]) > 1]
