@@ -237,7 +237,6 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
     return {**rollout_metrics(trajectories, weight), **learned, **timings, **learn_timings,
             # every group has samples_per_prompt responses: the share of groups with signal
             "informative_group_fraction": len(informative) / len(trajectories),
-            "learner_responses": len(batch),
             "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
             "sampled_prompts": chosen}
@@ -251,16 +250,18 @@ def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], itera
     import ray
 
     if len(batch) < len(actors.learners):
-        log.info("iteration %d: no group with differing rewards; the policy is unchanged", iteration)
-        return ({"loss": 0.0, "logprob_diff_abs_mean": 0.0, "clip_fraction": 0.0},
-                {"time_learn_s": 0.0, "time_sync_s": 0.0})
+        log.info("iteration %d: %d responses for %d learner ranks (every other group had equal "
+                 "rewards); the policy is unchanged", iteration, len(batch), len(actors.learners))
+        return ({"loss": 0.0, "logprob_diff_abs_mean": 0.0, "clip_fraction": 0.0,
+                 "learner_responses": 0}, {"time_learn_s": 0.0, "time_sync_s": 0.0})
     started = time.perf_counter()
     batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
     learn_s = time.perf_counter() - started
     sync_s = actors.sync_weights(version=iteration + 1).seconds
-    return learned, {"time_learn_s": learn_s, "time_sync_s": sync_s}
+    return ({**learned, "learner_responses": len(batch)},
+            {"time_learn_s": learn_s, "time_sync_s": sync_s})
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],

@@ -101,7 +101,6 @@ def test_group_norm_single_response_group_and_int_rewards():
     torch.testing.assert_close(out, torch.tensor([0.0, -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6)]))
 
 
-
 def test_informative_groups_keep_only_groups_with_unequal_rewards():
     def trajectory(prompt: int, reward: float) -> Trajectory:
         return Trajectory(prompt, [1], [2], [0.0], "stop", reward=reward)

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def rl_cfg(tmp_path, model_dir, data_dir, *overrides):
-    # The random-init model earns no reward, so every group is uniform: the learner gets them all
-    # anyway, so that every iteration really updates and syncs.
+    # The random-init model earns no reward, so every group is uniform: the learner takes them all
+    # anyway, and every iteration really updates and syncs.
     return with_absolute_paths(load_config("configs/tiny.yaml", [
         f"model.path={model_dir}", "model.init_if_missing=false", f"data.dir={data_dir}",
         "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
