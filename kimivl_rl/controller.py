@@ -30,6 +30,7 @@ from kimivl_rl.reward.contract import RewardInput
 from kimivl_rl.rl.experience import (Trajectory, assign_rewards, informative_groups,
                                      trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
+from kimivl_rl.rl.losses import LOSS_METRICS
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.vllm_engine import engine_options
 from kimivl_rl.weight_sync import SyncStats, WeightTransport, transport_for
@@ -232,9 +233,9 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
 
     informative = informative_groups(trajectories)
     batch = informative if cfg.rl.drop_zero_advantage_groups else trajectories
-    learned, learn_timings = learn_and_sync(actors, cfg, batch, iteration)
+    learned = learn_and_sync(actors, cfg, batch, iteration)
     generated = sum(len(t.response_token_ids) for t in trajectories)
-    return {**rollout_metrics(trajectories, weight), **learned, **timings, **learn_timings,
+    return {**rollout_metrics(trajectories, weight), **learned, **timings,
             # every group has samples_per_prompt responses: the share of groups with signal
             "informative_group_fraction": len(informative) / len(trajectories),
             "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"]),
@@ -242,26 +243,25 @@ def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Exampl
             "sampled_prompts": chosen}
 
 
-def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int
-                   ) -> tuple[dict, dict]:
-    """One learner update on ``batch``, then the new weights to every rollout engine. A batch
-    too small to give every learner rank a response (all groups uniform) leaves the policy as
-    it is: no update, nothing to sync."""
+def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int) -> dict:
+    """One learner update on ``batch``, then the new weights to every rollout engine; the
+    learner's metrics and both timings. A batch too small to give every learner rank a response
+    (all groups uniform) leaves the policy as it is: no update, nothing to sync."""
     import ray
 
     if len(batch) < len(actors.learners):
         log.info("iteration %d: %d responses for %d learner ranks (every other group had equal "
                  "rewards); the policy is unchanged", iteration, len(batch), len(actors.learners))
-        return ({"loss": 0.0, "logprob_diff_abs_mean": 0.0, "clip_fraction": 0.0,
-                 "learner_responses": 0}, {"time_learn_s": 0.0, "time_sync_s": 0.0})
+        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0,
+                "time_learn_s": 0.0, "time_sync_s": 0.0}
     started = time.perf_counter()
     batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
     learn_s = time.perf_counter() - started
     sync_s = actors.sync_weights(version=iteration + 1).seconds
-    return ({**learned, "learner_responses": len(batch)},
-            {"time_learn_s": learn_s, "time_sync_s": sync_s})
+    return {**learned, "learner_responses": len(batch),
+            "time_learn_s": learn_s, "time_sync_s": sync_s}
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],

@@ -54,6 +54,8 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {}
+# What the learner reports from every update, whichever loss runs (0 where a loss lacks one).
+LOSS_METRICS = ("loss", "logprob_diff_abs_mean", "clip_fraction")
 
 
 def register_loss(name: str, advantage: str = "group_mean",
