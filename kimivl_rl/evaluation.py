@@ -3,6 +3,7 @@ long-CoT trace format? Used after each SFT stage and periodically during RL."""
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from kimivl_rl.data.rows import Example
@@ -44,11 +45,16 @@ def shows_trace_format(text: str, think_open: str, think_close: str) -> bool:
     return reasoning is not None and trace_behaviours(reasoning) == set(BEHAVIOUR_MARKERS)
 
 
+def answer_scores(examples: list[Example], samples: list[Sample], think_open: str,
+                  think_close: str) -> list[float]:
+    return [answer_only_reward(RewardInput(response=s.text, reference=ex.answer,
+                                           think_open=think_open, think_close=think_close)).score
+            for ex, s in zip(examples, samples)]
+
+
 def score_samples(examples: list[Example], samples: list[Sample], think_open: str,
                   think_close: str) -> EvalResult:
-    correct = [answer_only_reward(RewardInput(response=s.text, reference=ex.answer,
-                                              think_open=think_open, think_close=think_close)).score
-               for ex, s in zip(examples, samples)]
+    correct = answer_scores(examples, samples, think_open, think_close)
     traces = [shows_trace_format(s.text, think_open, think_close) for s in samples]
     n = max(1, len(samples))
     by_level = defaultdict(list)
@@ -60,9 +66,36 @@ def score_samples(examples: list[Example], samples: list[Sample], think_open: st
                       accuracy_by_difficulty={k: sum(v) / len(v) for k, v in sorted(by_level.items())})
 
 
+def greedy_samples(engine, examples: list[Example], processor, max_new_tokens: int) -> list[Sample]:
+    outputs = engine.generate(generation_requests(examples, processor), n=1, temperature=0.0,
+                              max_new_tokens=max_new_tokens)
+    return [o[0] for o in outputs]
+
+
 def evaluate(engine, examples: list[Example], processor, *, think_open: str, think_close: str,
              max_new_tokens: int) -> EvalResult:
     """Greedy answers to every example, scored by the answer-only reward."""
-    outputs = engine.generate(generation_requests(examples, processor), n=1, temperature=0.0,
-                              max_new_tokens=max_new_tokens)
-    return score_samples(examples, [o[0] for o in outputs], think_open, think_close)
+    samples = greedy_samples(engine, examples, processor, max_new_tokens)
+    return score_samples(examples, samples, think_open, think_close)
+
+
+def greedy_scores(engine, examples: list[Example], processor, *, think_open: str,
+                  think_close: str, max_new_tokens: int) -> list[float]:
+    """The answer-only reward of the greedy answer to each example."""
+    samples = greedy_samples(engine, examples, processor, max_new_tokens)
+    return answer_scores(examples, samples, think_open, think_close)
+
+
+@contextmanager
+def greedy_engine(cfg, model_dir: str):
+    """A vLLM engine and processor for ``model_dir`` with the config's settings, shut down after."""
+    from transformers import AutoProcessor
+
+    from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
+
+    engine = VLLMEngine(engine_options(cfg, model_dir))
+    try:
+        yield engine, AutoProcessor.from_pretrained(
+            model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    finally:
+        engine.shutdown()

@@ -7,22 +7,19 @@ Train; a rerun of the same stage continues from the last reported checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
-from kimivl_rl.data.rows import Example, RowLoader
+from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.metrics import MetricsSink, follow_progress
@@ -32,6 +29,7 @@ from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import wait_one
 from sft.encode import encode_example
 from sft.plan import StagePlan, Step, build_plan
+from sft.sources import ensure_solved_rows, stage_examples
 
 log = logging.getLogger(__name__)
 STAGES = ("joint", "long_cot")
@@ -95,20 +93,6 @@ def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum
             "packing_efficiency": step.tokens / step.slots}
 
 
-def with_system_prompt(example: Example, prompt: str) -> Example:
-    """The example with ``prompt`` as its only system message (none when ``prompt`` is empty)."""
-    if not prompt:
-        return example
-    turns = [m for m in example.messages if m["role"] != "system"]
-    return dataclasses.replace(example, messages=[{"role": "system", "content": prompt}, *turns])
-
-
-def _encode_split(cfg: Config, path: Path, processor, model, limit: Optional[int] = None,
-                  system_prompt: str = "") -> list:
-    rows = itertools.islice(RowLoader.for_config(path, cfg.data), limit)
-    return [encode_example(with_system_prompt(ex, system_prompt), processor, model) for ex in rows]
-
-
 def _restore(engine) -> int:
     import ray.train
 
@@ -153,12 +137,8 @@ def train_loop(loop_config: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
-    data_dir = Path(cfg.data.dir)
-    examples = _encode_split(cfg, data_dir / stage_cfg.train_file, processor, model)
-    if stage_cfg.replay_file:
-        examples += _encode_split(cfg, data_dir / stage_cfg.replay_file, processor, model,
-                                  limit=stage_cfg.replay_examples,
-                                  system_prompt=stage_cfg.replay_system_prompt)
+    examples = [encode_example(ex, processor, model)
+                for ex in stage_examples(cfg, stage, stage_dir(cfg, stage))]
     image_token_id = model.config.image_token_id
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=image_token_id)
@@ -245,10 +225,13 @@ def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
     directory = stage_dir(cfg, stage)
     directory.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
+    summary = {"stage": stage, "input_model": input_model}
+    if getattr(cfg.sft, stage).keep_solved:
+        summary["solved_rows"] = ensure_solved_rows(cfg, stage, input_model, directory)
     result = _fit(cfg, stage, input_model, directory)
     output = stage_output_model(cfg, stage)
-    return {"stage": stage, "input_model": input_model, "output_model": str(output),
-            "train": result.metrics, "plan": json.loads((output / "sft_plan.json").read_text())}
+    return {**summary, "output_model": str(output), "train": result.metrics,
+            "plan": json.loads((output / "sft_plan.json").read_text())}
 
 
 def evaluate_stage(cfg: Config, stage: str):
@@ -265,24 +248,16 @@ def evaluate_stage(cfg: Config, stage: str):
 
 
 def _evaluate_model(config: dict, stage: str):
-    from transformers import AutoProcessor
-
-    from kimivl_rl.evaluation import evaluate
-    from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
+    from kimivl_rl.evaluation import evaluate, greedy_engine
 
     cfg = config_from_dict(config)
     stage_cfg = getattr(cfg.sft, stage)
-    model_dir = str(stage_output_model(cfg, stage))
     examples = RowLoader.for_config(Path(cfg.data.dir) / stage_cfg.eval_file, cfg.data,
                                     require_answer=True).load_all()[: cfg.sft.eval_examples]
-    engine = VLLMEngine(engine_options(cfg, model_dir))
-    try:
-        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    with greedy_engine(cfg, str(stage_output_model(cfg, stage))) as (engine, processor):
         return evaluate(engine, examples, processor,
                         think_open=cfg.model.think_open, think_close=cfg.model.think_close,
                         max_new_tokens=cfg.sft.eval_max_new_tokens)
-    finally:
-        engine.shutdown()
 
 
 def _fit(cfg: Config, stage: str, input_model: str, directory: Path):

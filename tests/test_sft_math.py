@@ -14,7 +14,8 @@ from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_pa
 from sft.encode import encode_example
 from sft.plan import build_plan
 from sft.schedule import phase_lr, stage_lr
-from sft.trainer import answer_loss_sum, with_system_prompt
+from sft.sources import rows_to_keep, with_system_prompt
+from sft.trainer import answer_loss_sum
 
 
 def image(colour) -> Image.Image:
@@ -215,3 +216,13 @@ def test_plan_is_shared_by_ranks_and_counts_global_tokens(policy):
     again = build_plan(encoded, phases, 2, seed=3, overlong="drop",
                        image_token_id=model.config.image_token_id)
     assert [s.packs for s in again.steps] == [s.packs for s in plan.steps]
+
+
+def test_rows_to_keep_keeps_the_solved_and_every_nth_unsolved_row():
+    solved = [True, False, False, False, True] + [False] * 17
+    # unsolved rows are 1, 2, 3, 5, 6, ...: the 10th and the 20th of them are kept
+    assert rows_to_keep(solved, 0.1) == [0, 4, 11, 21]
+    assert rows_to_keep([False] * 3000, 0.1) == list(range(9, 3000, 10))  # 300, exactly
+    assert rows_to_keep(solved, 0.0) == [0, 4]
+    assert rows_to_keep(solved, 1.0) == list(range(len(solved)))
+    assert rows_to_keep([], 0.5) == []

@@ -71,6 +71,13 @@ class SFTStageConfig:
     # without thinking) from the stage's own. Without one the tiny model mixed them: only 35%
     # of its long-CoT outputs were in the trace format.
     replay_system_prompt: str = ""
+    # Train only on the stage's own rows whose prompt its starting model already answers
+    # correctly (greedy, scored by the answer-only reward): rejection sampling against the
+    # student, so a small model does not memorise answers it cannot compute (sft/sources.py).
+    keep_solved: bool = False
+    # With keep_solved: the share of the other rows kept anyway, evenly spaced, so that kinds
+    # of question the model never solves still have traces to follow.
+    unsolved_fraction: float = bounded(0.0, ge=0.0, le=1.0)
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
 
 
