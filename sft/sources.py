@@ -113,10 +113,11 @@ def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_director
         result = wait_one(task.remote(config_to_dict(cfg), stage, input_model), "evaluation",
                           f"find the rows SFT {stage}'s starting model solves",
                           cfg.cluster.call_timeout_s)
-        if not result["counts"]["solved"]:
+        if not result["kept"]:
             raise ValueError(f"sft.{stage}.keep_solved: {input_model} answers none of the "
                              f"{result['counts']['rows']} rows of {result['counts']['file']} "
-                             f"correctly, so it would train on no solved row; set "
+                             f"correctly and sft.{stage}.unsolved_fraction keeps none of the "
+                             f"others, so nothing is left to train on; set "
                              f"sft.{stage}.keep_solved=false")
         partial = path.with_name(path.name + ".partial")
         partial.write_text(json.dumps(result, indent=1))

@@ -22,7 +22,8 @@ BOXED_SHARE = 1 / 3
 EASY_DATA = ["data.joint_sft_examples=3000", "data.long_cot_examples=10", "data.rl_prompts=200",
              "data.eval_examples=60", "data.max_difficulty=1", "sft.eval_examples=60",
              "sft.joint.train_file=joint_sft/weak_train.jsonl", "sft.joint.phases.0.epochs=1"]
-RL = ["rl.lr=2e-4", "rl.iterations=10", "rl.eval_every=10", "rl.eval_prompts=60",
+RL = ["rl.lr=2e-4", "rl.iterations=10", "rl.length_penalty_start_iteration=9",
+      "rl.eval_every=10", "rl.eval_prompts=60",
       "rl.checkpoint_every=10", "rollout.max_new_tokens=16", "rollout.temperature=1.0"]
 
 

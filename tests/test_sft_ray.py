@@ -52,10 +52,14 @@ def test_two_workers_equal_one_worker_with_the_same_global_batch(tmp_path, tiny_
 
 def test_joint_then_long_cot_write_checkpoints_vllm_loads(tmp_path, tiny_model_dir, small_data_dir,
                                                          ray_cluster):
-    cfg = small_cfg(tmp_path, tiny_model_dir, small_data_dir, "sft.zero_stage=3")
+    # keep_solved runs its filter (vLLM, on the joint output) but keeps every row: a joint SFT
+    # this short solves none of them.
+    cfg = small_cfg(tmp_path, tiny_model_dir, small_data_dir, "sft.zero_stage=3",
+                    "sft.long_cot.keep_solved=true", "sft.long_cot.unsolved_fraction=1.0")
     joint = run_stage(cfg, "joint", cfg.model.path)
     long_cot = run_stage(cfg, "long_cot", cfg.model.path)
     assert long_cot["input_model"] == joint["output_model"]
+    assert long_cot["solved_rows"]["kept"] == long_cot["solved_rows"]["rows"] == 30
     for summary in (joint, long_cot):
         output = Path(summary["output_model"])
         assert (output / "model.safetensors").is_file() and (output / "tokenizer.json").is_file()
