@@ -79,13 +79,6 @@ def evaluate(engine, examples: list[Example], processor, *, think_open: str, thi
     return score_samples(examples, samples, think_open, think_close)
 
 
-def greedy_scores(engine, examples: list[Example], processor, *, think_open: str,
-                  think_close: str, max_new_tokens: int) -> list[float]:
-    """The answer-only reward of the greedy answer to each example."""
-    samples = greedy_samples(engine, examples, processor, max_new_tokens)
-    return answer_scores(examples, samples, think_open, think_close)
-
-
 @contextmanager
 def greedy_engine(cfg, model_dir: str):
     """A vLLM engine and processor for ``model_dir`` with the config's settings, shut down after."""
@@ -99,3 +92,17 @@ def greedy_engine(cfg, model_dir: str):
             model_dir, trust_remote_code=cfg.model.trust_remote_code)
     finally:
         engine.shutdown()
+
+
+def on_rollout_resources(cfg, task, *args, step: str):
+    """Run ``task(config_dict, *args)`` as a Ray task with a rollout worker's resources (on a GPU
+    cluster the driver's node may have no GPU) and wait for it under the call timeout."""
+    import ray
+
+    from kimivl_rl.config import config_to_dict
+    from kimivl_rl.remote import wait_one
+
+    gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
+    remote = ray.remote(task).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)
+    return wait_one(remote.remote(config_to_dict(cfg), *args), "evaluation", step,
+                    cfg.cluster.call_timeout_s)

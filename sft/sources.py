@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kimivl_rl.config import Config, config_from_dict, config_to_dict
+from kimivl_rl.config import Config, config_from_dict
 from kimivl_rl.data.rows import Example, RowLoader
 
 log = logging.getLogger(__name__)
@@ -102,17 +102,12 @@ def rows_to_keep(solved: list[bool], unsolved_fraction: float) -> list[int]:
 def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_directory: Path) -> dict:
     """Write (once) which of the stage's own rows to keep, from which ones ``input_model``
     answers correctly; return the counts."""
-    import ray
-
-    from kimivl_rl.remote import wait_one
+    from kimivl_rl.evaluation import on_rollout_resources
 
     path = stage_directory / SOLVED_ROWS
     if not path.is_file():
-        gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
-        task = ray.remote(solved_rows).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)
-        result = wait_one(task.remote(config_to_dict(cfg), stage, input_model), "evaluation",
-                          f"find the rows SFT {stage}'s starting model solves",
-                          cfg.cluster.call_timeout_s)
+        result = on_rollout_resources(cfg, solved_rows, stage, input_model,
+                                      step=f"find the rows SFT {stage}'s starting model solves")
         if not result["kept"]:
             raise ValueError(f"sft.{stage}.keep_solved: {input_model} answers none of the "
                              f"{result['counts']['rows']} rows of {result['counts']['file']} "
@@ -132,15 +127,14 @@ def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_director
 def solved_rows(config: dict, stage: str, input_model: str) -> dict:
     """Greedy answers of ``input_model`` to each of the stage's own rows, in vLLM, scored by
     the answer-only reward: {"kept": ["file:line", ...], "counts": {...}}."""
-    from kimivl_rl.evaluation import greedy_engine, greedy_scores
+    from kimivl_rl.evaluation import answer_scores, greedy_engine, greedy_samples
 
     cfg = config_from_dict(config)
     own = stage_sources(cfg, stage)[0]
     examples = load_source(cfg, own, require_answer=True)
     with greedy_engine(cfg, input_model) as (engine, processor):
-        scores = greedy_scores(engine, examples, processor, think_open=cfg.model.think_open,
-                               think_close=cfg.model.think_close,
-                               max_new_tokens=cfg.sft.eval_max_new_tokens)
+        samples = greedy_samples(engine, examples, processor, cfg.sft.eval_max_new_tokens)
+    scores = answer_scores(examples, samples, cfg.model.think_open, cfg.model.think_close)
     solved = [score == 1.0 for score in scores]
     kept = rows_to_keep(solved, getattr(cfg.sft, stage).unsolved_fraction)
     return {"model": input_model, "kept": [examples[i].source for i in kept],

@@ -26,7 +26,6 @@ from kimivl_rl.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.packing import collate_pack
 from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import wait_one
 from sft.encode import encode_example
 from sft.plan import StagePlan, Step, build_plan
 from sft.sources import ensure_solved_rows, stage_examples
@@ -235,16 +234,12 @@ def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
 
 
 def evaluate_stage(cfg: Config, stage: str):
-    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM. It
-    runs as a Ray task with the rollout workers' resources: on a GPU cluster the driver's node
-    may have no GPU."""
-    import ray
+    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM, as a
+    Ray task with the rollout workers' resources."""
+    from kimivl_rl.evaluation import on_rollout_resources
 
     init_ray(cfg)
-    gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
-    task = ray.remote(_evaluate_model).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)
-    return wait_one(task.remote(config_to_dict(cfg), stage), "evaluation", f"evaluate SFT {stage}",
-                    cfg.cluster.call_timeout_s)
+    return on_rollout_resources(cfg, _evaluate_model, stage, step=f"evaluate SFT {stage}")
 
 
 def _evaluate_model(config: dict, stage: str):
