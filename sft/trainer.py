@@ -260,7 +260,7 @@ def _fit(cfg: Config, stage: str, input_model: str, directory: Path):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, stage_output_model(cfg, stage),
-             attention_implementation(cfg.cluster.use_gpu))
+             attention_implementation(cfg.cluster.use_gpu, training=True))
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config_to_dict(cfg), "stage": stage, "input_model": input_model},

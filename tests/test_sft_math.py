@@ -10,6 +10,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.data.rows import Example
+from kimivl_rl.models.loading import language_model, use_language_model_attention
+from kimivl_rl.models.packed_attention import PACKED_SDPA, example_lengths
 from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
 from sft.encode import encode_example
 from sft.plan import build_plan
@@ -109,9 +111,27 @@ def loss_and_grads(model, packs, image_token_id):
     return total.item(), grads_of(model)
 
 
-def test_packed_batch_equals_examples_one_at_a_time(policy):
+@pytest.fixture(params=["sdpa", PACKED_SDPA])
+def attention(request, policy):
+    """The language model's attention for one test: SDPA with transformers' packed mask, or
+    SDPA on each packed example; the module-scoped model gets SDPA back afterwards."""
+    use_language_model_attention(policy[0], request.param)
+    yield request.param
+    use_language_model_attention(policy[0], "sdpa")
+
+
+def test_example_lengths_split_where_positions_restart():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]])
+    assert example_lengths(positions) == [3, 2, 4, 1]
+    assert example_lengths(torch.arange(7)[None]) == [7]
+    # A jump that is not a restart to 0 also starts an example, as in transformers' rule.
+    assert example_lengths(torch.tensor([[0, 1, 5, 6]])) == [2, 2]
+
+
+def test_packed_batch_equals_examples_one_at_a_time(policy, attention):
     """Text and image examples packed together give the same loss and gradients."""
     model, processor = policy
+    assert language_model(model).config._attn_implementation == attention
     examples = [
         MULTI_TURN,
         example([{"role": "user", "content": "What is 4 + 4?"},
@@ -226,3 +246,15 @@ def test_rows_to_keep_keeps_the_solved_and_every_nth_unsolved_row():
     assert rows_to_keep(solved, 0.0) == [0, 4]
     assert rows_to_keep(solved, 1.0) == list(range(len(solved)))
     assert rows_to_keep([], 0.5) == []
+
+
+def test_a_cpu_policy_trains_with_packed_sdpa_and_generates_with_sdpa(tiny_model_dir):
+    from kimivl_rl.config import load_config
+    from kimivl_rl.models.loading import load_policy
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}"])
+    trained, _ = load_policy(str(tiny_model_dir), cfg, training=True)
+    assert language_model(trained).config._attn_implementation == PACKED_SDPA
+    assert trained.config.vision_config._attn_implementation == "sdpa"  # images keep their own
+    generating, _ = load_policy(str(tiny_model_dir), cfg, training=False)
+    assert language_model(generating).config._attn_implementation == "sdpa"  # KV cache, padding

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
+from kimivl_rl.models.packed_attention import PACKED_SDPA
 from kimivl_rl.packing import inner_model
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,15 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
                           f"trust it") from None
 
 
-def attention_implementation(use_gpu: bool) -> str:
+def attention_implementation(use_gpu: bool, training: bool = False) -> str:
     """flash-attn's variable-length kernels when installed on a GPU; else FlexAttention on a
     GPU (a block-diagonal mask that skips the blocks between packed examples: 54% MFU against
-    35% for SDPA with a dense mask, bench/learner_gpu.py on an H200); else torch SDPA. Given
-    packed position ids, each keeps packed examples apart."""
+    35% for SDPA with a dense mask, bench/learner_gpu.py on an H200); else, for training on
+    CPU, torch SDPA on each packed example (``packed_attention``); else torch SDPA. Given packed
+    position ids, each keeps packed examples apart."""
     if use_gpu and torch.cuda.is_available():
         return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
-    return "sdpa"
+    return PACKED_SDPA if training else "sdpa"
 
 
 def language_model(model):
@@ -83,22 +85,31 @@ def load_policy(path: str, cfg, training: bool = False):
     use_gpu = cfg.cluster.use_gpu
     dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
-    attention = attention_implementation(use_gpu)
+    attention = attention_implementation(use_gpu, training)
     load = lambda attn: AutoModelForImageTextToText.from_pretrained(  # noqa: E731
         path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
+    if attention == PACKED_SDPA:  # the language model's own kernel; the vision encoder keeps sdpa
+        model = load("sdpa")
+        use_language_model_attention(model, attention)
+    else:
+        model, attention = _load_with_fallback(load, path, attention)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    model.train(training)
+    log.info("loaded %s (%s, attention %s)", path, dtype, attention)
+    return model, processor
+
+
+def _load_with_fallback(load, path: str, attention: str):
+    """``load(attention)``, or for an architecture that does not declare that GPU kernel, SDPA
+    (with FlexAttention still in a VLM's language model, which runs it)."""
     try:
-        model = load(attention)
-    except ValueError as exc:  # an architecture that does not declare that attention kernel
+        return load(attention), attention
+    except ValueError as exc:
         if attention == "sdpa":
             raise
         model = load("sdpa")
         if attention != "flex_attention" or not hasattr(inner_model(model), "language_model"):
             log.warning("%s: %s unavailable (%s); using sdpa", path, attention, exc)
-            attention = "sdpa"
-        else:
-            use_language_model_attention(model, attention)
-            attention = f"{attention} in the language model, sdpa in the vision encoder"
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    model.train(training)
-    log.info("loaded %s (%s, attention %s)", path, dtype, attention)
-    return model, processor
+            return model, "sdpa"
+        use_language_model_attention(model, attention)
+        return model, f"{attention} in the language model, sdpa in the vision encoder"
