@@ -1,9 +1,11 @@
 """SFT learner throughput: packed sequences (this project) vs padded batches, same data, same
-model, same number of examples, forward + backward + AdamW step, in one run.
+model, same number of examples, forward + backward + AdamW step, in one run. Packs run twice:
+with transformers' SDPA and its dense block-diagonal mask, and with ``packed_sdpa`` (each
+example's own block only, what the CPU trainers use).
 
     .venv/bin/python bench/sft_throughput.py [--examples 256] [--pack-len 1024] [--batch 16]
 
-Prints real (non-padding) tokens/s, padding waste, and the packed/padded ratio. Runs on the
+Prints real (non-padding) tokens/s, padding waste, and each packed/padded ratio. Runs on the
 built-in tiny model on CPU; pass --model for another checkpoint (on GPU with --device cuda).
 """
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
 
     from kimivl_rl.config import load_config
     from kimivl_rl.data.rows import RowLoader
+    from kimivl_rl.models.loading import use_language_model_attention
+    from kimivl_rl.models.packed_attention import PACKED_SDPA
     from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
     from sft.encode import encode_example
 
@@ -84,16 +88,20 @@ def main() -> None:
     rows = [r for r in RowLoader(data_dir / "long_cot" / "train.jsonl").load_all() if not r.images]
     encoded = [encode_example(r, processor, model) for r in rows[: args.examples]]
     pad_id = processor.tokenizer.pad_token_id
+    image_token_id = model.config.image_token_id
+    variants = (("padded", "sdpa", padded_batches(encoded, args.batch, pad_id)),
+                ("packed, dense mask", "sdpa", packed_batches(encoded, args.pack_len, image_token_id)),
+                ("packed, packed_sdpa", PACKED_SDPA, packed_batches(encoded, args.pack_len, image_token_id)))
     results = {}
-    for name, batches in (("padded", padded_batches(encoded, args.batch, pad_id)),
-                          ("packed", packed_batches(encoded, args.pack_len, model.config.image_token_id))):
+    for name, attention, batches in variants:
+        use_language_model_attention(model, attention)
         seconds, real, slots = run(model, list(batches), device)
         results[name] = real / seconds
-        print(f"{name:7s} {real} real tokens in {seconds:6.2f}s: {real / seconds:9.1f} tokens/s, "
+        print(f"{name:20s} {real} real tokens in {seconds:6.2f}s: {real / seconds:9.1f} tokens/s, "
               f"padding waste {100 * (1 - real / slots):5.1f}%")
-    print(f"packed / padded: {results['packed'] / results['padded']:.2f}x real tokens/s "
-          f"({len(encoded)} long-CoT examples, batch {args.batch} vs packs of {args.pack_len})")
-
+    for name in list(results)[1:]:
+        print(f"{name} / padded: {results[name] / results['padded']:.2f}x real tokens/s "
+              f"({len(encoded)} long-CoT examples, batch {args.batch} vs packs of {args.pack_len})")
 
 if __name__ == "__main__":
     main()

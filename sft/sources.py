@@ -13,7 +13,8 @@ of the unsolved rows kept gives every kind of question a trace again: 0.49, form
 Replayed rows are kept as they are: they are the previous stage's own answers.
 
 The filter runs once, on the driver's side as a Ray task with the rollout workers' resources,
-and writes ``solved_rows.json`` in the stage's directory; a resumed stage reads it back.
+and writes ``solved_rows.json`` in the stage's directory; a resumed stage reads it back, one
+with another starting model or ``unsolved_fraction`` makes it again.
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_director
     from kimivl_rl.evaluation import on_rollout_resources
 
     path = stage_directory / SOLVED_ROWS
-    if not path.is_file():
+    fraction = getattr(cfg.sft, stage).unsolved_fraction
+    if not _made_for(path, input_model, fraction):
         result = on_rollout_resources(cfg, solved_rows, stage, input_model,
                                       step=f"find the rows SFT {stage}'s starting model solves")
         if not result["kept"]:
@@ -124,6 +126,15 @@ def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_director
     return counts
 
 
+def _made_for(path: Path, input_model: str, unsolved_fraction: float) -> bool:
+    """Whether ``path`` holds the rows kept for this starting model and fraction: a resumed
+    stage reuses it, a changed model or fraction makes it again."""
+    if not path.is_file():
+        return False
+    stored = json.loads(path.read_text())
+    return stored.get("model") == input_model and stored.get("unsolved_fraction") == unsolved_fraction
+
+
 def solved_rows(config: dict, stage: str, input_model: str) -> dict:
     """Greedy answers of ``input_model`` to each of the stage's own rows, in vLLM, scored by
     the answer-only reward: {"kept": ["file:line", ...], "counts": {...}}."""
@@ -136,7 +147,9 @@ def solved_rows(config: dict, stage: str, input_model: str) -> dict:
         samples = greedy_samples(engine, examples, processor, cfg.sft.eval_max_new_tokens)
     scores = answer_scores(examples, samples, cfg.model.think_open, cfg.model.think_close)
     solved = [score == 1.0 for score in scores]
-    kept = rows_to_keep(solved, getattr(cfg.sft, stage).unsolved_fraction)
-    return {"model": input_model, "kept": [examples[i].source for i in kept],
+    fraction = getattr(cfg.sft, stage).unsolved_fraction
+    kept = rows_to_keep(solved, fraction)
+    return {"model": input_model, "unsolved_fraction": fraction,
+            "kept": [examples[i].source for i in kept],
             "counts": {"file": own.file, "rows": len(examples), "solved": sum(solved),
                        "kept": len(kept)}}

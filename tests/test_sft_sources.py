@@ -107,6 +107,9 @@ def test_keep_solved_keeps_exactly_the_rows_the_starting_model_answers(tmp_path,
     stored["counts"]["kept"] = -1
     (directory / SOLVED_ROWS).write_text(json.dumps(stored))
     assert ensure_solved_rows(cfg, "long_cot", str(model_dir), directory)["kept"] == -1
+    # Another fraction (or starting model) asks the model again: now every unsolved row is kept.
+    everything = sources_cfg(tmp_path, model_dir, "sft.long_cot.unsolved_fraction=1.0")
+    assert ensure_solved_rows(everything, "long_cot", str(model_dir), directory)["kept"] == 6
 
 
 def test_keep_solved_with_nothing_solved_says_so_before_training(tmp_path, tiny_model_dir,
