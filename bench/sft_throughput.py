@@ -103,5 +103,6 @@ def main() -> None:
         print(f"{name} / padded: {results[name] / results['padded']:.2f}x real tokens/s "
               f"({len(encoded)} long-CoT examples, batch {args.batch} vs packs of {args.pack_len})")
 
+
 if __name__ == "__main__":
     main()

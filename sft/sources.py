@@ -106,33 +106,34 @@ def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_director
     from kimivl_rl.evaluation import on_rollout_resources
 
     path = stage_directory / SOLVED_ROWS
-    fraction = getattr(cfg.sft, stage).unsolved_fraction
-    if not _made_for(path, input_model, fraction):
-        result = on_rollout_resources(cfg, solved_rows, stage, input_model,
+    stored = _stored_for(path, input_model, getattr(cfg.sft, stage).unsolved_fraction)
+    if stored is None:
+        stored = on_rollout_resources(cfg, solved_rows, stage, input_model,
                                       step=f"find the rows SFT {stage}'s starting model solves")
-        if not result["kept"]:
+        if not stored["kept"]:
             raise ValueError(f"sft.{stage}.keep_solved: {input_model} answers none of the "
-                             f"{result['counts']['rows']} rows of {result['counts']['file']} "
+                             f"{stored['counts']['rows']} rows of {stored['counts']['file']} "
                              f"correctly and sft.{stage}.unsolved_fraction keeps none of the "
                              f"others, so nothing is left to train on; set "
                              f"sft.{stage}.keep_solved=false")
         partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(result, indent=1))
+        partial.write_text(json.dumps(stored, indent=1))
         partial.rename(path)
-    counts = json.loads(path.read_text())["counts"]
+    counts = stored["counts"]
     log.info("SFT %s trains on %d of the %d rows of %s: the %d its starting model solves and "
              "%d it does not", stage, counts["kept"], counts["rows"], counts["file"],
              counts["solved"], counts["kept"] - counts["solved"])
     return counts
 
 
-def _made_for(path: Path, input_model: str, unsolved_fraction: float) -> bool:
-    """Whether ``path`` holds the rows kept for this starting model and fraction: a resumed
-    stage reuses it, a changed model or fraction makes it again."""
+def _stored_for(path: Path, input_model: str, unsolved_fraction: float) -> Optional[dict]:
+    """What ``path`` holds if it was made for this starting model and fraction (a resumed
+    stage reuses it); None when it is missing or made for others (it is made again)."""
     if not path.is_file():
-        return False
+        return None
     stored = json.loads(path.read_text())
-    return stored.get("model") == input_model and stored.get("unsolved_fraction") == unsolved_fraction
+    made_for = (stored.get("model"), stored.get("unsolved_fraction"))
+    return stored if made_for == (input_model, unsolved_fraction) else None
 
 
 def solved_rows(config: dict, stage: str, input_model: str) -> dict:

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from kimivl_rl.config import load_config
 from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.data.rows import Example
-from kimivl_rl.models.loading import language_model, use_language_model_attention
+from kimivl_rl.models.loading import language_model, load_policy, use_language_model_attention
 from kimivl_rl.models.packed_attention import PACKED_SDPA, example_lengths
 from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
 from sft.encode import encode_example
@@ -249,9 +250,6 @@ def test_rows_to_keep_keeps_the_solved_and_every_nth_unsolved_row():
 
 
 def test_a_cpu_policy_trains_with_packed_sdpa_and_generates_with_sdpa(tiny_model_dir):
-    from kimivl_rl.config import load_config
-    from kimivl_rl.models.loading import load_policy
-
     cfg = load_config(None, [f"model.path={tiny_model_dir}"])
     trained, _ = load_policy(str(tiny_model_dir), cfg, training=True)
     assert language_model(trained).config._attn_implementation == PACKED_SDPA

@@ -88,28 +88,31 @@ def load_policy(path: str, cfg, training: bool = False):
     attention = attention_implementation(use_gpu, training)
     load = lambda attn: AutoModelForImageTextToText.from_pretrained(  # noqa: E731
         path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
-    if attention == PACKED_SDPA:  # the language model's own kernel; the vision encoder keeps sdpa
-        model = load("sdpa")
-        use_language_model_attention(model, attention)
-    else:
-        model, attention = _load_with_fallback(load, path, attention)
+    model, attention = _load_with_attention(load, path, attention)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     model.train(training)
     log.info("loaded %s (%s, attention %s)", path, dtype, attention)
     return model, processor
 
 
-def _load_with_fallback(load, path: str, attention: str):
-    """``load(attention)``, or for an architecture that does not declare that GPU kernel, SDPA
-    (with FlexAttention still in a VLM's language model, which runs it)."""
+def _load_with_attention(load, path: str, attention: str):
+    """(model, what runs where) for ``load(attention)``. ``packed_sdpa`` runs in the language
+    model only, and so does FlexAttention for a VLM whose architecture does not declare it; the
+    vision encoder then keeps SDPA. Another undeclared kernel falls back to SDPA."""
+    if attention == PACKED_SDPA:
+        return _in_language_model(load("sdpa"), attention)
     try:
         return load(attention), attention
     except ValueError as exc:
         if attention == "sdpa":
             raise
         model = load("sdpa")
-        if attention != "flex_attention" or not hasattr(inner_model(model), "language_model"):
-            log.warning("%s: %s unavailable (%s); using sdpa", path, attention, exc)
-            return model, "sdpa"
-        use_language_model_attention(model, attention)
-        return model, f"{attention} in the language model, sdpa in the vision encoder"
+        if attention == "flex_attention" and hasattr(inner_model(model), "language_model"):
+            return _in_language_model(model, attention)
+        log.warning("%s: %s unavailable (%s); using sdpa", path, attention, exc)
+        return model, "sdpa"
+
+
+def _in_language_model(model, attention: str):
+    use_language_model_attention(model, attention)
+    return model, f"{attention} in the language model, sdpa in the vision encoder"
