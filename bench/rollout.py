@@ -93,5 +93,6 @@ def main() -> None:
           f"({Path(model_dir).name}, {args.prompts} prompts x {args.samples}, "
           f"{args.max_new_tokens} new tokens max)")
 
+
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from PIL import Image
@@ -68,26 +68,24 @@ def engine_options(cfg, model: str) -> EngineOptions:
                          in_process=in_process, threads=cfg.cluster.rollout_threads)
 
 
-def _choose_engine_processes(options: EngineOptions) -> Optional[str]:
-    """Tell vLLM whether to spawn its engine core and worker processes; return the executor
-    backend to ask for. vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when an engine is built, and
-    an in-process engine freezes its view of the environment, so the cache is reset first."""
+@contextmanager
+def _engine_placement(options: EngineOptions) -> Iterator[Optional[str]]:
+    """Around building an engine: tell vLLM whether to spawn its engine-core and worker
+    processes, yield the executor backend to ask for, and afterwards leave this process's torch
+    threads as ours.
+
+    vLLM reads VLLM_ENABLE_V1_MULTIPROCESSING when an engine is built, and an in-process engine
+    freezes its view of the environment, so the cache is reset first. vLLM's CPU worker swaps
+    ``torch.set_num_threads`` for a no-op that warns (right for a process it owns, but an
+    in-process worker's process is ours and outlives the engine) and would otherwise drop
+    serving to one thread."""
     from vllm import envs
 
     envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
-    return "uni" if options.in_process else None
-
-
-@contextmanager
-def _own_torch_threads(options: EngineOptions):
-    """Build an in-process engine and leave this process's torch threads as ours: vLLM's CPU
-    worker swaps ``torch.set_num_threads`` for a no-op that warns (right for the process it
-    owns, but an in-process worker's process is ours and outlives the engine), and would
-    otherwise drop serving to one thread."""
     real_set_num_threads = torch.set_num_threads
     try:
-        yield
+        yield "uni" if options.in_process else None
     finally:
         torch.set_num_threads = real_set_num_threads
         if options.in_process and options.threads:
@@ -101,8 +99,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.options = options
-        executor = _choose_engine_processes(options)
-        with _own_torch_threads(options):
+        with _engine_placement(options) as executor:
             self.llm = LLM(
                 model=options.model, tensor_parallel_size=options.tensor_parallel_size,
                 distributed_executor_backend=executor,
