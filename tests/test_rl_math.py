@@ -101,6 +101,36 @@ def test_group_norm_single_response_group_and_int_rewards():
     torch.testing.assert_close(out, torch.tensor([0.0, -0.5 / (0.5 + 1e-6), 0.5 / (0.5 + 1e-6)]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [0.7, 2.7, 1 / 3, -0.1])
+def test_equal_rewards_give_exactly_zero_advantage_in_any_dtype(dtype, value):
+    # float32: mean of eight 0.7s is 0.7 + 6e-8; divided by a std of the same size that was
+    # +-0.056 per response before constant groups were detected by their min and max
+    rewards = torch.full((8,), value, dtype=dtype)
+    mixed = torch.cat([rewards, torch.tensor([0.0, 1.0], dtype=dtype)])
+    groups = torch.tensor([0] * 8 + [1, 1])
+    for name in ADVANTAGE_ESTIMATORS:
+        assert (get_advantage(name)(rewards, torch.zeros(8, dtype=torch.long)) == 0).all(), name
+        assert (get_advantage(name)(mixed, groups)[:8] == 0).all(), name
+
+
+def test_group_norm_sample_std_is_the_peers_normalisation():
+    # group [1, 0, 0]: centred [2/3, -1/3, -1/3], sample var (4/9 + 1/9 + 1/9) / 2 = 1/3
+    # group [1, 0]: centred [0.5, -0.5], sample var 0.5 -> std sqrt(0.5)
+    # group [1] alone: 0
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    groups = torch.tensor([4, 4, 4, 2, 2, 9])
+    s3, s2, eps = math.sqrt(1 / 3), math.sqrt(0.5), 1e-6
+    expected = torch.tensor([(2 / 3) / (s3 + eps), (-1 / 3) / (s3 + eps), (-1 / 3) / (s3 + eps),
+                             0.5 / (s2 + eps), -0.5 / (s2 + eps), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(get_advantage("group_norm_sample_std")(rewards, groups), expected)
+    # against torch's own unbiased std, group by group
+    for g in (4, 2):
+        r = rewards[groups == g]
+        torch.testing.assert_close(get_advantage("group_norm_sample_std")(r, torch.zeros_like(r).long()),
+                                   (r - r.mean()) / (r.std(unbiased=True) + eps))
+
+
 def test_informative_groups_keep_only_groups_with_unequal_rewards():
     def trajectory(prompt: int, reward: float) -> Trajectory:
         return Trajectory(prompt, [1], [2], [0.0], "stop", reward=reward)
@@ -252,6 +282,34 @@ def test_prioritized_probabilities_after_ema_update():
     np.testing.assert_allclose(probs, np.array([0.56, 0.65, 0.10, 0.05]) / 1.36)
     # prompt 3 is solved (s = 1) but not retired: the floor keeps it drawable
     assert probs[3] == pytest.approx(0.05 / 1.36) and probs[3] > 0
+
+
+def test_informative_probabilities_favour_prompts_sometimes_solved():
+    s = PromptSampler(4, "informative", seed=0, pass_rates=[0.5, 0.0, 1.0, 0.2], floor=0.05)
+    # s (1 - s) + floor = [0.25 + 0.05, 0.05, 0.05, 0.16 + 0.05] = [0.30, 0.05, 0.05, 0.21]
+    np.testing.assert_allclose(s.probabilities(0), np.array([0.30, 0.05, 0.05, 0.21]) / 0.61)
+    s.update([0], [1.0], [True])  # s0 = 0.7 * 0.5 + 0.3 = 0.65 -> 0.2275 + 0.05; never retired
+    np.testing.assert_allclose(s.probabilities(0), np.array([0.2775, 0.05, 0.05, 0.21]) / 0.5875)
+    for _ in range(5):
+        s.update([2], [1.0], [True])
+    assert s.active.all()
+
+
+def test_unobserved_prompts_borrow_their_levels_running_success():
+    s = PromptSampler(5, "informative", seed=0, pass_rates=[None, None, None, None, 0.9],
+                      levels=[1, 1, 2, None, 1], floor=0.0)
+    s.update([0], [1.0], [True])
+    # level 1: 0.7 * 0.5 + 0.3 * 1.0 = 0.65; prompt 0: from 0.5 to 0.65 as well; prompt 1 borrows
+    # level 1's rate; level 2 and no level: 0.5; a labelled prompt keeps its label
+    np.testing.assert_allclose(s.estimates(), [0.65, 0.65, 0.5, 0.5, 0.9])
+    s.update([1], [0.0], [False])
+    # level 1: 0.7 * 0.65 = 0.455; prompt 1 starts from the borrowed 0.65 -> 0.455
+    np.testing.assert_allclose(s.estimates(), [0.65, 0.455, 0.5, 0.5, 0.9])
+    restored = PromptSampler(5, "informative", seed=0, pass_rates=[None, None, None, None, 0.9],
+                             levels=[1, 1, 2, None, 1], floor=0.0)
+    restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    np.testing.assert_allclose(restored.estimates(), s.estimates())
+    assert restored.sample(3, 4) == s.sample(3, 4)
 
 
 def test_retirement_after_consecutive_all_correct_iterations():

@@ -36,7 +36,11 @@ def get_advantage(name: str) -> AdvantageFn:
 
 def _centered(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                         torch.Tensor]:
-    """``(r - group mean, group index per response, group sizes)`` for float rewards."""
+    """``(r - group mean, group index per response, group sizes)`` for float rewards.
+
+    A group of equal rewards gets exactly 0: in floating point ``sum / size`` of k copies of r
+    need not equal r (float32, r = 0.7, k = 8: off by 6e-8, which std-normalisation would blow
+    up to +-0.056), so constant groups are detected by their min and max, not by arithmetic."""
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids "
                          f"{tuple(group_ids.shape)} must be equal 1-D shapes")
@@ -46,7 +50,19 @@ def _centered(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Ten
     sizes = torch.bincount(inverse, minlength=groups).to(rewards.dtype)
     sums = torch.zeros(groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, inverse,
                                                                                       rewards)
-    return rewards - (sums / sizes)[inverse], inverse, sizes
+    highest = torch.full_like(sums, -torch.inf).scatter_reduce(0, inverse, rewards, "amax")
+    lowest = torch.full_like(sums, torch.inf).scatter_reduce(0, inverse, rewards, "amin")
+    centered = rewards - (sums / sizes)[inverse]
+    constant = (highest == lowest)[inverse]
+    return torch.where(constant, torch.zeros_like(centered), centered), inverse, sizes
+
+
+def _group_std(centered: torch.Tensor, inverse: torch.Tensor, sizes: torch.Tensor,
+               ddof: int) -> torch.Tensor:
+    """Per-response std of its group, ``sqrt(sum (r - mean)^2 / (size - ddof))``; a group of
+    one with ``ddof=1`` has std 0 (its centred reward is 0, so its advantage is too)."""
+    squares = torch.zeros_like(sizes).index_add_(0, inverse, centered.square())
+    return (squares / (sizes - ddof).clamp(min=1)).sqrt()[inverse]
 
 
 @register_advantage("group_mean")
@@ -58,8 +74,14 @@ def group_mean(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 @register_advantage("group_norm")
 def group_norm(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """GRPO's ``(r_j - mean) / (std + 1e-6)`` with the POPULATION std (``unbiased=False``), which
-    stays defined for a group of one; a group of equal rewards gets advantage 0, not NaN."""
+    stays defined for a group of one; a group of equal rewards gets exactly 0."""
     centered, inverse, sizes = _centered(rewards, group_ids)
-    squares = torch.zeros_like(sizes).index_add_(0, inverse, centered.square())
-    std = (squares / sizes).sqrt()
-    return centered / (std[inverse] + GROUP_NORM_EPS)
+    return centered / (_group_std(centered, inverse, sizes, ddof=0) + GROUP_NORM_EPS)
+
+
+@register_advantage("group_norm_sample_std")
+def group_norm_sample_std(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """``group_norm`` with the SAMPLE std (``unbiased=True``), as TRL, verl and OpenRLHF compute
+    GRPO's advantages: ``sqrt((k - 1) / k)`` times ``group_norm``'s (1/1.07 at k = 8)."""
+    centered, inverse, sizes = _centered(rewards, group_ids)
+    return centered / (_group_std(centered, inverse, sizes, ddof=1) + GROUP_NORM_EPS)

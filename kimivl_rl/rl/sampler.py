@@ -13,9 +13,14 @@ Modes:
   ``s_i`` is a running success rate, so unsolved prompts come back more often while the floor
   keeps every active prompt (even one with ``s_i = 1``) at a nonzero probability. Prompts that
   are always solved are retired (see ``update``).
+* ``informative``: ``p_i ∝ s_i (1 - s_i) + floor``: prompts the policy sometimes solves, whose
+  groups have differing rewards and so carry gradient under group-relative advantages, are
+  drawn most; always-solved and never-solved ones keep only the floor.
 
-Running success rate: ``s_i`` starts at the label pass rate, or 0.5 when the prompt has no label
-(the least informative guess for a 0/1 reward), and after each observation becomes
+Running success rate: ``s_i`` starts at the label pass rate. A prompt without a label that has
+not been observed yet takes the running success rate of its difficulty level (the mean task
+reward of every group of that level observed so far, under the same EMA), else 0.5 (the least
+informative guess for a 0/1 reward). After each observation it becomes
 ``ema_decay * s_i + (1 - ema_decay) * mean_reward`` (``mean_reward``: the mean task reward, in
 [0, 1], of the prompt's group that iteration). It is tracked in every mode, for metrics.
 
@@ -38,8 +43,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 
-SamplerMode = Literal["uniform", "curriculum", "prioritized"]
-MODES = ("uniform", "curriculum", "prioritized")
+SamplerMode = Literal["uniform", "curriculum", "prioritized", "informative"]
+MODES = ("uniform", "curriculum", "prioritized", "informative")
 CURRICULUM_START_FRACTION = 0.25
 UNLABELLED_PASS_RATE = 0.5
 
@@ -50,13 +55,15 @@ class PromptSampler:
     def __init__(self, num_prompts: int, mode: SamplerMode, seed: int,
                  pass_rates: Optional[Sequence[Optional[float]]] = None, floor: float = 0.05,
                  ema_decay: float = 0.7, drop_always_solved_after: int = 3,
-                 total_iterations: int = 1) -> None:
+                 total_iterations: int = 1,
+                 levels: Optional[Sequence[Optional[float]]] = None) -> None:
         if num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
         if mode not in MODES:
             raise ValueError(f"unknown sampler mode {mode!r}; expected one of {', '.join(MODES)}")
-        if pass_rates is not None and len(pass_rates) != num_prompts:
-            raise ValueError(f"pass_rates has {len(pass_rates)} entries for {num_prompts} prompts")
+        for name, values in (("pass_rates", pass_rates), ("levels", levels)):
+            if values is not None and len(values) != num_prompts:
+                raise ValueError(f"{name} has {len(values)} entries for {num_prompts} prompts")
         if not 0.0 <= floor <= 1.0 or not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"floor ({floor}) and ema_decay ({ema_decay}) must be in [0, 1]")
         if drop_always_solved_after < 1 or total_iterations < 1:
@@ -71,6 +78,10 @@ class PromptSampler:
                                                                 total_iterations)
         self._easy_first = np.argsort(-np.asarray(labels), kind="stable")
         self.success = np.asarray(labels, dtype=np.float64)
+        # Unlabelled, unobserved prompts borrow their difficulty level's running success rate.
+        self.borrows = np.array([r is None for r in (pass_rates or [None] * num_prompts)])
+        self.levels = [None if v is None else str(v) for v in (levels or [None] * num_prompts)]
+        self.level_success: dict[str, float] = {}
         self.streak = np.zeros(num_prompts, dtype=np.int64)
         self.active = np.ones(num_prompts, dtype=bool)
         self._rng = np.random.default_rng(seed)
@@ -90,11 +101,19 @@ class PromptSampler:
             in_pool[self.curriculum_pool(iteration)] = True
             eligible = eligible & in_pool
         weights = eligible.astype(np.float64)
+        success = self.estimates()
         if self.mode == "prioritized":
-            weights *= np.maximum(1.0 - self.success, self.floor)
+            weights *= np.maximum(1.0 - success, self.floor)
+        elif self.mode == "informative":
+            weights *= success * (1.0 - success) + self.floor
         if weights.sum() == 0:  # floor 0 and every eligible prompt solved: no preference left
             weights = eligible.astype(np.float64)
         return weights / weights.sum()
+
+    def estimates(self) -> np.ndarray:
+        """``s_i`` for every prompt, unobserved unlabelled ones at their level's rate."""
+        borrowed = [self.level_success.get(level, UNLABELLED_PASS_RATE) for level in self.levels]
+        return np.where(self.borrows, borrowed, self.success)
 
     def sample(self, iteration: int, n: int) -> list[int]:
         """``n`` prompt indices, distinct while the support allows (see module docstring)."""
@@ -114,16 +133,25 @@ class PromptSampler:
         if not len(prompt_ids) == len(mean_rewards) == len(all_correct):
             raise ValueError("prompt_ids, mean_rewards and all_correct must have the same size")
         for pid, reward, solved in zip(prompt_ids, mean_rewards, all_correct):
-            self.success[pid] = self.ema_decay * self.success[pid] + (1 - self.ema_decay) * reward
+            prior, level = self.estimates()[pid], self.levels[pid]
+            if level is not None:
+                before = self.level_success.get(level, UNLABELLED_PASS_RATE)
+                self.level_success[level] = self._ema(before, reward)
+            self.success[pid] = self._ema(prior, reward)
+            self.borrows[pid] = False
             self.streak[pid] = self.streak[pid] + 1 if solved else 0
             if self.mode == "prioritized" and self.streak[pid] >= self.drop_always_solved_after:
                 self.active[pid] = False
+
+    def _ema(self, value: float, observation: float) -> float:
+        return self.ema_decay * value + (1 - self.ema_decay) * observation
 
     def state_dict(self) -> dict[str, Any]:
         """Everything that changes while training, as JSON-serialisable Python types."""
         return {"num_prompts": self.num_prompts, "mode": self.mode,
                 "success": self.success.tolist(), "streak": self.streak.tolist(),
-                "active": self.active.tolist(),
+                "active": self.active.tolist(), "borrows": self.borrows.tolist(),
+                "level_success": dict(self.level_success),
                 "rng": copy.deepcopy(self._rng.bit_generator.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -135,4 +163,6 @@ class PromptSampler:
         self.success = np.asarray(state["success"], dtype=np.float64)
         self.streak = np.asarray(state["streak"], dtype=np.int64)
         self.active = np.asarray(state["active"], dtype=bool)
+        self.borrows = np.asarray(state["borrows"], dtype=bool)
+        self.level_success = dict(state["level_success"])
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
