@@ -12,6 +12,7 @@ import sys
 
 from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
+from kimivl_rl.ownership import NotOursError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -45,7 +46,7 @@ def cmd_model_init(args) -> None:
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
 
     spec = TinyVLMSpec(seed=args.seed, think_open=args.think_open, think_close=args.think_close)
-    out = build_tiny_vlm(args.out, spec)
+    out = build_tiny_vlm(args.out, spec, setting="--out")
     print(f"tiny VLM written to {out} (seed {args.seed})")
 
 
@@ -53,7 +54,8 @@ def cmd_data_build(args) -> None:
     from kimivl_rl.data.build import BuildSpec, build_dataset
 
     cfg = _config(args)
-    out = build_dataset(BuildSpec.from_config(cfg.data), args.out or cfg.data.dir)
+    out = build_dataset(BuildSpec.from_config(cfg.data), args.out or cfg.data.dir,
+                        setting="--out" if args.out else "data.dir")
     print(f"built-in data written to {out} (seed {cfg.data.seed})")
 
 
@@ -71,11 +73,14 @@ def cmd_data_check(args) -> None:
 def cmd_label_difficulty(args) -> None:
     from pathlib import Path
 
-    from kimivl_rl.difficulty import label_difficulty
+    from kimivl_rl.difficulty import check_label_paths, label_difficulty
+    from kimivl_rl.prepare import with_absolute_paths
 
-    cfg, base_model, data_dir = _prepared_config(args)
-    in_file = Path(args.input or Path(data_dir) / cfg.rl.train_file)
+    cfg = with_absolute_paths(_config(args))
+    in_file = Path(args.input or Path(cfg.data.dir) / cfg.rl.train_file)
     out_file = Path(args.out or in_file.with_name(in_file.stem + ".labelled.jsonl"))
+    check_label_paths(in_file, out_file)  # before the model or the data are built
+    cfg, base_model, _ = _prepared_config(args, writes_output=False)
     print(json.dumps(label_difficulty(cfg, args.model or base_model, in_file, out_file), indent=1))
 
 
@@ -99,48 +104,53 @@ def cmd_build_long_cot(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from kimivl_rl.prepare import check_data, ensure_data, ensure_model
+    from kimivl_rl.prepare import check_data, claim_targets, ensure_data, ensure_model
 
     cfg = _config(args)
+    claim_targets(cfg, output=False)
     model = ensure_model(cfg)
     data = ensure_data(cfg)
     check_data(cfg)
     print(f"model: {model}\ndata:  {data}")
 
 
-def _prepared_config(args):
-    """The config with absolute paths, its model and data built if needed."""
-    from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
+def _prepared_config(args, writes_output: bool = True):
+    """The config with absolute paths, its model and data built if needed; first of all, a
+    data.dir or output.dir that kimivl-rl did not write is refused (``claim_targets``)."""
+    from kimivl_rl.prepare import claim_targets, ensure_data, ensure_model, with_absolute_paths
 
     cfg = with_absolute_paths(_config(args))
+    claim_targets(cfg, output=writes_output)
     return cfg, ensure_model(cfg), ensure_data(cfg)
 
 
 def cmd_sft(args) -> None:
-    from sft.trainer import run_stage
-
     cfg, base_model, _ = _prepared_config(args)
+    from sft.trainer import run_stage  # after the checks: it imports torch and Ray
+
     summary = run_stage(cfg, args.stage, base_model)
     print(json.dumps({"stage": args.stage, "output_model": summary["output_model"],
                       "eval": summary["eval"]}, indent=1))
 
 
 def cmd_rl(args) -> None:
-    from kimivl_rl.controller import rl_input_model, run_rl
-
     cfg, base_model, _ = _prepared_config(args)
+    from kimivl_rl.controller import rl_input_model, run_rl  # after the checks: torch and Ray
+
     print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, args.model)), indent=1))
 
 
 def cmd_run(args) -> None:
     from kimivl_rl.pipeline import format_summary, parse_stages, run_pipeline
-    from kimivl_rl.prepare import with_absolute_paths
+    from kimivl_rl.prepare import claim_targets, with_absolute_paths
 
     try:
         stages = parse_stages(args.stages)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    summary = run_pipeline(with_absolute_paths(_config(args)), stages)
+    cfg = with_absolute_paths(_config(args))
+    claim_targets(cfg)
+    summary = run_pipeline(cfg, stages)
     print("\n" + format_summary(summary))
     for plot in summary["plots"]:
         print(f"plot: {plot}")
@@ -166,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="build models").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     init = model.add_parser("init", help="build the tiny VLM offline from a seed")
-    init.add_argument("--out", required=True, help="output directory (replaced)")
+    init.add_argument("--out", required=True,
+                      help="output directory (new, empty, or a tiny model it built before)")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--think-open", default="<think>")
     init.add_argument("--think-close", default="</think>")
@@ -176,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", metavar="ACTION", required=True)
     build = data.add_parser("build", help="write the built-in data set (config's data section)")
     _add_config_args(build, optional=True)
-    build.add_argument("--out", help="output directory (default: the config's data.dir)")
+    build.add_argument("--out", help="output directory, new, empty or built by it before "
+                                     "(default: the config's data.dir)")
     build.set_defaults(func=cmd_data_build)
     check_data = data.add_parser("check", help="validate a JSONL/Parquet data file")
     check_data.add_argument("file")
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, NotOursError) as exc:
         print(f"kimivl-rl: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
 from tqdm import tqdm
 
 from kimivl_rl.config import Config
+from kimivl_rl.data.rows import DataError
+from kimivl_rl.ownership import SHA_KEY, check_replaceable_file, sha256_of, sidecar_path, staging_file
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # prompts per generate call: progress output and bounded memory
@@ -48,13 +51,22 @@ def sample_and_score(cfg: Config, model_path: str, prompts: list, n: int, temper
         actors.stop()
 
 
+def check_label_paths(in_file: Path, out_file: Path) -> None:
+    """Refuse, before anything starts, an output that is not beside the input or that would
+    overwrite a file kimivl-rl did not write: an existing ``out_file`` is replaced only when its
+    sidecar ``<out stem>.stats.json``, written with it, records its current sha256."""
+    if out_file.resolve().parent != in_file.resolve().parent:
+        raise DataError(f"{out_file}: write labels next to {in_file} (image paths are relative "
+                        f"to the data file's directory)")
+    check_replaceable_file(out_file, "--out", "Choose another --out file, or move that one away.")
+
+
 def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path) -> dict:
-    """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set; return statistics."""
+    """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set, and the statistics with
+    the file's sha256 to its sidecar (``check_label_paths``); return the statistics."""
     from kimivl_rl.controller import load_prompts
 
-    if out_file.resolve().parent != in_file.resolve().parent:
-        raise ValueError(f"{out_file}: write labels next to {in_file} (image paths are relative "
-                         f"to the data file's directory)")
+    check_label_paths(in_file, out_file)
     prompts = load_prompts(cfg, str(in_file.resolve()))  # an absolute path ignores data.dir
     k = cfg.sampler.label_samples
     rates: list[float] = []
@@ -62,11 +74,19 @@ def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path
                                              cfg.sampler.label_temperature, "labelling"):
         rates += [sum(s.score for s in scores[i * k:(i + 1) * k]) / k for i in range(len(chunk))]
     rows = [json.loads(line) for line in in_file.read_text().splitlines() if line.strip()]
-    with open(out_file, "w") as f:
-        for row, rate in zip(rows, rates):
-            f.write(json.dumps({**row, "pass_rate": rate}) + "\n")
-    stats = {"prompts": len(rates), "samples_per_prompt": cfg.sampler.label_samples,
-             "mean_pass_rate": sum(rates) / max(1, len(rates)),
-             "always_solved": sum(r == 1.0 for r in rates), "never_solved": sum(r == 0.0 for r in rates)}
+    staging = staging_file(out_file)
+    try:
+        with open(staging, "x") as f:
+            for row, rate in zip(rows, rates):
+                f.write(json.dumps({**row, "pass_rate": rate}) + "\n")
+        stats = {"prompts": len(rates), "samples_per_prompt": cfg.sampler.label_samples,
+                 "mean_pass_rate": sum(rates) / max(1, len(rates)),
+                 "always_solved": sum(r == 1.0 for r in rates),
+                 "never_solved": sum(r == 0.0 for r in rates),
+                 "output": str(out_file), SHA_KEY: sha256_of(staging)}
+        os.replace(staging, out_file)  # an interrupted run never leaves a half-written file
+    finally:
+        staging.unlink(missing_ok=True)
+    sidecar_path(out_file).write_text(json.dumps(stats, indent=1))
     log.info("difficulty labels written to %s: %s", out_file, stats)
     return stats

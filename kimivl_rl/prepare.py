@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Iterable
 
 from kimivl_rl.config import Config
-from kimivl_rl.data.build import BuildSpec, ensure_dataset
+from kimivl_rl.data.build import BuildSpec, check_replaceable, dataset_is_current, ensure_dataset
 from kimivl_rl.data.rows import RowLoader
-from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
+from kimivl_rl.ownership import OUTPUT_MARKER, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,11 @@ def with_absolute_paths(cfg: Config) -> Config:
                    output=replace(cfg.output, dir=str(Path(cfg.output.dir).resolve())))
 
 
-def tiny_spec(cfg: Config) -> TinyVLMSpec:
-    return TinyVLMSpec(seed=cfg.model.init_seed, think_open=cfg.model.think_open,
-                       think_close=cfg.model.think_close)
-
-
 def ensure_model(cfg: Config) -> str:
     """The model path to load: the configured one, built as the tiny model when asked to."""
     from kimivl_rl.models.loading import check_remote_code
+    # torch comes with these: imported here, so the checks before any build stay quick.
+    from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
 
     path = Path(cfg.model.path)
     tiny = cfg.model.init_if_missing and (not path.exists() or (path / "kimivl_tiny.json").is_file())
@@ -40,7 +37,8 @@ def ensure_model(cfg: Config) -> str:
         # overwritten). Before Ray starts: one that needs custom code is refused unless allowed.
         check_remote_code(cfg.model.path, cfg.model.trust_remote_code)
         return cfg.model.path
-    spec = tiny_spec(cfg)
+    spec = TinyVLMSpec(seed=cfg.model.init_seed, think_open=cfg.model.think_open,
+                       think_close=cfg.model.think_close)
     if not tiny_vlm_is_current(path, spec):
         log.info("building the tiny model at %s (seed %d)", path, spec.seed)
         build_tiny_vlm(path, spec)
@@ -52,6 +50,32 @@ def ensure_data(cfg: Config, progress: bool = True) -> Path:
     if not cfg.data.build_if_missing:
         return Path(cfg.data.dir)
     return ensure_dataset(BuildSpec.from_config(cfg.data), cfg.data.dir, progress)
+
+
+# The top level of an output directory written before kimivl-rl marked its output directories.
+EARLIER_OUTPUT_ENTRIES = {"config.yaml", "summary.json", "plots", "tensorboard", "sft_joint",
+                          "sft_long_cot", "rl"}
+EARLIER_STAGE_DIRS = {"sft_joint", "sft_long_cot", "rl"}
+
+
+def _earlier_run_output(directory: Path) -> bool:
+    """An output directory of an earlier run: only names a run writes, a stage among them."""
+    names = {p.name for p in directory.iterdir()}
+    return names <= EARLIER_OUTPUT_ENTRIES and bool(names & EARLIER_STAGE_DIRS)
+
+
+def claim_targets(cfg: Config, output: bool = True) -> None:
+    """Before anything is built or started: refuse (``NotOursError``) a ``data.dir`` that would be
+    rebuilt or an ``output.dir`` that kimivl-rl did not write (``kimivl_rl.ownership``), and,
+    when the command writes outputs, create and mark ``output.dir``."""
+    spec = BuildSpec.from_config(cfg.data)
+    if cfg.data.build_if_missing and not dataset_is_current(spec, cfg.data.dir):
+        check_replaceable(cfg.data.dir)
+    if output:
+        claim_output_dir(Path(cfg.output.dir), "output.dir",
+                         f"Choose a new or empty output.dir (kimivl-rl marks the ones it creates "
+                         f"with {OUTPUT_MARKER} and writes again into those).",
+                         _earlier_run_output)
 
 
 STAGES = ("joint", "long_cot", "rl")

@@ -6,7 +6,6 @@ content depends only on the seed and its size, never on what was generated befor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from kimivl_rl.data.tasks import MAX_DIFFICULTY, TASK_KINDS, Task, make_task
 from kimivl_rl.data.traces import long_cot_reasoning
+from kimivl_rl.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 7  # bump when generated content changes for the same spec
@@ -87,47 +87,75 @@ def _rows(spec: BuildSpec, split: str, part: str, count: int, split_dir: Path) -
         yield task_row(task, split, image_path)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _split_sizes(spec: BuildSpec) -> dict[str, int]:
     return {"joint_sft": spec.joint_sft_examples, "long_cot": spec.long_cot_examples,
             "rl": spec.rl_prompts}
 
 
-def build_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write every split under ``out_dir`` (replacing it) and a manifest with checksums."""
-    out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+def _write_splits(spec: BuildSpec, directory: Path, progress: bool) -> None:
     jobs = [(split, part, size if part == "train" else spec.eval_examples)
             for split, size in _split_sizes(spec).items() for part in ("train", "eval")]
     bar = tqdm(total=sum(n for *_, n in jobs), desc="building data", unit="ex", disable=not progress)
     for split, part, count in jobs:
-        split_dir = staging / split
+        split_dir = directory / split
         (split_dir / "images").mkdir(parents=True, exist_ok=True)
         with open(split_dir / f"{part}.jsonl", "w", encoding="utf-8") as f:
             for row in _rows(spec, split, part, count, split_dir):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 bar.update()
     bar.close()
-    files = sorted(p for p in staging.rglob("*") if p.is_file())
-    manifest = {"format_version": FORMAT_VERSION, "spec": spec.__dict__,
-                "files": {str(p.relative_to(staging)): _sha256(p) for p in files}}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    # Swap in the finished tree only now, so an interrupted build never looks complete.
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+
+
+def _manifest(out_dir: Path) -> Optional[dict]:
+    """The manifest of a build of ours at ``out_dir``; None when there is none."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+
+
+def _recorded_files(out_dir: Path) -> Optional[dict[str, str]]:
+    """The files a build of ours at ``out_dir`` wrote (the manifest included), with their sha256."""
+    manifest = _manifest(out_dir)
+    return None if manifest is None else {**manifest["files"], MANIFEST: sha256_of(out_dir / MANIFEST)}
+
+
+def check_replaceable(out_dir: str | Path, setting: str = "data.dir") -> None:
+    """Raise ``NotOursError`` unless ``out_dir`` is missing, empty, or a build of ours that holds
+    no other file and no changed one (see ``kimivl_rl.ownership``)."""
+    out_dir = Path(out_dir)
+    check_replaceable_dir(out_dir, _recorded_files(out_dir), setting,
+                          f"To train on your own files set data.build_if_missing=false; to build "
+                          f"the built-in data set choose a new or empty {setting}.")
+
+
+def build_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True,
+                  setting: str = "data.dir") -> Path:
+    """Write every split under ``out_dir`` and a manifest with checksums. An existing ``out_dir``
+    is replaced only when it is a build of ours (``check_replaceable``); ``setting`` names where
+    the path came from, for the refusal."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, setting)
+    staging = staging_dir(out_dir)
+    try:
+        _write_splits(spec, staging, progress)
+        manifest = {"format_version": FORMAT_VERSION, "spec": spec.__dict__,
+                    "files": file_hashes(staging)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        check_replaceable(out_dir, setting)  # again: files may have appeared while it built
+        # Swap in the finished tree only now, so an interrupted build never looks complete.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
 def dataset_is_current(spec: BuildSpec, out_dir: str | Path) -> bool:
-    manifest = Path(out_dir) / MANIFEST
-    if not manifest.is_file():
-        return False
-    recorded = json.loads(manifest.read_text())
-    return recorded.get("format_version") == FORMAT_VERSION and recorded.get("spec") == spec.__dict__
+    manifest = _manifest(Path(out_dir))
+    return (manifest is not None and manifest.get("format_version") == FORMAT_VERSION
+            and manifest.get("spec") == spec.__dict__)
 
 
 def ensure_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True) -> Path:

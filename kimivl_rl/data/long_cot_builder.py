@@ -32,6 +32,8 @@ from typing import Optional
 
 from kimivl_rl.data.rows import DataError, Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
+from kimivl_rl.ownership import (SHA_KEY, check_replaceable_dir, check_replaceable_file, file_hashes,
+                                 read_sidecar, sha256_of, sidecar_path, staging_file)
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.reward.extract import split_thinking
 
@@ -180,10 +182,6 @@ def format_summary(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def stats_path(out_file: Path) -> Path:
-    return out_file.with_name(out_file.stem + ".stats.json")
-
-
 # ----------------------------------------------------------------------------- the run
 
 def _raw_image_paths(path: Path) -> dict[str, list[str]]:
@@ -213,9 +211,20 @@ def trace_filter(cfg) -> TraceFilter:
                        cfg.model.think_open, cfg.model.think_close)
 
 
+def check_targets(out_file: Path, images_dir: Path) -> None:
+    """Refuse to overwrite what kimivl-rl did not write: an existing ``out_file`` only when its
+    statistics file (``<stem>.stats.json``, written with it) records its current sha256, and
+    ``images_dir`` only when that file records every file in it."""
+    fix = "Choose another --out file, or move that one away."
+    check_replaceable_file(out_file, "--out", fix)
+    copied = (read_sidecar(out_file) or {}).get("copied_images")
+    check_replaceable_dir(images_dir, copied, "the image folder of --out", fix)
+
+
 def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dict:
     """Sample, verify and filter traces from ``teacher`` for every prompt of ``prompts_file``;
-    write the kept rows to ``out_file`` (JSONL) and the statistics next to it; return them.
+    write the kept rows to ``out_file`` (JSONL) and the statistics next to it (with the file's
+    sha256 and the images copied beside it, see ``check_targets``); return them.
 
     Sampling: ``long_cot_builder.samples_per_prompt`` responses per prompt at
     ``rollout.temperature`` / ``top_p``, up to ``rollout.max_new_tokens`` each; filters: the
@@ -230,16 +239,17 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
         raise DataError(f"{out_file}: the long-CoT set is written as JSONL (use a .jsonl name)")
     if out_file == prompts_file:
         raise DataError(f"{out_file}: the output would overwrite the prompts file")
+    images_dir = out_file.stem + "_images"
+    check_targets(out_file, out_file.parent / images_dir)
     prompts = RowLoader.for_config(prompts_file, cfg.data, require_answer=True).load_all()
     image_paths = _raw_image_paths(prompts_file)
     filt = trace_filter(cfg)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    images_dir = out_file.stem + "_images"
-    partial = out_file.with_name(out_file.name + ".partial")
+    partial = staging_file(out_file)
     per_prompt: list[PromptStats] = []
     k = cfg.long_cot_builder.samples_per_prompt
     try:
-        with open(partial, "w", encoding="utf-8") as f:
+        with open(partial, "x", encoding="utf-8") as f:
             for chunk, samples, scores in sample_and_score(cfg, teacher, prompts, k,
                                                            cfg.rollout.temperature, "long-CoT traces"):
                 for i, (example, group) in enumerate(zip(chunk, samples)):
@@ -251,15 +261,17 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
                         for verdict in kept:
                             row = long_cot_row(example, prompt_messages(example), verdict, paths)
                             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        output_sha256 = sha256_of(partial)
         os.replace(partial, out_file)  # an interrupted build never looks complete
     finally:
         partial.unlink(missing_ok=True)
     stats = {"teacher": teacher, "prompts_file": str(prompts_file), "output": str(out_file),
-             "stats_file": str(stats_path(out_file)),
+             "stats_file": str(sidecar_path(out_file)), SHA_KEY: output_sha256,
+             "copied_images": file_hashes(out_file.parent / images_dir),
              "settings": {"samples_per_prompt": k, "temperature": cfg.rollout.temperature,
                           "top_p": cfg.rollout.top_p, "max_new_tokens": cfg.rollout.max_new_tokens,
                           "seed": cfg.seed, **asdict(filt)},
              "totals": total_stats(per_prompt), "per_prompt": [asdict(p) for p in per_prompt]}
-    stats_path(out_file).write_text(json.dumps(stats, indent=1, ensure_ascii=False))
+    sidecar_path(out_file).write_text(json.dumps(stats, indent=1, ensure_ascii=False))
     log.info("long-CoT set written to %s: %s", out_file, stats["totals"])
     return stats

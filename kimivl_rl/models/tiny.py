@@ -19,6 +19,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLC
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
 from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
+from kimivl_rl.ownership import is_empty, refusal, staging_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -116,11 +117,27 @@ def _processor(tokenizer: PreTrainedTokenizerFast, spec: TinyVLMSpec) -> Qwen2_5
         tokenizer=tokenizer, chat_template=chat_template(spec.think_open, spec.think_close))
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec()) -> Path:
-    """Write the tiny model to ``out_dir`` (replacing it); same spec, same files."""
+def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
+                   setting: str = "model.path") -> Path:
+    """Write the tiny model to ``out_dir``; same spec, same files. An existing ``out_dir`` is
+    replaced only when it is empty or a tiny model of ours (holds ``kimivl_tiny.json``);
+    ``setting`` names where the path came from, for the refusal."""
     out_dir = Path(out_dir)
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    if not is_empty(out_dir) and not (out_dir / BUILD_INFO).is_file():
+        raise refusal(setting, out_dir, f"is not empty and holds no {BUILD_INFO} (it is not a tiny "
+                      f"model kimivl-rl built)", "Choose a new or empty directory.")
+    staging = staging_dir(out_dir)
+    try:
+        _save_model(spec, staging)
+        # Swap in the finished model only now, so an interrupted build never looks complete.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
     tokenizer = _train_tokenizer(spec)
     config = _model_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -129,12 +146,9 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec()) -> Pa
     model.generation_config = GenerationConfig(
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
         pad_token_id=config.text_config.pad_token_id, bos_token_id=config.text_config.bos_token_id)
-    model.save_pretrained(staging)
-    _processor(tokenizer, spec).save_pretrained(staging)
-    (staging / BUILD_INFO).write_text(json.dumps(_build_info(spec), indent=1, sort_keys=True))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
-    return out_dir
+    model.save_pretrained(directory)
+    _processor(tokenizer, spec).save_pretrained(directory)
+    (directory / BUILD_INFO).write_text(json.dumps(_build_info(spec), indent=1, sort_keys=True))
 
 
 def _build_info(spec: TinyVLMSpec) -> dict:
