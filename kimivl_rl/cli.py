@@ -140,6 +140,56 @@ def cmd_rl(args) -> None:
     print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, args.model)), indent=1))
 
 
+EVAL_REPORT = "kimivl-rl eval"  # the "report" key of every evaluation report this writes
+
+
+def _eval_report_file(cfg, args):
+    """Where the report goes: ``--out`` (missing, or an earlier report of ours), else
+    ``output.dir/eval/<model>.json`` in an output directory kimivl-rl owns."""
+    from pathlib import Path
+
+    from kimivl_rl.ownership import refusal
+    from kimivl_rl.prepare import claim_targets
+
+    if not args.out:
+        claim_targets(cfg)
+        return Path(cfg.output.dir) / "eval" / f"{Path(args.model).name}.json"
+    out = Path(args.out)
+    try:
+        ours = not out.exists() or json.loads(out.read_text()).get("report") == EVAL_REPORT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise refusal("--out", out, "exists and is not an evaluation report of kimivl-rl",
+                      "Name a new file.")
+    return out
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+
+    from kimivl_rl.evaluation import evaluate_model, format_report, on_rollout_resources
+    from kimivl_rl.prepare import ensure_data, with_absolute_paths
+    from kimivl_rl.ray_runtime import init_ray
+
+    cfg = with_absolute_paths(_config(args))
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    out = _eval_report_file(cfg, args)
+    data_file = Path(args.file).resolve() if args.file else ensure_data(cfg) / cfg.rl.eval_file
+    if not data_file.is_file():
+        raise DataError(f"{data_file}: evaluation file not found")
+    samples = cfg.eval.samples if args.samples is None else args.samples
+    init_ray(cfg)
+    report = on_rollout_resources(cfg, evaluate_model, model, str(data_file),
+                                  args.limit or cfg.rl.eval_prompts, samples,
+                                  step=f"evaluate {model}")
+    report = {"report": EVAL_REPORT, "model": model, "file": str(data_file), **report}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"{model} on {data_file} ({report['examples']} prompts)\n{format_report(report)}\n"
+          f"report: {out}")
+
+
 def cmd_run(args) -> None:
     from kimivl_rl.pipeline import format_summary, parse_stages, run_pipeline
     from kimivl_rl.prepare import claim_targets, with_absolute_paths
@@ -211,6 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default="joint,long_cot,rl",
                      help="comma-separated subset of joint,long_cot,rl (default: all three)")
     run.set_defaults(func=cmd_run)
+
+    evaluate = commands.add_parser(
+        "eval", help="held-out greedy accuracy, mean@K and pass@K (by difficulty, task and tier), "
+                     "response length, trace format and reward reasons of a checkpoint")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="checkpoint to evaluate")
+    evaluate.add_argument("--samples", type=int, metavar="K",
+                          help="samples per prompt at rollout.temperature (default: eval.samples; "
+                               "0: greedy only)")
+    evaluate.add_argument("--file", metavar="FILE",
+                          help="rows with a reference 'answer' (default: data.dir/rl.eval_file)")
+    evaluate.add_argument("--limit", type=int, metavar="N",
+                          help="first N rows only (default: rl.eval_prompts)")
+    evaluate.add_argument("--out", metavar="JSON",
+                          help="report file (default: output.dir/eval/<model dir name>.json)")
+    evaluate.set_defaults(func=cmd_eval)
 
     rl = commands.add_parser("rl", help="run the RL stage on Ray (vLLM rollouts, reward service, "
                                         "DeepSpeed learners)")

@@ -22,13 +22,12 @@ from tqdm import tqdm
 from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example, RowLoader
-from kimivl_rl.evaluation import generation_requests
+from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import ActorFailed, call_all, wait_all, wait_one
-from kimivl_rl.reward.contract import RewardInput
-from kimivl_rl.rl.experience import (Trajectory, assign_rewards, informative_groups,
-                                     trajectories_from_samples)
+from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
+                                     informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.losses import LOSS_METRICS
 from kimivl_rl.rl.sampler import PromptSampler
@@ -193,9 +192,7 @@ def score(actors: RLActors, cfg: Config, examples: list[Example], samples) -> li
     again by its restarted successor (so each sample is scored exactly once)."""
     import ray
 
-    items = ray.put([RewardInput(response=s.text, reference=ex.answer, prompt_id=ex.source,
-                                 think_open=cfg.model.think_open, think_close=cfg.model.think_close)
-                     for ex, group in zip(examples, samples) for s in group])
+    items = ray.put(reward_inputs(cfg, examples, samples))
     return call_all([lambda: actors.reward.score.remote(items)], "reward-0", "score",
                     cfg.cluster.call_timeout_s, recover=actors.recover_reward,
                     retries=cfg.cluster.actor_max_restarts)[0]
@@ -212,35 +209,66 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, 
             "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n}
 
 
+@dataclass
+class Groups:
+    """The scored groups of one iteration: prompt ids, trajectories (k per prompt, in order)."""
+    chosen: list[int] = field(default_factory=list)
+    trajectories: list[Trajectory] = field(default_factory=list)
+    rounds: int = 0
+    timings: dict = field(default_factory=lambda: {"time_generate_s": 0.0, "time_reward_s": 0.0})
+
+    def roll_out(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
+                 chosen: list[int], iteration: int) -> list[Trajectory]:
+        """Generate k samples for each chosen prompt, score them (task reward only), keep them."""
+        started = time.perf_counter()
+        examples = [prompts[i] for i in chosen]
+        seed = cfg.seed * 100_003 + iteration + self.rounds * 1_000_003
+        samples = generate(actors, cfg, generation_requests(examples, processor),
+                           cfg.rl.samples_per_prompt, cfg.rollout.temperature, seed=seed)
+        scored = time.perf_counter()
+        trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples)
+        assign_rewards(trajectories, score(actors, cfg, examples, samples), 0.0)
+        self.timings["time_generate_s"] += scored - started
+        self.timings["time_reward_s"] += time.perf_counter() - scored
+        self.chosen += chosen
+        self.trajectories += trajectories
+        self.rounds += 1
+        return trajectories
+
+
+def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Example],
+                   sampler: PromptSampler, iteration: int) -> Groups:
+    """Dynamic sampling (DAPO): draw ``prompts_per_iteration`` prompts, and while fewer groups
+    than that have differing task rewards, draw as many again, up to
+    ``rl.dynamic_sampling_rounds`` more times. Every group updates the sampler."""
+    groups = Groups()
+    while True:
+        chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
+        _update_sampler(sampler, chosen,
+                        groups.roll_out(actors, cfg, processor, prompts, chosen, iteration))
+        informative = len(informative_groups(groups.trajectories)) // cfg.rl.samples_per_prompt
+        if (informative >= cfg.rl.prompts_per_iteration
+                or groups.rounds > cfg.rl.dynamic_sampling_rounds):
+            return groups
+
+
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
                   sampler: PromptSampler, iteration: int) -> dict:
-    timings = {}
-    started = time.perf_counter()
-    chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
-    examples = [prompts[i] for i in chosen]
-    samples = generate(actors, cfg, generation_requests(examples, processor), cfg.rl.samples_per_prompt,
-                       cfg.rollout.temperature, seed=cfg.seed * 100_003 + iteration)
-    timings["time_generate_s"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    scores = score(actors, cfg, examples, samples)
-    trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples)
+    groups = collect_groups(actors, cfg, processor, prompts, sampler, iteration)
+    trajectories = groups.trajectories
     weight = length_penalty_weight_at(iteration, cfg.rl.length_penalty_weight,
                                       cfg.rl.length_penalty_start_iteration)
-    assign_rewards(trajectories, scores, weight)
-    _update_sampler(sampler, chosen, trajectories, cfg.rl.samples_per_prompt)
-    timings["time_reward_s"] = time.perf_counter() - started
-
+    add_length_penalty(trajectories, weight)
     informative = informative_groups(trajectories)
     batch = informative if cfg.rl.drop_zero_advantage_groups else trajectories
     learned = learn_and_sync(actors, cfg, batch, iteration)
     generated = sum(len(t.response_token_ids) for t in trajectories)
-    return {**rollout_metrics(trajectories, weight), **learned, **timings,
-            # every group has samples_per_prompt responses: the share of groups with signal
+    return {**rollout_metrics(trajectories, weight), **learned, **groups.timings,
             "informative_group_fraction": len(informative) / len(trajectories),
-            "generated_tokens_per_s": generated / max(1e-9, timings["time_generate_s"]),
+            "sampling_rounds": groups.rounds, "sampled_groups": len(groups.chosen),
+            "generated_tokens_per_s": generated / max(1e-9, groups.timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
-            "sampled_prompts": chosen}
+            "sampled_prompts": groups.chosen}
 
 
 def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int) -> dict:
@@ -264,24 +292,29 @@ def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], itera
             "time_learn_s": learn_s, "time_sync_s": sync_s}
 
 
-def _update_sampler(sampler: PromptSampler, chosen: list[int], trajectories: list[Trajectory],
-                    k: int) -> None:
+def _update_sampler(sampler: PromptSampler, chosen: list[int],
+                    trajectories: list[Trajectory]) -> None:
     """Per prompt: mean task reward (not the length penalty) and whether all k were right."""
-    means, all_right = [], []
-    for g in range(len(chosen)):
-        group = trajectories[g * k:(g + 1) * k]
-        rewards = [t.task_reward for t in group]
-        means.append(sum(rewards) / len(rewards))
-        all_right.append(all(r >= 1.0 for r in rewards))
-    sampler.update(chosen, means, all_right)
+    rewards: dict[int, list[float]] = {}
+    for t in trajectories:
+        rewards.setdefault(t.prompt_index, []).append(t.task_reward)
+    means = [sum(rewards[p]) / len(rewards[p]) for p in chosen]
+    sampler.update(chosen, means, [all(r >= 1.0 for r in rewards[p]) for p in chosen])
 
 
 def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: list[Example]) -> dict:
+    """Greedy held-out report (``evaluation_report``) from the rollout workers and the reward
+    service, flattened into ``eval_*`` metrics (all prompts, and the ``eval.tier_difficulties``)."""
     samples = generate(actors, cfg, generation_requests(eval_prompts, processor), 1, 0.0, seed=cfg.seed)
-    scores = score(actors, cfg, eval_prompts, samples)
-    n = max(1, len(scores))
-    return {"eval_reward": sum(s.score for s in scores) / n,
-            "eval_response_length": sum(len(g[0].token_ids) for g in samples) / n}
+    report = evaluation_report(eval_prompts, [g[0] for g in samples],
+                               score(actors, cfg, eval_prompts, samples),
+                               think_open=cfg.model.think_open, think_close=cfg.model.think_close,
+                               tier=cfg.eval.tier_difficulties)
+    every, tier = report["slices"]["all"], report["slices"].get("tier", {})
+    return {"eval_reward": every["greedy"], "eval_reward_se": every["greedy_se"],
+            "eval_response_length": every["tokens_mean"], "eval_trace_format": every["trace_format"],
+            "eval_tier_reward": tier.get("greedy", 0.0), "eval_tier_reward_se": tier.get("greedy_se", 0.0),
+            "eval_tier_n": tier.get("n", 0)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -349,7 +382,8 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     summary_file.unlink(missing_ok=True)  # more iterations asked for: continue from a checkpoint
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampler = PromptSampler(len(prompts), cfg.sampler.mode, cfg.seed,
-                            pass_rates=[p.pass_rate for p in prompts], floor=cfg.sampler.floor,
+                            pass_rates=[p.pass_rate for p in prompts],
+                            levels=[p.difficulty for p in prompts], floor=cfg.sampler.floor,
                             ema_decay=cfg.sampler.ema_decay,
                             drop_always_solved_after=cfg.sampler.drop_always_solved_after,
                             total_iterations=cfg.rl.iterations)
@@ -384,14 +418,27 @@ def run_rl(cfg: Config, model_path: str) -> dict:
 
 
 def _summary(cfg: Config, model_path: str) -> dict:
+    """RL's summary from its metrics: held-out accuracy (all prompts and the tier) and length
+    at the start, when the length penalty switches on and at the end; training signal."""
     from kimivl_rl.metrics import read_jsonl
 
     records = read_jsonl(rl_dir(cfg) / "metrics.jsonl")
     evals = [r for r in records if "eval_reward" in r]
     trains = [r for r in records if "reward_mean" in r]
+    start = cfg.rl.length_penalty_start_iteration
+    before_penalty = [r for r in evals if r["step"] <= start]
+    eval_keys = ("step", "eval_reward", "eval_reward_se", "eval_tier_reward", "eval_tier_reward_se",
+                 "eval_tier_n", "eval_response_length", "eval_trace_format")
+    pick = lambda r: {k: r.get(k) for k in eval_keys} if r else None  # noqa: E731
     return {"input_model": model_path, "output_model": str(rl_output_model(cfg)),
-            "iterations": cfg.rl.iterations,
-            "eval_reward_start": evals[0]["eval_reward"] if evals else None,
-            "eval_reward_end": evals[-1]["eval_reward"] if evals else None,
+            "iterations": cfg.rl.iterations, "tier": list(cfg.eval.tier_difficulties),
+            "eval_start": pick(evals[0] if evals else None),
+            "eval_penalty_start": pick(before_penalty[-1] if before_penalty and start < cfg.rl.iterations
+                                       else None),
+            "eval_end": pick(evals[-1] if evals else None),
+            "length_penalty_start_iteration": start,
             "train_reward_start": trains[0]["reward_mean"] if trains else None,
-            "train_reward_end": trains[-1]["reward_mean"] if trains else None}
+            "train_reward_end": trains[-1]["reward_mean"] if trains else None,
+            "informative_group_fraction_mean":
+                sum(r["informative_group_fraction"] for r in trains) / max(1, len(trains)),
+            "iterations_without_update": sum(r["learner_responses"] == 0 for r in trains)}

@@ -1,28 +1,29 @@
-"""Held-out evaluation by generation: is the final answer right, and does the output follow the
-long-CoT trace format? Used after each SFT stage and periodically during RL."""
+"""Held-out evaluation: greedy accuracy, mean@K and pass@K with standard errors, per difficulty
+level, task kind and the configured RL tier; response length; trace format; reward reasons.
+
+One function, ``evaluation_report``, turns generated samples and their scores into the report;
+the SFT stages, RL's periodic held-out evaluation and ``kimivl-rl eval`` all call it, and all
+score through ``TimedScorer``, the reward service's time-limited path (``reward.function``,
+``numeric_tolerance``, ``timeout_s``).
+"""
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+from collections import Counter, defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
 
 from kimivl_rl.data.rows import Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
-from kimivl_rl.reward.contract import RewardInput, answer_only_reward
+from kimivl_rl.reward.contract import RewardInput, RewardOutput
 from kimivl_rl.reward.extract import split_thinking
+from kimivl_rl.reward.service import reason_kind
 from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 
-
-@dataclass
-class EvalResult:
-    examples: int
-    accuracy: float
-    mean_response_tokens: float
-    trace_format_rate: float  # closed thinking section showing all four behaviours
-    accuracy_by_difficulty: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+ALL = "all"
+TIER = "tier"
 
 
 def prompt_messages(example: Example) -> list[dict]:
@@ -45,38 +46,147 @@ def shows_trace_format(text: str, think_open: str, think_close: str) -> bool:
     return reasoning is not None and trace_behaviours(reasoning) == set(BEHAVIOUR_MARKERS)
 
 
-def answer_scores(examples: list[Example], samples: list[Sample], think_open: str,
-                  think_close: str) -> list[float]:
-    return [answer_only_reward(RewardInput(response=s.text, reference=ex.answer,
-                                           think_open=think_open, think_close=think_close)).score
-            for ex, s in zip(examples, samples)]
+def reward_inputs(cfg, examples: Sequence[Example],
+                  groups: Sequence[Sequence[Sample]]) -> list[RewardInput]:
+    """One reward item per sample, group by group, as the reward service scores them."""
+    return [RewardInput(response=s.text, reference=ex.answer, prompt_id=ex.source,
+                        task=str(ex.extra.get("task", "")), think_open=cfg.model.think_open,
+                        think_close=cfg.model.think_close)
+            for ex, group in zip(examples, groups) for s in group]
 
 
-def score_samples(examples: list[Example], samples: list[Sample], think_open: str,
-                  think_close: str) -> EvalResult:
-    correct = answer_scores(examples, samples, think_open, think_close)
-    traces = [shows_trace_format(s.text, think_open, think_close) for s in samples]
-    n = max(1, len(samples))
-    by_level = defaultdict(list)
-    for ex, c in zip(examples, correct):
-        by_level[str(int(ex.difficulty)) if ex.difficulty is not None else "unlabelled"].append(c)
-    return EvalResult(examples=len(samples), accuracy=sum(correct) / n,
-                      mean_response_tokens=sum(len(s.token_ids) for s in samples) / n,
-                      trace_format_rate=sum(traces) / n,
-                      accuracy_by_difficulty={k: sum(v) / len(v) for k, v in sorted(by_level.items())})
+def score_with_limits(cfg, items: list[RewardInput]) -> list[RewardOutput]:
+    """Score in this process through the reward service's scorer: same function, same limits."""
+    from kimivl_rl.reward.scoring import TimedScorer
+
+    with TimedScorer(cfg.reward.function, timeout_s=cfg.reward.timeout_s,
+                     numeric_tolerance=cfg.reward.numeric_tolerance) as scorer:
+        return scorer.score_batch(items)
 
 
-def greedy_samples(engine, examples: list[Example], processor, max_new_tokens: int) -> list[Sample]:
-    outputs = engine.generate(generation_requests(examples, processor), n=1, temperature=0.0,
-                              max_new_tokens=max_new_tokens)
-    return [o[0] for o in outputs]
+# ----------------------------------------------------------------------------- the report
+
+def _mean_se(values: Sequence[float], binary: bool) -> tuple[float, float]:
+    """Mean and standard error of per-prompt values: binomial ``sqrt(p (1 - p) / n)`` for 0/1
+    outcomes, the sample std over ``sqrt(n)`` for per-prompt means (mean@K)."""
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    mean = float(np.mean(values))
+    if binary:
+        return mean, math.sqrt(mean * (1 - mean) / n)
+    return mean, float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
-def evaluate(engine, examples: list[Example], processor, *, think_open: str, think_close: str,
-             max_new_tokens: int) -> EvalResult:
-    """Greedy answers to every example, scored by the answer-only reward."""
-    samples = greedy_samples(engine, examples, processor, max_new_tokens)
-    return score_samples(examples, samples, think_open, think_close)
+def _slice_stats(rows: list[int], correct: list[float], lengths: list[int], traces: list[bool],
+                 group_correct: Optional[list[list[float]]],
+                 group_lengths: Optional[list[list[int]]]) -> dict:
+    stats = {"n": len(rows)}
+    stats["greedy"], stats["greedy_se"] = _mean_se([correct[i] for i in rows], binary=True)
+    chosen = [lengths[i] for i in rows]
+    stats["tokens_mean"] = float(np.mean(chosen)) if chosen else 0.0
+    stats["tokens_p90"] = float(np.percentile(chosen, 90)) if chosen else 0.0
+    stats["trace_format"] = float(np.mean([traces[i] for i in rows])) if rows else 0.0
+    if group_correct is not None:
+        per_prompt = [float(np.mean(group_correct[i])) for i in rows]
+        stats["mean_at_k"], stats["mean_at_k_se"] = _mean_se(per_prompt, binary=False)
+        stats["pass_at_k"], stats["pass_at_k_se"] = _mean_se(
+            [float(max(group_correct[i]) >= 1.0) for i in rows], binary=True)
+        spreads = [(max(g) - min(g)) / max(1e-9, float(np.mean(g)))
+                   for g in (group_lengths[i] for i in rows)]
+        # (longest - shortest) / mean of one prompt's samples: the length penalty's room
+        stats["sampled_tokens_mean"] = float(np.mean([np.mean(group_lengths[i]) for i in rows])) \
+            if rows else 0.0
+        stats["length_spread"] = float(np.mean(spreads)) if spreads else 0.0
+    return stats
+
+
+def _slices(examples: Sequence[Example], tier: Sequence[int]) -> dict[str, list[int]]:
+    """Row indices of every slice: all, each difficulty level, each task kind, the tier."""
+    slices: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        slices[ALL].append(i)
+        level = "unlabelled" if ex.difficulty is None else str(int(ex.difficulty))
+        slices[f"difficulty {level}"].append(i)
+        slices[f"task {ex.extra.get('task', 'unlabelled')}"].append(i)
+        if ex.difficulty is not None and int(ex.difficulty) in tier:
+            slices[TIER].append(i)
+    return dict(sorted(slices.items(), key=lambda kv: (kv[0] != ALL, kv[0] == TIER, kv[0])))
+
+
+def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
+                      greedy_scores: Sequence[RewardOutput], *, think_open: str, think_close: str,
+                      tier: Sequence[int] = (), sampled: Optional[Sequence[Sequence[Sample]]] = None,
+                      sampled_scores: Optional[Sequence[RewardOutput]] = None) -> dict:
+    """The report of one evaluation. ``sampled`` holds K samples per example (may be None) and
+    ``sampled_scores`` their scores, flat, group by group."""
+    correct = [float(s.score) for s in greedy_scores]
+    lengths = [len(s.token_ids) for s in greedy]
+    traces = [shows_trace_format(s.text, think_open, think_close) for s in greedy]
+    group_correct = group_lengths = None
+    k = len(sampled[0]) if sampled else 0
+    if sampled:
+        flat = [float(s.score) for s in sampled_scores]
+        group_correct = [flat[i * k:(i + 1) * k] for i in range(len(sampled))]
+        group_lengths = [[len(s.token_ids) for s in group] for group in sampled]
+    slices = {name: _slice_stats(rows, correct, lengths, traces, group_correct, group_lengths)
+              for name, rows in _slices(examples, tier).items()}
+    reasons = Counter(reason_kind(s.reason) for s in greedy_scores)
+    return {"examples": len(examples), "samples_per_prompt": k, "tier": sorted(tier),
+            "slices": slices, "greedy_reasons": dict(reasons.most_common())}
+
+
+def format_report(report: dict) -> str:
+    """A table of the report's slices, one line each."""
+    k = report["samples_per_prompt"]
+    head = f"{'slice':<16} {'n':>4} {'greedy':>13}"
+    if k:
+        head += f" {f'mean@{k}':>13} {f'pass@{k}':>13} {'spread':>6}"
+    lines = [head + f" {'tokens':>6} {'p90':>5} {'format':>6}"]
+    for name, s in report["slices"].items():
+        label = f"tier {report['tier']}" if name == TIER else name
+        line = f"{label:<16} {s['n']:>4} {s['greedy']:>6.3f}±{s['greedy_se']:.3f}"
+        if k:
+            line += (f" {s['mean_at_k']:>6.3f}±{s['mean_at_k_se']:.3f}"
+                     f" {s['pass_at_k']:>6.3f}±{s['pass_at_k_se']:.3f} {s['length_spread']:>6.2f}")
+        lines.append(line + f" {s['tokens_mean']:>6.1f} {s['tokens_p90']:>5.0f} "
+                            f"{s['trace_format']:>6.2f}")
+    reasons = ", ".join(f"{r}: {n}" for r, n in report["greedy_reasons"].items())
+    lines.append(f"greedy reward reasons: {reasons}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running it
+
+def evaluate_with_engine(cfg, engine, processor, examples: list[Example], samples: int = 0,
+                         max_new_tokens: Optional[int] = None) -> dict:
+    """Greedy answers (and ``samples`` more at the rollout temperature) from ``engine``, scored
+    in this process through the time-limited scorer, as a report."""
+    max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
+    requests = generation_requests(examples, processor)
+    greedy = [g[0] for g in engine.generate(requests, n=1, temperature=0.0,
+                                            max_new_tokens=max_new_tokens)]
+    sampled = engine.generate(requests, n=samples, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, max_new_tokens=max_new_tokens,
+                              seed=cfg.seed) if samples else None
+    greedy_scores = score_with_limits(cfg, reward_inputs(cfg, examples, [[g] for g in greedy]))
+    sampled_scores = score_with_limits(cfg, reward_inputs(cfg, examples, sampled)) if sampled else None
+    return evaluation_report(examples, greedy, greedy_scores, think_open=cfg.model.think_open,
+                             think_close=cfg.model.think_close, tier=cfg.eval.tier_difficulties,
+                             sampled=sampled, sampled_scores=sampled_scores)
+
+
+def evaluate_model(config: dict, model_dir: str, data_file: str, limit: int, samples: int,
+                   max_new_tokens: Optional[int] = None) -> dict:
+    """``evaluate_with_engine`` on the first ``limit`` rows of ``data_file`` with a vLLM engine
+    of its own for ``model_dir``: the body of a Ray task (``on_rollout_resources``)."""
+    from kimivl_rl.config import config_from_dict
+    from kimivl_rl.data.rows import RowLoader
+
+    cfg = config_from_dict(config)
+    examples = RowLoader.for_config(data_file, cfg.data, require_answer=True).load_all()[:limit]
+    with greedy_engine(cfg, model_dir) as (engine, processor):
+        return evaluate_with_engine(cfg, engine, processor, examples, samples, max_new_tokens)
 
 
 @contextmanager

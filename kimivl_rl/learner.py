@@ -159,7 +159,7 @@ class LearnerWorker:
             reset_optimizer(self.engine)
         rewards = torch.tensor([t.reward for t in trajectories])
         groups = torch.tensor([t.prompt_index for t in trajectories])
-        advantages = get_advantage(self.loss.advantage)(rewards, groups)
+        advantages = get_advantage(self.cfg.rl.advantage or self.loss.advantage)(rewards, groups)
         normalizer = self.loss.normalizer(len(trajectories),
                                           sum(len(t.response_token_ids) for t in trajectories))
         mine = list(range(self.rank, len(trajectories), self.world))

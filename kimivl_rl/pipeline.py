@@ -79,23 +79,24 @@ def run_summary(cfg: Config) -> dict:
     for stage in ("joint", "long_cot"):
         finished = _read_json(out / f"sft_{stage}" / "summary.json")
         if finished:
-            ev = finished["eval"]
-            rows.append({"stage": STAGE_TITLES[stage], "accuracy": ev["accuracy"],
-                         "response_tokens": ev["mean_response_tokens"],
-                         "trace_format": ev["trace_format_rate"]})
+            ev = finished["eval"]["slices"]["all"]
+            rows.append({"stage": STAGE_TITLES[stage], "accuracy": ev["greedy"],
+                         "response_tokens": ev["tokens_mean"], "trace_format": ev["trace_format"]})
     summary = {"stages": rows}
-    if _read_json(out / "rl" / "summary.json"):
-        records = read_jsonl(out / "rl" / "metrics.jsonl")
-        evals = [r for r in records if "eval_reward" in r]
-        trains = [r for r in records if "reward_mean" in r]
-        rows.append({"stage": "RL", "accuracy": evals[-1]["eval_reward"],
-                     "response_tokens": evals[-1]["eval_response_length"], "trace_format": None})
-        summary["rl"] = {"eval_reward_start": evals[0]["eval_reward"],
-                         "eval_reward_end": evals[-1]["eval_reward"],
-                         "train_reward_start": trains[0]["reward_mean"],
-                         "train_reward_end": trains[-1]["reward_mean"],
-                         "iterations": trains[-1]["step"]}
+    rl = _read_json(out / "rl" / "summary.json")
+    if rl:
+        end = rl["eval_end"]
+        rows.append({"stage": "RL", "accuracy": end["eval_reward"],
+                     "response_tokens": end["eval_response_length"],
+                     "trace_format": end["eval_trace_format"]})
+        summary["rl"] = rl
     return summary
+
+
+def _change(before: float, after: float, se_before: float, se_after: float) -> str:
+    se = (se_before ** 2 + se_after ** 2) ** 0.5
+    ratio = f", {(after - before) / se:+.1f} SE" if se > 0 else ""
+    return f"{before:.3f} -> {after:.3f} ({after - before:+.3f}{ratio})"
 
 
 def format_summary(summary: dict) -> str:
@@ -105,10 +106,23 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{row['stage']:<14} {row['accuracy']:>12.3f} "
                      f"{row['response_tokens']:>12.1f} {trace:>12}")
     rl = summary.get("rl")
-    if rl:
-        lines.append(f"RL reward over {rl['iterations']} iterations: held-out "
-                     f"{rl['eval_reward_start']:.3f} -> {rl['eval_reward_end']:.3f}, training "
-                     f"{rl['train_reward_start']:.3f} -> {rl['train_reward_end']:.3f}")
+    if not rl:
+        return "\n".join(lines)
+    first, last, mid = rl["eval_start"], rl["eval_end"], rl["eval_penalty_start"]
+    lines.append(f"RL over {rl['iterations']} iterations, held-out greedy accuracy: all "
+                 + _change(first["eval_reward"], last["eval_reward"], first["eval_reward_se"],
+                           last["eval_reward_se"]))
+    lines.append(f"  tier (difficulty {','.join(map(str, rl['tier']))}, n={last['eval_tier_n']}): "
+                 + _change(first["eval_tier_reward"], last["eval_tier_reward"],
+                           first["eval_tier_reward_se"], last["eval_tier_reward_se"]))
+    if mid:
+        drop = 1 - last["eval_response_length"] / max(1e-9, mid["eval_response_length"])
+        lines.append(f"  length penalty from iteration {rl['length_penalty_start_iteration']}: "
+                     f"response tokens {mid['eval_response_length']:.1f} -> "
+                     f"{last['eval_response_length']:.1f} ({-drop:+.0%}), accuracy "
+                     f"{mid['eval_reward']:.3f} -> {last['eval_reward']:.3f}")
+    lines.append(f"  informative groups {rl['informative_group_fraction_mean']:.2f} on average; "
+                 f"iterations without an update: {rl['iterations_without_update']}")
     return "\n".join(lines)
 
 
@@ -142,19 +156,27 @@ def write_plots(cfg: Config, directory: Path) -> list[Path]:
 
 
 def _rl_figure(plt, records: list[dict]):
+    """Reward and pass rate, held-out accuracy on a fixed 0-1 axis with standard-error bars (all
+    prompts and the tier), and response length; the length penalty's start marked."""
     train = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_reward" in r]
     penalty_on = next((r["step"] for r in train if r.get("length_penalty_weight", 0) > 0), None)
     fig, axes = plt.subplots(3, 1, figsize=(7, 9), sharex=True)
-    panels = [
-        (axes[0], "reward", [("training reward (with length penalty)", train, "reward_mean"),
-                             ("training pass rate", train, "pass_rate")]),
-        (axes[1], "held-out accuracy", [("held-out accuracy (greedy)", evals, "eval_reward")]),
-        (axes[2], "response tokens", [("mean response length", train, "response_length_mean")]),
-    ]
-    for ax, ylabel, series in panels:
-        for label, rows, key in series:
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+    for label, key in (("training reward (with length penalty)", "reward_mean"),
+                       ("training pass rate", "pass_rate"),
+                       ("informative groups", "informative_group_fraction")):
+        axes[0].plot([r["step"] for r in train], [r[key] for r in train], marker=".", label=label)
+    for label, key in (("held-out, all prompts", "eval_reward"), ("held-out, tier", "eval_tier_reward")):
+        axes[1].errorbar([r["step"] for r in evals], [r.get(key, 0.0) for r in evals],
+                         yerr=[r.get(f"{key}_se", 0.0) for r in evals], marker="o", capsize=3,
+                         label=f"{label} (greedy, ±1 SE)")
+    axes[1].set_ylim(0, 1)
+    axes[2].plot([r["step"] for r in train], [r["response_length_mean"] for r in train],
+                 marker=".", label="training samples")
+    axes[2].plot([r["step"] for r in evals], [r["eval_response_length"] for r in evals],
+                 marker="o", label="held-out (greedy)")
+    axes[2].set_ylim(bottom=0)
+    for ax, ylabel in zip(axes, ("reward", "accuracy", "response tokens")):
         if penalty_on is not None:
             ax.axvline(penalty_on, color="grey", linestyle="--",
                        label=f"length penalty on (iteration {penalty_on})")

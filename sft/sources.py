@@ -139,15 +139,17 @@ def _stored_for(path: Path, input_model: str, unsolved_fraction: float) -> Optio
 def solved_rows(config: dict, stage: str, input_model: str) -> dict:
     """Greedy answers of ``input_model`` to each of the stage's own rows, in vLLM, scored by
     the answer-only reward: {"kept": ["file:line", ...], "counts": {...}}."""
-    from kimivl_rl.evaluation import answer_scores, greedy_engine, greedy_samples
+    from kimivl_rl.evaluation import (generation_requests, greedy_engine, reward_inputs,
+                                      score_with_limits)
 
     cfg = config_from_dict(config)
     own = stage_sources(cfg, stage)[0]
     examples = load_source(cfg, own, require_answer=True)
     with greedy_engine(cfg, input_model) as (engine, processor):
-        samples = greedy_samples(engine, examples, processor, cfg.sft.eval_max_new_tokens)
-    scores = answer_scores(examples, samples, cfg.model.think_open, cfg.model.think_close)
-    solved = [score == 1.0 for score in scores]
+        samples = engine.generate(generation_requests(examples, processor), n=1,
+                                  temperature=0.0, max_new_tokens=cfg.sft.eval_max_new_tokens)
+    scores = score_with_limits(cfg, reward_inputs(cfg, examples, samples))
+    solved = [s.score == 1.0 for s in scores]
     fraction = getattr(cfg.sft, stage).unsolved_fraction
     kept = rows_to_keep(solved, fraction)
     return {"model": input_model, "unsolved_fraction": fraction,

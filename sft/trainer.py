@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 from kimivl_rl.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
-from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
+from kimivl_rl.evaluation import format_report
 from kimivl_rl.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.packing import collate_pack
@@ -212,9 +212,9 @@ def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> d
     if check:
         check_data(cfg, [stage])
     summary = train_stage(cfg, stage, base_model)
-    summary["eval"] = evaluate_stage(cfg, stage).as_dict()
+    summary["eval"] = evaluate_stage(cfg, stage)
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
-    log.info("SFT %s done: %s", stage, summary["eval"])
+    log.info("SFT %s done, held-out:\n%s", stage, format_report(summary["eval"]))
     return summary
 
 
@@ -233,26 +233,23 @@ def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
             "plan": json.loads((output / "sft_plan.json").read_text())}
 
 
-def evaluate_stage(cfg: Config, stage: str):
-    """Greedy held-out accuracy (and trace format) of the stage's exported model, in vLLM, as a
-    Ray task with the rollout workers' resources."""
+def evaluate_stage(cfg: Config, stage: str) -> dict:
+    """The held-out report (``evaluation_report``, greedy) of the stage's exported model, in
+    vLLM, as a Ray task with the rollout workers' resources."""
     from kimivl_rl.evaluation import on_rollout_resources
 
     init_ray(cfg)
     return on_rollout_resources(cfg, _evaluate_model, stage, step=f"evaluate SFT {stage}")
 
 
-def _evaluate_model(config: dict, stage: str):
-    from kimivl_rl.evaluation import evaluate, greedy_engine
+def _evaluate_model(config: dict, stage: str) -> dict:
+    from kimivl_rl.evaluation import evaluate_model
 
     cfg = config_from_dict(config)
-    stage_cfg = getattr(cfg.sft, stage)
-    examples = RowLoader.for_config(Path(cfg.data.dir) / stage_cfg.eval_file, cfg.data,
-                                    require_answer=True).load_all()[: cfg.sft.eval_examples]
-    with greedy_engine(cfg, str(stage_output_model(cfg, stage))) as (engine, processor):
-        return evaluate(engine, examples, processor,
-                        think_open=cfg.model.think_open, think_close=cfg.model.think_close,
-                        max_new_tokens=cfg.sft.eval_max_new_tokens)
+    return evaluate_model(config, str(stage_output_model(cfg, stage)),
+                          str(Path(cfg.data.dir) / getattr(cfg.sft, stage).eval_file),
+                          cfg.sft.eval_examples, samples=0,
+                          max_new_tokens=cfg.sft.eval_max_new_tokens)
 
 
 def _fit(cfg: Config, stage: str, input_model: str, directory: Path):

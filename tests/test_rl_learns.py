@@ -1,5 +1,5 @@
-"""RL raises held-out reward from a weak checkpoint, through the whole RL system (vLLM rollout
-worker, reward service, DeepSpeed learner on Ray).
+"""RL raises held-out reward from a weak checkpoint, and the length penalty shortens responses,
+through the whole RL system (vLLM rollout worker, reward service, DeepSpeed learner on Ray).
 
 The weak checkpoint is joint SFT on easy built-in tasks where most answers were written as
 "It is X." and only some as "\\boxed{X}": it often knows the answer but mostly states it in a form
@@ -47,7 +47,37 @@ def test_rl_raises_held_out_reward_from_a_weak_checkpoint(tmp_path, ray_cluster)
     print(rl)
     assert rl["iterations"] == 10
     # measured: 0.0 -> 0.13 (0.18 while zero-advantage groups still went to the learner)
-    assert rl["eval_reward_end"] >= rl["eval_reward_start"] + 0.1, rl
+    assert rl["eval_end"]["eval_reward"] >= rl["eval_start"]["eval_reward"] + 0.1, rl
+
+
+def write_padded_answers(data_dir) -> None:
+    """joint_sft/padded_train.jsonl: every answer right, after 0 to 3 redundant checks."""
+    rows = [json.loads(line) for line in (data_dir / "joint_sft/train.jsonl").open()]
+    with (data_dir / "joint_sft/padded_train.jsonl").open("w") as f:
+        for i, row in enumerate(rows):
+            checks = f"Let me check: it is {row['answer']}. " * (i % 4)
+            row["messages"][-1]["content"] = f"{checks}\\boxed{{{row['answer']}}}"
+            f.write(json.dumps(row) + "\n")
+
+
+def test_length_penalty_shortens_responses_and_keeps_accuracy(tmp_path, ray_cluster):
+    cfg = with_absolute_paths(load_config("configs/tiny.yaml", [
+        f"output.dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data'}",
+        f"model.path={tmp_path / 'model'}", *EASY_DATA,
+        "sft.joint.train_file=joint_sft/padded_train.jsonl",
+        "rl.lr=1e-4", "rl.iterations=8", "rl.length_penalty_start_iteration=0",
+        "rl.length_penalty_weight=1.0", "rl.eval_every=8", "rl.eval_prompts=60",
+        "rl.checkpoint_every=8", "rollout.max_new_tokens=48", "rollout.temperature=1.0"]))
+    cfg.sft.joint.phases = cfg.sft.joint.phases[:1]
+    write_padded_answers(ensure_data(cfg, progress=False))
+    run_pipeline(cfg, ["joint", "rl"])
+    trained = [json.loads(line) for line in (tmp_path / "out/rl/metrics.jsonl").open()]
+    trained = [r for r in trained if "reward_mean" in r]
+    first, last = trained[:2], trained[-2:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    print([(r["response_length_mean"], r["pass_rate"]) for r in trained])
+    assert mean(last, "response_length_mean") <= 0.8 * mean(first, "response_length_mean")
+    assert mean(last, "pass_rate") >= mean(first, "pass_rate") - 0.1
 
 
 def test_rl_starts_from_the_last_finished_sft_stage(tmp_path):

@@ -79,10 +79,14 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
 
 
 def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
+    # Dynamic sampling on: no group of the random model has differing rewards, so every
+    # iteration rolls out a second round of prompts (the bound) and learns on both.
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=2", "rl.checkpoint_every=1",
-                 "rl.eval_every=2", "rl.length_penalty_start_iteration=1")
+                 "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
+                 "rl.dynamic_sampling_rounds=1")
     summary = run_rl(cfg, cfg.model.path)
-    assert summary["iterations"] == 2 and summary["eval_reward_start"] is not None
+    assert summary["iterations"] == 2 and summary["eval_start"]["eval_reward"] is not None
+    assert summary["eval_end"]["eval_tier_n"] > 0 and summary["iterations_without_update"] == 0
     records = [json.loads(line) for line in (rl_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2]
@@ -91,12 +95,15 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
                 "time_reward_s", "time_learn_s", "time_sync_s", "generated_tokens_per_s",
                 "informative_group_fraction"):
         assert all(key in r for r in trained), key
-    assert [r["learner_responses"] for r in trained] == [16, 16]  # 4 prompts x 4 samples
+    assert [r["sampling_rounds"] for r in trained] == [2, 2]
+    assert [len(r["sampled_prompts"]) for r in trained] == [8, 8]
+    assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (rl_output_model(cfg) / "model.safetensors").is_file()
 
     longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
-                    "rl.eval_every=2", "rl.length_penalty_start_iteration=1")
+                    "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
+                    "rl.dynamic_sampling_rounds=1")
     resumed = run_rl(longer, longer.model.path)
     assert resumed["iterations"] == 3
     records = [json.loads(line) for line in (rl_dir(cfg) / "metrics.jsonl").read_text().splitlines()]

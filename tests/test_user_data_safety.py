@@ -82,6 +82,9 @@ def commands(tmp: Path, mine: Path) -> list[tuple[list, str, Path]]:
         (["data", "build-long-cot", config, *kept_data, "--teacher", tmp / "teacher",
           "--prompts", mine / "rl.jsonl", "--out", mine / "sft.jsonl"], "--out", mine / "sft.jsonl"),
         (["model", "init", "--out", mine], "--out", mine),
+        (["eval", config, *kept_data, "--model", tmp / "model", "--out", mine / "rl.jsonl"],
+         "--out", mine / "rl.jsonl"),
+        (["eval", config, *as_output, "--model", tmp / "model"], "output.dir", mine),
     ]
 
 

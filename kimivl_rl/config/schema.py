@@ -115,6 +115,10 @@ class RLConfig:
     prompts_per_iteration: int = bounded(16, ge=1)
     samples_per_prompt: int = bounded(8, ge=1)
     loss: Literal["kimi_pmd", "grpo"] = "kimi_pmd"
+    # The advantage estimator (rl/advantages.py); None: the loss's own (kimi_pmd: group_mean,
+    # grpo: group_norm with the population std). group_norm_sample_std is TRL's, verl's and
+    # OpenRLHF's GRPO normalisation.
+    advantage: Optional[Literal["group_mean", "group_norm", "group_norm_sample_std"]] = None
     tau: float = bounded(0.1, gt=0.0)
     grpo_clip: float = bounded(0.2, gt=0.0)
     lr: float = bounded(1e-4, gt=0.0)
@@ -126,6 +130,10 @@ class RLConfig:
     # time but no policy gradient. Every group is still scored and updates the sampler. Under
     # kimi_pmd this also drops those groups' tau term from later updates of the iteration.
     drop_zero_advantage_groups: bool = True
+    # Dynamic sampling (DAPO): while fewer than prompts_per_iteration groups of an iteration have
+    # differing task rewards, roll out prompts_per_iteration more prompts, at most this many
+    # extra times (0: off). Counted in the metrics as sampling_rounds and sampled_groups.
+    dynamic_sampling_rounds: int = bounded(0, ge=0)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)
@@ -166,7 +174,7 @@ class RewardConfig:
 
 @dataclass
 class SamplerConfig:
-    mode: Literal["uniform", "curriculum", "prioritized"] = "prioritized"
+    mode: Literal["uniform", "curriculum", "prioritized", "informative"] = "prioritized"
     floor: float = bounded(0.05, ge=0.0, le=1.0)
     ema_decay: float = bounded(0.7, ge=0.0, le=1.0)
     drop_always_solved_after: int = bounded(3, ge=1)
@@ -186,6 +194,16 @@ class LongCoTBuilderConfig:
     # How many of the four behaviours (planning, evaluation, reflection, exploration) the
     # thinking section must show.
     min_behaviours: int = bounded(4, ge=0, le=4)
+
+
+@dataclass
+class EvalConfig:
+    # The difficulty levels whose held-out accuracy the run's summary reports RL's gain on: the
+    # levels where the long-CoT model is neither always right nor always wrong.
+    tier_difficulties: list[int] = field(default_factory=lambda: [2, 3, 4])
+    # K of mean@K and pass@K for ``kimivl-rl eval`` and the run's final evaluation (0: greedy only),
+    # sampled at the rollout temperature.
+    samples: int = bounded(8, ge=0)
 
 
 @dataclass
@@ -239,5 +257,6 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     long_cot_builder: LongCoTBuilderConfig = field(default_factory=LongCoTBuilderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

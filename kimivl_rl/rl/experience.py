@@ -38,16 +38,23 @@ def trajectories_from_samples(prompt_indices: list[int], images: list[list[Image
 
 def assign_rewards(trajectories: list[Trajectory], scores: list[RewardOutput],
                    length_penalty_weight: float) -> None:
-    """Task reward from the reward service, plus the length penalty computed per prompt group
-    over all generated tokens (reasoning included); a weight of 0 is the warm-up."""
-    penalties = grouped_length_penalty([len(t.response_token_ids) for t in trajectories],
-                                       [s.score >= 1.0 for s in scores],
-                                       [t.prompt_index for t in trajectories])
-    for trajectory, score, penalty in zip(trajectories, scores, penalties):
+    """Task reward from the reward service, plus the weighted length penalty
+    (``add_length_penalty``); a weight of 0 is the warm-up."""
+    for trajectory, score in zip(trajectories, scores):
         trajectory.task_reward = score.score
         trajectory.reward_reason = score.reason or ""
+    add_length_penalty(trajectories, length_penalty_weight)
+
+
+def add_length_penalty(trajectories: list[Trajectory], weight: float) -> None:
+    """The k1.5 length penalty computed per prompt group over all generated tokens (reasoning
+    included), added with ``weight`` to each trajectory's task reward."""
+    penalties = grouped_length_penalty([len(t.response_token_ids) for t in trajectories],
+                                       [t.task_reward >= 1.0 for t in trajectories],
+                                       [t.prompt_index for t in trajectories])
+    for trajectory, penalty in zip(trajectories, penalties):
         trajectory.length_penalty = penalty
-        trajectory.reward = score.score + length_penalty_weight * penalty
+        trajectory.reward = trajectory.task_reward + weight * penalty
 
 
 def informative_groups(trajectories: list[Trajectory]) -> list[Trajectory]:
