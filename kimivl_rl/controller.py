@@ -25,7 +25,7 @@ from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import ActorFailed, call_all, wait_all, wait_one
+from kimivl_rl.remote import ActorFailed, await_restart, call_all, wait_all, wait_one
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
@@ -64,7 +64,7 @@ class RLActors:
     cfg: Config
     learners: list
     rollouts: list
-    reward: object
+    reward: object  # a RewardPool
     transport: WeightTransport
     weights_version: int = 0  # what the rollout engines hold; 0 = the starting checkpoint
     restarts: dict = field(default_factory=lambda: {"rollout": 0, "reward": 0})
@@ -74,7 +74,7 @@ class RLActors:
         import ray
 
         from kimivl_rl.learner import LearnerWorker
-        from kimivl_rl.reward.service import RewardService
+        from kimivl_rl.reward.pool import RewardPool
         from kimivl_rl.rollout.worker import RolloutWorker
 
         gpu = 1 if cfg.cluster.use_gpu else 0
@@ -91,10 +91,7 @@ class RLActors:
             name=f"rollout-{i}", num_cpus=cfg.cluster.rollout_cpus,
             num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=restarts).remote(options)
             for i in range(cfg.rollout.num_workers)]
-        reward = ray.remote(RewardService).options(
-            name="reward-0", num_cpus=cfg.cluster.reward_cpus, max_restarts=restarts).remote(
-            cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
-        actors = cls(cfg, learners, rollouts, reward, transport_for(cfg))
+        actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg))
         try:
             actors._wait_started()
         except BaseException:
@@ -110,7 +107,7 @@ class RLActors:
             wait_all([a.init_group.remote(*address) for a in self.learners], "learner",
                      "join the process group and build the DeepSpeed engine", timeout)
         wait_all([a.ready.remote() for a in self.rollouts], "rollout", "start (vLLM engine)", timeout)
-        wait_one(self.reward.ready.remote(), "reward-0", "start", timeout)
+        self.reward.ready()
 
     def sync_weights(self, version: int, rollouts: Optional[list] = None) -> SyncStats:
         """Push the learners' weights to the rollout engines (all of them by default). If a
@@ -130,19 +127,7 @@ class RLActors:
         return stats
 
     def _await_restart(self, actor, name: str) -> None:
-        """Wait until Ray has restarted ``actor``: a call made before Ray has noticed the death
-        fails, so keep asking until the deadline."""
-        import ray
-
-        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
-        while True:
-            try:
-                wait_one(actor.ready.remote(), name, "restart", max(1.0, deadline - time.monotonic()))
-                return
-            except ActorFailed:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
+        await_restart(actor, name, self.cfg.cluster.call_timeout_s)
 
     def recover_rollout(self, index: int) -> None:
         """A restarted rollout worker has the starting weights: give it the current ones."""
@@ -154,16 +139,12 @@ class RLActors:
         if self.weights_version:
             self.sync_weights(self.weights_version, [self.rollouts[index]])
 
-    def recover_reward(self, _index: int = 0) -> None:
-        self.restarts["reward"] += 1
-        log.warning("reward-0 died; waiting for its restart, then scoring the batch again")
-        self._await_restart(self.reward, "reward-0")
-
     def stop(self) -> None:
         import ray
 
-        for actor in [*self.learners, *self.rollouts, self.reward]:
+        for actor in [*self.learners, *self.rollouts]:
             ray.kill(actor)
+        self.reward.stop()
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -188,14 +169,11 @@ def generate(actors: RLActors, cfg: Config, requests, n: int, temperature: float
 
 
 def score(actors: RLActors, cfg: Config, examples: list[Example], samples) -> list:
-    """Answer-only scores of every sample; if the reward service dies, the whole batch is scored
-    again by its restarted successor (so each sample is scored exactly once)."""
-    import ray
-
-    items = ray.put(reward_inputs(cfg, examples, samples))
-    return call_all([lambda: actors.reward.score.remote(items)], "reward-0", "score",
-                    cfg.cluster.call_timeout_s, recover=actors.recover_reward,
-                    retries=cfg.cluster.actor_max_restarts)[0]
+    """Answer-only scores of every sample, from the reward pool: the items of a worker that dies
+    are scored once elsewhere (``RewardPool.score``), and ``restarts["reward"]`` counts it."""
+    outputs = actors.reward.score(reward_inputs(cfg, examples, samples))
+    actors.restarts["reward"] = actors.reward.restarts
+    return outputs
 
 
 def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, float]:

@@ -24,12 +24,12 @@ def _name_list(names: Names, count: int) -> list[str]:
 
 
 def call_all(submits: Sequence[Callable[[], Any]], names: Names, step: str, timeout_s: float,
-             recover: Optional[Callable[[int], None]] = None, retries: int = 0) -> list[Any]:
+             recover: Optional[Callable[[int], Optional[str]]] = None, retries: int = 0) -> list[Any]:
     """Submit every call (``submit()`` returns an ObjectRef) and wait for all of them.
 
     A call whose actor died (``RayActorError``) is re-submitted after ``recover(i)`` has brought
-    actor ``i`` back, at most ``retries`` times per call; an exception raised inside the actor's
-    method is never retried. Fails with ``RemoteTimeout`` naming the actors still busy when
+    actor ``i`` back, or moved call ``i`` to another actor and returned that actor's name, at most
+    ``retries`` times per call; an exception raised inside the actor's method is never retried. Fails with ``RemoteTimeout`` naming the actors still busy when
     ``timeout_s`` has passed since the last (re-)submission.
     """
     import ray
@@ -55,7 +55,7 @@ def call_all(submits: Sequence[Callable[[], Any]], names: Names, step: str, time
                 raise ActorFailed(f"{names[i]} died during '{step}' "
                                   f"(after {attempts[i]} recoveries): {exc}") from exc
             attempts[i] += 1
-            recover(i)
+            names[i] = recover(i) or names[i]
             refs[i] = submits[i]()
             deadline = time.monotonic() + timeout_s
             continue
@@ -70,3 +70,17 @@ def wait_all(refs: list, names: Names, step: str, timeout_s: float) -> list[Any]
 
 def wait_one(ref, name: str, step: str, timeout_s: float) -> Any:
     return wait_all([ref], name, step, timeout_s)[0]
+
+
+def await_restart(actor, name: str, timeout_s: float) -> None:
+    """Wait until Ray has restarted ``actor`` (its ``ready()`` answers): a call made before Ray
+    has noticed the death fails, so keep asking until the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            wait_one(actor.ready.remote(), name, "restart", max(1.0, deadline - time.monotonic()))
+            return
+        except ActorFailed:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)

@@ -1,7 +1,9 @@
-"""User reward functions for tests/test_reward.py, loaded by import path like real plugins."""
+"""User reward functions for tests/test_reward.py and tests/test_reward_pool.py, loaded by import
+path like real plugins."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from kimivl_rl.reward import RewardInput, RewardOutput
@@ -42,3 +44,16 @@ def echo_reason(item: RewardInput) -> RewardOutput:
     if item.response == "raise":
         raise ValueError(f"cannot score {item.response!r}")
     return RewardOutput(0.0, item.response or None, item.response)
+
+
+def scored_by(item: RewardInput) -> RewardOutput:
+    """Score 0 with the reason "<response> by <pid of the reward actor>" (the scorer's parent).
+    "sleep" sleeps past any limit; "kill" SIGKILLs the actor unless the file named by the
+    reference exists, which it creates first: the actor dies once, mid-batch."""
+    if item.response == "sleep":
+        return sleeps(item)
+    if item.response == "kill" and not os.path.exists(item.reference):
+        open(item.reference, "x").close()
+        os.kill(os.getppid(), signal.SIGKILL)
+        os._exit(0)  # no one is left to answer
+    return RewardOutput(0.0, f"{item.response} by {os.getppid()}")

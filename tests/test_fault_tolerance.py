@@ -9,6 +9,7 @@ import time
 import pytest
 
 import kimivl_rl.controller as controller
+import kimivl_rl.reward.pool as reward_pool
 from kimivl_rl.controller import RLActors, generate, load_prompts, run_iteration, score
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.remote import RemoteTimeout, wait_all
@@ -58,10 +59,10 @@ def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
-def _kill_after_first_submit(monkeypatch, step: str, actor_of) -> list[int]:
-    """Make the first ``call_all`` of ``step`` SIGKILL the actor right after submitting to it,
-    while its call is in flight; return the list that receives the killed pid."""
-    real_call_all, killed = controller.call_all, []
+def _kill_after_first_submit(monkeypatch, step: str, actor_of, caller=controller) -> list[int]:
+    """Make the first ``call_all`` of ``step`` (in module ``caller``) SIGKILL the actor right after
+    submitting to it, while its call is in flight; return the list that receives the killed pid."""
+    real_call_all, killed = caller.call_all, []
 
     def call_all(submits, names, step_name, *args, **kwargs):
         if step_name == step and not killed:
@@ -78,7 +79,7 @@ def _kill_after_first_submit(monkeypatch, step: str, actor_of) -> list[int]:
             submits = [submit_then_kill, *submits[1:]]
         return real_call_all(submits, names, step_name, *args, **kwargs)
 
-    monkeypatch.setattr(controller, "call_all", call_all)
+    monkeypatch.setattr(caller, "call_all", call_all)
     return killed
 
 
@@ -120,7 +121,8 @@ def test_killed_reward_service_is_restarted_and_scores_the_batch_once(rl_setup, 
     cfg, actors, processor, prompts = rl_setup
     examples = prompts[:3]
     samples = generate(actors, cfg, generation_requests(examples, processor), 2, 1.0, seed=5)
-    killed = _kill_after_first_submit(monkeypatch, "score", lambda: actors.reward)
+    killed = _kill_after_first_submit(monkeypatch, "score", lambda: actors.reward.workers[0],
+                                      caller=reward_pool)
     before = actors.restarts["reward"]
 
     scores = score(actors, cfg, examples, samples)

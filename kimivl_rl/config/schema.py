@@ -165,6 +165,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
+    # Reward actors (reward-0, reward-1, ...; cluster.reward_cpus each), each scoring one item at a
+    # time: every batch is split into contiguous shards across them (kimivl_rl/reward/pool.py).
     num_workers: int = bounded(1, ge=1)
     # "module.path:function" of a user reward function; None uses the built-in verifier.
     function: Optional[str] = None
