@@ -361,7 +361,8 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampler = PromptSampler(len(prompts), cfg.sampler.mode, cfg.seed,
                             pass_rates=[p.pass_rate for p in prompts],
-                            levels=[p.difficulty for p in prompts], floor=cfg.sampler.floor,
+                            strata=[(p.extra.get("task"), p.difficulty) for p in prompts],
+                            floor=cfg.sampler.floor,
                             ema_decay=cfg.sampler.ema_decay,
                             drop_always_solved_after=cfg.sampler.drop_always_solved_after,
                             total_iterations=cfg.rl.iterations)

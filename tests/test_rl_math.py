@@ -295,18 +295,18 @@ def test_informative_probabilities_favour_prompts_sometimes_solved():
     assert s.active.all()
 
 
-def test_unobserved_prompts_borrow_their_levels_running_success():
+def test_unobserved_prompts_borrow_their_stratums_running_success():
     s = PromptSampler(5, "informative", seed=0, pass_rates=[None, None, None, None, 0.9],
-                      levels=[1, 1, 2, None, 1], floor=0.0)
+                      strata=[1, 1, 2, None, 1], floor=0.0)
     s.update([0], [1.0], [True])
-    # level 1: 0.7 * 0.5 + 0.3 * 1.0 = 0.65; prompt 0: from 0.5 to 0.65 as well; prompt 1 borrows
-    # level 1's rate; level 2 and no level: 0.5; a labelled prompt keeps its label
+    # stratum 1: 0.7 * 0.5 + 0.3 * 1.0 = 0.65; prompt 0: from 0.5 to 0.65 as well; prompt 1
+    # borrows stratum 1's rate; stratum 2 and none: 0.5; a labelled prompt keeps its label
     np.testing.assert_allclose(s.estimates(), [0.65, 0.65, 0.5, 0.5, 0.9])
     s.update([1], [0.0], [False])
-    # level 1: 0.7 * 0.65 = 0.455; prompt 1 starts from the borrowed 0.65 -> 0.455
+    # stratum 1: 0.7 * 0.65 = 0.455; prompt 1 starts from the borrowed 0.65 -> 0.455
     np.testing.assert_allclose(s.estimates(), [0.65, 0.455, 0.5, 0.5, 0.9])
     restored = PromptSampler(5, "informative", seed=0, pass_rates=[None, None, None, None, 0.9],
-                             levels=[1, 1, 2, None, 1], floor=0.0)
+                             strata=[1, 1, 2, None, 1], floor=0.0)
     restored.load_state_dict(json.loads(json.dumps(s.state_dict())))
     np.testing.assert_allclose(restored.estimates(), s.estimates())
     assert restored.sample(3, 4) == s.sample(3, 4)

@@ -18,9 +18,9 @@ Modes:
   drawn most; always-solved and never-solved ones keep only the floor.
 
 Running success rate: ``s_i`` starts at the label pass rate. A prompt without a label that has
-not been observed yet takes the running success rate of its difficulty level (the mean task
-reward of every group of that level observed so far, under the same EMA), else 0.5 (the least
-informative guess for a 0/1 reward). After each observation it becomes
+not been observed yet takes the running success rate of its stratum (its task kind and
+difficulty level: the mean task reward of every group of that stratum observed so far, under the
+same EMA), else 0.5 (the least informative guess for a 0/1 reward). After each observation it becomes
 ``ema_decay * s_i + (1 - ema_decay) * mean_reward`` (``mean_reward``: the mean task reward, in
 [0, 1], of the prompt's group that iteration). It is tracked in every mode, for metrics.
 
@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Hashable, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -56,12 +56,12 @@ class PromptSampler:
                  pass_rates: Optional[Sequence[Optional[float]]] = None, floor: float = 0.05,
                  ema_decay: float = 0.7, drop_always_solved_after: int = 3,
                  total_iterations: int = 1,
-                 levels: Optional[Sequence[Optional[float]]] = None) -> None:
+                 strata: Optional[Sequence[Optional[Hashable]]] = None) -> None:
         if num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
         if mode not in MODES:
             raise ValueError(f"unknown sampler mode {mode!r}; expected one of {', '.join(MODES)}")
-        for name, values in (("pass_rates", pass_rates), ("levels", levels)):
+        for name, values in (("pass_rates", pass_rates), ("strata", strata)):
             if values is not None and len(values) != num_prompts:
                 raise ValueError(f"{name} has {len(values)} entries for {num_prompts} prompts")
         if not 0.0 <= floor <= 1.0 or not 0.0 <= ema_decay <= 1.0:
@@ -78,10 +78,10 @@ class PromptSampler:
                                                                 total_iterations)
         self._easy_first = np.argsort(-np.asarray(labels), kind="stable")
         self.success = np.asarray(labels, dtype=np.float64)
-        # Unlabelled, unobserved prompts borrow their difficulty level's running success rate.
+        # Unlabelled, unobserved prompts borrow their stratum's running success rate.
         self.borrows = np.array([r is None for r in (pass_rates or [None] * num_prompts)])
-        self.levels = [None if v is None else str(v) for v in (levels or [None] * num_prompts)]
-        self.level_success: dict[str, float] = {}
+        self.strata = [None if v is None else str(v) for v in (strata or [None] * num_prompts)]
+        self.stratum_success: dict[str, float] = {}
         self.streak = np.zeros(num_prompts, dtype=np.int64)
         self.active = np.ones(num_prompts, dtype=bool)
         self._rng = np.random.default_rng(seed)
@@ -111,8 +111,8 @@ class PromptSampler:
         return weights / weights.sum()
 
     def estimates(self) -> np.ndarray:
-        """``s_i`` for every prompt, unobserved unlabelled ones at their level's rate."""
-        borrowed = [self.level_success.get(level, UNLABELLED_PASS_RATE) for level in self.levels]
+        """``s_i`` for every prompt, unobserved unlabelled ones at their stratum's rate."""
+        borrowed = [self.stratum_success.get(key, UNLABELLED_PASS_RATE) for key in self.strata]
         return np.where(self.borrows, borrowed, self.success)
 
     def sample(self, iteration: int, n: int) -> list[int]:
@@ -133,10 +133,10 @@ class PromptSampler:
         if not len(prompt_ids) == len(mean_rewards) == len(all_correct):
             raise ValueError("prompt_ids, mean_rewards and all_correct must have the same size")
         for pid, reward, solved in zip(prompt_ids, mean_rewards, all_correct):
-            prior, level = self.estimates()[pid], self.levels[pid]
-            if level is not None:
-                before = self.level_success.get(level, UNLABELLED_PASS_RATE)
-                self.level_success[level] = self._ema(before, reward)
+            prior, key = self.estimates()[pid], self.strata[pid]
+            if key is not None:
+                before = self.stratum_success.get(key, UNLABELLED_PASS_RATE)
+                self.stratum_success[key] = self._ema(before, reward)
             self.success[pid] = self._ema(prior, reward)
             self.borrows[pid] = False
             self.streak[pid] = self.streak[pid] + 1 if solved else 0
@@ -151,7 +151,7 @@ class PromptSampler:
         return {"num_prompts": self.num_prompts, "mode": self.mode,
                 "success": self.success.tolist(), "streak": self.streak.tolist(),
                 "active": self.active.tolist(), "borrows": self.borrows.tolist(),
-                "level_success": dict(self.level_success),
+                "stratum_success": dict(self.stratum_success),
                 "rng": copy.deepcopy(self._rng.bit_generator.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,5 +164,5 @@ class PromptSampler:
         self.streak = np.asarray(state["streak"], dtype=np.int64)
         self.active = np.asarray(state["active"], dtype=bool)
         self.borrows = np.asarray(state["borrows"], dtype=bool)
-        self.level_success = dict(state["level_success"])
+        self.stratum_success = dict(state["stratum_success"])
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
