@@ -117,7 +117,7 @@ def format_summary(summary: dict) -> str:
                            first["eval_tier_reward_se"], last["eval_tier_reward_se"]))
     if mid:
         drop = 1 - last["eval_response_length"] / max(1e-9, mid["eval_response_length"])
-        lines.append(f"  length penalty from iteration {rl['length_penalty_start_iteration']}: "
+        lines.append(f"  length penalty on after iteration {rl['length_penalty_start_iteration']}: "
                      f"response tokens {mid['eval_response_length']:.1f} -> "
                      f"{last['eval_response_length']:.1f} ({-drop:+.0%}), accuracy "
                      f"{mid['eval_reward']:.3f} -> {last['eval_reward']:.3f}")

@@ -77,6 +77,27 @@ def test_long_cot_traces_show_all_four_behaviours(small_data_dir):
         assert row.answer in reasoning.split(BEHAVIOUR_MARKERS["exploration"])[-1]
 
 
+def test_traces_vary_in_length_by_redundant_checks_that_carry_no_behaviour_marker():
+    from collections import Counter
+
+    from kimivl_rl.data.traces import MAX_EXTRA_CHECKS, extra_checks
+
+    spec = BuildSpec()
+    tasks = [sample_task(spec, "long_cot", "train", i) for i in range(300)]
+    counts = Counter(extra_checks(t) for t in tasks)
+    assert sorted(counts) == list(range(MAX_EXTRA_CHECKS + 1))
+    assert min(counts.values()) > 300 / (MAX_EXTRA_CHECKS + 1) / 2  # roughly uniform
+    for task in tasks:
+        reasoning = long_cot_reasoning(task)
+        # every "Let me check" is the one evaluation check: dropping redundant checks keeps the format
+        assert reasoning.count(BEHAVIOUR_MARKERS["evaluation"]) == 1
+    by_count = {}
+    for task in tasks:
+        by_count.setdefault(extra_checks(task), []).append(len(long_cot_reasoning(task).split()))
+    means = [sum(v) / len(v) for _, v in sorted(by_count.items())]
+    assert means == sorted(means) and means[-1] > 1.5 * means[0]
+
+
 def test_eval_split_differs_from_train(small_data_dir):
     train = (small_data_dir / "rl" / "train.jsonl").read_text().splitlines()
     evaluation = (small_data_dir / "rl" / "eval.jsonl").read_text().splitlines()

@@ -20,7 +20,7 @@ from kimivl_rl.data.traces import long_cot_reasoning
 from kimivl_rl.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 8  # bump when generated content changes for the same spec
+FORMAT_VERSION = 9  # bump when generated content changes for the same spec
 _SPLIT_IDS = {"joint_sft": 1, "long_cot": 2, "rl": 3, "corpus": 4}
 _PART_IDS = {"train": 0, "eval": 1}
 

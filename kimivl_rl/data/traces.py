@@ -11,10 +11,11 @@ answer, and ends at it: the tiny model cannot do the work a trace describes, and
 makes it recompute gives it a second, often different, answer to copy from
 (docs/experiments.md, "Long-CoT trace designs").
 
-The number of checks (1 to ``MAX_CHECKS``) is drawn per task from a hash the model cannot
-predict, so the model learns it as a coin it flips while sampling: one prompt's samples differ
-in length by tens of tokens while reaching the same answer. Those redundant checks are what the
-k1.5 length penalty has to remove.
+After the one check that shows evaluation come 0 to ``MAX_EXTRA_CHECKS`` redundant ones, their
+number drawn per task from a hash the model cannot predict, so the model learns it as a coin it
+flips while sampling: one prompt's samples differ in length by tens of tokens while reaching the
+same answer. Those redundant checks, worded without the behaviour markers so that a trace keeps
+its format without them, are what the k1.5 length penalty has to remove.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ BEHAVIOUR_MARKERS = {
     "reflection": "Wait,",
     "exploration": "Let me try another way",
 }
-MAX_CHECKS = 4
+MAX_EXTRA_CHECKS = 4
 
 
 def trace_behaviours(text: str) -> set[str]:
@@ -36,10 +37,10 @@ def trace_behaviours(text: str) -> set[str]:
     return {name for name, marker in BEHAVIOUR_MARKERS.items() if marker in text}
 
 
-def number_of_checks(task: Task) -> int:
-    """1..MAX_CHECKS, uniform over tasks, fixed for a task, unpredictable from its prompt."""
+def extra_checks(task: Task) -> int:
+    """0..MAX_EXTRA_CHECKS, uniform over tasks, fixed for a task, unpredictable from its prompt."""
     key = f"{task.kind}|{task.question}|{task.answer}|{task.squares}|{task.steps}"
-    return 1 + int(hashlib.sha256(key.encode()).hexdigest(), 16) % MAX_CHECKS
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % (MAX_EXTRA_CHECKS + 1)
 
 
 def _glance(answer: str) -> str:
@@ -49,9 +50,9 @@ def _glance(answer: str) -> str:
     return f"boxed{{{answer}}} at a glance"
 
 
-def _checks(task: Task, phrasings: list[str]) -> str:
-    """The first ``number_of_checks(task)`` check sentences, always in the same order."""
-    return " ".join(phrasings[: number_of_checks(task)])
+def _checks(task: Task, check: str, redundant: list[str]) -> str:
+    """The check, then the first ``extra_checks(task)`` redundant ones, always in that order."""
+    return " ".join([check, *redundant[: extra_checks(task)]])
 
 
 def _count_trace(task: Task, colour: str) -> str:
@@ -61,11 +62,11 @@ def _count_trace(task: Task, colour: str) -> str:
                   f"{colour}, so the count stays {total}."
                   if others else
                   f"Wait, could a {colour} square hide at the edge? No, so the count stays {total}.")
-    checks = _checks(task, [
-        f"Let me check: I look at each {colour} square once more and again get {total}.",
-        f"Let me check again, row by row from the top: {total} {colour} squares.",
-        f"Let me check once more, from the left edge to the right edge: still {total}.",
-        f"Let me check one last time, pointing at each {colour} square in turn: {total}."])
+    checks = _checks(task, f"Let me check: I look at each {colour} square once more and get {total}.", [
+        f"Once more, going row by row from the top of the image: {total} {colour} squares.",
+        f"And again, going from the left edge over to the right edge: still {total}.",
+        f"To be sure, pointing at each {colour} square in turn, one at a time: {total}.",
+        f"One last time, going from the bottom row up to the top row: {total}."])
     return (f"{_glance(total)}. First I will count the {colour} squares one by one: I count "
             f"{total}. {checks} {reflection} "
             f"Let me try another way: column by column I still get {total}.")
@@ -76,20 +77,20 @@ def _colour_trace(task: Task) -> str:
     # model looks at the image again instead of copying (docs/experiments.md).
     if not task.choices:
         colour = task.answer
-        checks = _checks(task, [
-            f"Let me check: the square is one solid colour, {colour}.",
-            f"Let me check again, at its centre: {colour}.",
-            f"Let me check once more, at its corners: {colour}.",
-            f"Let me check one last time, against the white background: {colour}."])
+        checks = _checks(task, f"Let me check: the square is one solid colour, {colour}.", [
+            f"Once more, looking closely at the middle of the square: it is {colour}.",
+            f"And again, looking at each of its four corners in turn: {colour}.",
+            f"To be sure, comparing it with the white background around it: {colour}.",
+            f"One last time, looking along all of its edges: still {colour}."])
         return (f"{_glance(colour)}. First I will look at the square again: it is {colour}. "
                 f"{checks} Wait, the only coloured thing is the square. "
                 f"Let me try another way: its pixels are mostly {colour}.")
     winner = task.choices[task.answer]
-    checks = _checks(task, [
-        f"Let me check the options: {winner} is option ({task.answer}).",
-        f"Let me check again that {winner} has the most squares: it does.",
-        f"Let me check once more, colour by colour: {winner} still wins.",
-        f"Let me check one last time, reading the options: ({task.answer}) is {winner}."])
+    checks = _checks(task, f"Let me check the options: {winner} is option ({task.answer}).", [
+        f"Once more, going over the squares colour by colour: {winner} has the most.",
+        f"And again, comparing {winner} with each of the other colours: {winner} still wins.",
+        f"To be sure, reading the options from the first to the last: ({task.answer}) is {winner}.",
+        f"One last time, counting {winner} against all of the rest: {winner} wins."])
     return (f"{_glance(task.answer)}, {winner}. First I will check that {winner} has the most "
             f"squares: it does. {checks} Wait, the question asks for a letter, so I answer "
             f"({task.answer}). Let me try another way: {winner} beats each other colour, so "
@@ -99,11 +100,11 @@ def _colour_trace(task: Task) -> str:
 def _arith_trace(task: Task) -> str:
     # No worked steps: a recomputed value competed with the first answer (docs/experiments.md).
     value = task.answer
-    checks = _checks(task, [
-        f"Let me check: adding it up once more I again get {value}.",
-        f"Let me check again, from the first number: {value}.",
-        f"Let me check once more, step by step: {value}.",
-        f"Let me check one last time, reading the question again: {value}."])
+    checks = _checks(task, f"Let me check: adding it up once more I again get {value}.", [
+        f"Once more, going from the first number to the last one, I get {value}.",
+        f"And again, doing it step by step and slowly this time: {value}.",
+        f"To be sure, reading the whole question again from the start: {value}.",
+        f"One last time, going from the last number back to the first: {value}."])
     return (f"{_glance(value)}. First I will work it out one step at a time and get {value}. "
             f"{checks} Wait, I used every number in the question, so the result stays {value}. "
             f"Let me try another way: computing it again from the left gives {value}.")
