@@ -22,7 +22,7 @@ from tqdm import tqdm
 from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example, RowLoader
-from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs
+from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs, tier_of
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import ActorFailed, await_restart, call_all, wait_all, wait_one
@@ -287,7 +287,7 @@ def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: lis
     report = evaluation_report(eval_prompts, [g[0] for g in samples],
                                score(actors, cfg, eval_prompts, samples),
                                think_open=cfg.model.think_open, think_close=cfg.model.think_close,
-                               tier=cfg.eval.tier_difficulties)
+                               tier=tier_of(cfg))
     every, tier = report["slices"]["all"], report["slices"].get("tier", {})
     return {"eval_reward": every["greedy"], "eval_reward_se": every["greedy_se"],
             "eval_response_length": every["tokens_mean"], "eval_trace_format": every["trace_format"],
@@ -410,7 +410,7 @@ def _summary(cfg: Config, model_path: str) -> dict:
                  "eval_tier_n", "eval_response_length", "eval_trace_format")
     pick = lambda r: {k: r.get(k) for k in eval_keys} if r else None  # noqa: E731
     return {"input_model": model_path, "output_model": str(rl_output_model(cfg)),
-            "iterations": cfg.rl.iterations, "tier": list(cfg.eval.tier_difficulties),
+            "iterations": cfg.rl.iterations, "tier": tier_of(cfg),
             "eval_start": pick(evals[0] if evals else None),
             "eval_penalty_start": pick(before_penalty[-1] if before_penalty and start < cfg.rl.iterations
                                        else None),

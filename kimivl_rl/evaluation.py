@@ -101,7 +101,15 @@ def _slice_stats(rows: list[int], correct: list[float], lengths: list[int], trac
     return stats
 
 
-def _slices(examples: Sequence[Example], tier: Sequence[int]) -> dict[str, list[int]]:
+def in_tier(example: Example, tier: dict) -> bool:
+    """Whether a row belongs to the tier: its difficulty among ``tier["difficulties"]`` and its
+    task kind among ``tier["tasks"]``, an empty list admitting any."""
+    levels, tasks = tier.get("difficulties") or [], tier.get("tasks") or []
+    level_ok = not levels or (example.difficulty is not None and int(example.difficulty) in levels)
+    return level_ok and (not tasks or example.extra.get("task") in tasks)
+
+
+def _slices(examples: Sequence[Example], tier: Optional[dict]) -> dict[str, list[int]]:
     """Row indices of every slice: all, each difficulty level, each task kind, the tier."""
     slices: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
@@ -109,14 +117,25 @@ def _slices(examples: Sequence[Example], tier: Sequence[int]) -> dict[str, list[
         level = "unlabelled" if ex.difficulty is None else str(int(ex.difficulty))
         slices[f"difficulty {level}"].append(i)
         slices[f"task {ex.extra.get('task', 'unlabelled')}"].append(i)
-        if ex.difficulty is not None and int(ex.difficulty) in tier:
+        if tier and in_tier(ex, tier):
             slices[TIER].append(i)
     return dict(sorted(slices.items(), key=lambda kv: (kv[0] != ALL, kv[0] == TIER, kv[0])))
 
 
+def tier_of(cfg) -> dict:
+    return {"difficulties": list(cfg.eval.tier_difficulties), "tasks": list(cfg.eval.tier_tasks)}
+
+
+def tier_name(tier: dict) -> str:
+    """``difficulty 2,3 count,colour``-style name of a tier, for tables and summaries."""
+    parts = [", ".join(map(str, tier.get(key) or [])) for key in ("difficulties", "tasks")]
+    named = [f"{label} {text}" for label, text in zip(("difficulty", "tasks"), parts) if text]
+    return "; ".join(named) or "all"
+
+
 def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
                       greedy_scores: Sequence[RewardOutput], *, think_open: str, think_close: str,
-                      tier: Sequence[int] = (), sampled: Optional[Sequence[Sequence[Sample]]] = None,
+                      tier: Optional[dict] = None, sampled: Optional[Sequence[Sequence[Sample]]] = None,
                       sampled_scores: Optional[Sequence[RewardOutput]] = None) -> dict:
     """The report of one evaluation. ``sampled`` holds K samples per example (may be None) and
     ``sampled_scores`` their scores, flat, group by group."""
@@ -132,20 +151,22 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
     slices = {name: _slice_stats(rows, correct, lengths, traces, group_correct, group_lengths)
               for name, rows in _slices(examples, tier).items()}
     reasons = Counter(reason_kind(s.reason) for s in greedy_scores)
-    return {"examples": len(examples), "samples_per_prompt": k, "tier": sorted(tier),
+    return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
             "slices": slices, "greedy_reasons": dict(reasons.most_common())}
 
 
 def format_report(report: dict) -> str:
     """A table of the report's slices, one line each."""
     k = report["samples_per_prompt"]
-    head = f"{'slice':<16} {'n':>4} {'greedy':>13}"
+    labels = {name: f"tier: {tier_name(report['tier'])}" if name == TIER else name
+              for name in report["slices"]}
+    width = max(len(label) for label in labels.values())
+    head = f"{'slice':<{width}} {'n':>4} {'greedy':>13}"
     if k:
         head += f" {f'mean@{k}':>13} {f'pass@{k}':>13} {'spread':>6}"
     lines = [head + f" {'tokens':>6} {'p90':>5} {'format':>6}"]
     for name, s in report["slices"].items():
-        label = f"tier {report['tier']}" if name == TIER else name
-        line = f"{label:<16} {s['n']:>4} {s['greedy']:>6.3f}±{s['greedy_se']:.3f}"
+        line = f"{labels[name]:<{width}} {s['n']:>4} {s['greedy']:>6.3f}±{s['greedy_se']:.3f}"
         if k:
             line += (f" {s['mean_at_k']:>6.3f}±{s['mean_at_k_se']:.3f}"
                      f" {s['pass_at_k']:>6.3f}±{s['pass_at_k_se']:.3f} {s['length_spread']:>6.2f}")
@@ -172,7 +193,7 @@ def evaluate_with_engine(cfg, engine, processor, examples: list[Example], sample
     greedy_scores = score_with_limits(cfg, reward_inputs(cfg, examples, [[g] for g in greedy]))
     sampled_scores = score_with_limits(cfg, reward_inputs(cfg, examples, sampled)) if sampled else None
     return evaluation_report(examples, greedy, greedy_scores, think_open=cfg.model.think_open,
-                             think_close=cfg.model.think_close, tier=cfg.eval.tier_difficulties,
+                             think_close=cfg.model.think_close, tier=tier_of(cfg),
                              sampled=sampled, sampled_scores=sampled_scores)
 
 

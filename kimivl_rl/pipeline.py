@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from kimivl_rl.config import Config, dump_config
+from kimivl_rl.evaluation import tier_name
 from kimivl_rl.metrics import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def format_summary(summary: dict) -> str:
     lines.append(f"RL over {rl['iterations']} iterations, held-out greedy accuracy: all "
                  + _change(first["eval_reward"], last["eval_reward"], first["eval_reward_se"],
                            last["eval_reward_se"]))
-    lines.append(f"  tier (difficulty {','.join(map(str, rl['tier']))}, n={last['eval_tier_n']}): "
+    lines.append(f"  tier ({tier_name(rl['tier'])}; n={last['eval_tier_n']}): "
                  + _change(first["eval_tier_reward"], last["eval_tier_reward"],
                            first["eval_tier_reward_se"], last["eval_tier_reward_se"]))
     if mid:

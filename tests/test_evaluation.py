@@ -35,7 +35,7 @@ def test_greedy_slices_lengths_traces_and_reasons():
     greedy = [sample(TRACE, 10), sample("<think>5</think>\\boxed{4}", 6),
               sample("<think>wrong 6</think>\\boxed{7}", 4), sample("\\boxed{(A)}", 4)]
     report = evaluation_report(examples, greedy, scored(1, 0, 1, 1), think_open="<think>",
-                               think_close="</think>", tier=[2, 3])
+                               think_close="</think>", tier={"difficulties": [2, 3], "tasks": []})
     every = report["slices"]["all"]
     assert every["n"] == 4 and every["greedy"] == pytest.approx(0.75)
     assert every["greedy_se"] == pytest.approx(math.sqrt(0.75 * 0.25 / 4))
@@ -48,6 +48,11 @@ def test_greedy_slices_lengths_traces_and_reasons():
     assert report["greedy_reasons"] == {"correct": 3, "wrong answer": 1}
     assert "mean_at_k" not in every and report["samples_per_prompt"] == 0
     assert list(report["slices"])[0] == "all" and list(report["slices"])[-1] == "tier"
+    colour = evaluation_report(examples, greedy, scored(1, 0, 1, 1), think_open="<think>",
+                               think_close="</think>",
+                               tier={"difficulties": [], "tasks": ["colour", "count"]})
+    assert colour["slices"]["tier"]["n"] == 2 and colour["slices"]["tier"]["greedy"] == 0.5
+    assert "tier: tasks colour, count" in format_report(colour)
 
 
 def test_mean_and_pass_at_k_with_standard_errors():

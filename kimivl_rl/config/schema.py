@@ -200,9 +200,11 @@ class LongCoTBuilderConfig:
 
 @dataclass
 class EvalConfig:
-    # The difficulty levels whose held-out accuracy the run's summary reports RL's gain on: the
-    # levels where the long-CoT model is neither always right nor always wrong.
+    # The tier whose held-out accuracy the run's summary reports RL's gain on: rows of these
+    # difficulty levels and task kinds (an empty list admits any), where the long-CoT model is
+    # neither always right nor always wrong.
     tier_difficulties: list[int] = field(default_factory=lambda: [2, 3, 4])
+    tier_tasks: list[str] = field(default_factory=list)
     # K of mean@K and pass@K for ``kimivl-rl eval`` and the run's final evaluation (0: greedy only),
     # sampled at the rollout temperature.
     samples: int = bounded(8, ge=0)
