@@ -23,6 +23,7 @@ def _add_config_args(parser: argparse.ArgumentParser, optional: bool = False) ->
                             help=f"YAML config (default: {DEFAULT_CONFIG})")
     else:
         parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.set_defaults(config_optional=optional)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. rl.samples_per_prompt=8")
 
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "config", None) and "=" in args.config and args.config_optional:
+        # `kimivl-rl run rl.lr=1e-5`: an override where the optional config would go
+        args.overrides, args.config = [args.config, *args.overrides], DEFAULT_CONFIG
     if extra:
         if not hasattr(args, "overrides"):
             parser.error(f"this command takes no KEY=VALUE overrides: {' '.join(extra)}")

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import ActorFailed, await_restart, call_all, wait_all, wait_one
+from kimivl_rl.reward.service import reason_kind
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
@@ -176,7 +178,9 @@ def score(actors: RLActors, cfg: Config, examples: list[Example], samples) -> li
     return outputs
 
 
-def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, float]:
+def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
+    """Reward, length and length-penalty figures of an iteration's samples, and how many got
+    each reward reason ("correct", "wrong answer", "timeout after 5.0s", ...)."""
     n = max(1, len(trajectories))
     lengths = [len(t.response_token_ids) for t in trajectories]
     return {"reward_mean": sum(t.reward for t in trajectories) / n,
@@ -184,7 +188,8 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict[str, 
             "response_length_mean": sum(lengths) / n, "response_length_max": max(lengths, default=0),
             "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
             "length_penalty_weight": weight,
-            "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n}
+            "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n,
+            "reward_reasons": dict(Counter(reason_kind(t.reward_reason) for t in trajectories))}
 
 
 @dataclass

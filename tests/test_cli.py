@@ -76,3 +76,11 @@ def test_model_init_cli(tmp_path):
     result = kimivl("model", "init", "--out", tmp_path / "m", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "m" / "kimivl_tiny.json").read_text())["seed"] == 3
+
+
+def test_overrides_without_the_optional_config_use_the_default(tmp_path):
+    data = tmp_path / "data"
+    result = kimivl("data", "build", f"data.dir={data}", "data.joint_sft_examples=2",
+                    "data.long_cot_examples=2", "data.rl_prompts=2", "data.eval_examples=2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((data / "manifest.json").read_text())["spec"]["rl_prompts"] == 2

@@ -96,6 +96,7 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
                 "informative_group_fraction"):
         assert all(key in r for r in trained), key
     assert [r["sampling_rounds"] for r in trained] == [2, 2]
+    assert all(sum(r["reward_reasons"].values()) == 32 for r in trained)
     assert [len(r["sampled_prompts"]) for r in trained] == [8, 8]
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
