@@ -313,14 +313,17 @@ def latest_checkpoint(cfg: Config) -> Optional[Path]:
     return None
 
 
-def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler) -> Path:
+def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler,
+                    input_model: str) -> Path:
+    """Learner state, sampler state and the iteration, written atomically; ``input_model`` (the
+    run's starting model) lets ``kimivl-rl eval`` turn the checkpoint into a model."""
     root = rl_dir(cfg) / "checkpoints"
     final = root / f"iter_{iteration:06d}"
     with atomic_dir(final) as staging:
         wait_all([l.save.remote(str(staging)) for l in actors.learners], "learner",
                  f"save checkpoint {final.name}", cfg.cluster.call_timeout_s)
         (staging / "controller_state.json").write_text(json.dumps(
-            {"iteration": iteration, "sampler": sampler.state_dict()}))
+            {"iteration": iteration, "sampler": sampler.state_dict(), "input_model": input_model}))
     for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
     for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
@@ -390,7 +393,7 @@ def run_rl(cfg: Config, model_path: str) -> dict:
             log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
                      {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
             if done % cfg.rl.checkpoint_every == 0 or done == cfg.rl.iterations:
-                save_checkpoint(actors, cfg, done, sampler)
+                save_checkpoint(actors, cfg, done, sampler, model_path)
         wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
     finally:

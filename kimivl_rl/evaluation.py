@@ -200,14 +200,29 @@ def evaluate_with_engine(cfg, engine, processor, examples: list[Example], sample
 def evaluate_model(config: dict, model_dir: str, data_file: str, limit: int, samples: int,
                    max_new_tokens: Optional[int] = None) -> dict:
     """``evaluate_with_engine`` on the first ``limit`` rows of ``data_file`` with a vLLM engine
-    of its own for ``model_dir``: the body of a Ray task (``on_rollout_resources``)."""
+    of its own for ``model_dir`` (a model, or an RL checkpoint): the body of a Ray task
+    (``on_rollout_resources``)."""
     from kimivl_rl.config import config_from_dict
     from kimivl_rl.data.rows import RowLoader
 
     cfg = config_from_dict(config)
     examples = RowLoader.for_config(data_file, cfg.data, require_answer=True).load_all()[:limit]
-    with greedy_engine(cfg, model_dir) as (engine, processor):
+    with model_directory(model_dir) as model, greedy_engine(cfg, model) as (engine, processor):
         return evaluate_with_engine(cfg, engine, processor, examples, samples, max_new_tokens)
+
+
+@contextmanager
+def model_directory(path: str):
+    """``path`` itself, or for an RL checkpoint a temporary Hugging Face export of it."""
+    import tempfile
+
+    from kimivl_rl.models.loading import export_rl_checkpoint, is_rl_checkpoint
+
+    if not is_rl_checkpoint(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="kimivl-eval-") as tmp:
+        yield str(export_rl_checkpoint(path, tmp))
 
 
 @contextmanager

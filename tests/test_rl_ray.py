@@ -101,6 +101,15 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (rl_output_model(cfg) / "model.safetensors").is_file()
+    # the last checkpoint, exported for `kimivl-rl eval`, is the final model exactly
+    from safetensors.torch import load_file
+
+    from kimivl_rl.models.loading import export_rl_checkpoint
+
+    exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
+                         / "model.safetensors")
+    final = load_file(rl_output_model(cfg) / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
     longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
                     "rl.eval_every=2", "rl.length_penalty_start_iteration=1",

@@ -116,3 +116,26 @@ def _load_with_attention(load, path: str, attention: str):
 def _in_language_model(model, attention: str):
     use_language_model_attention(model, attention)
     return model, f"{attention} in the language model, sdpa in the vision encoder"
+
+
+def is_rl_checkpoint(path: str | Path) -> bool:
+    """An RL checkpoint directory (``rl/checkpoints/iter_N``), not a Hugging Face model."""
+    return (Path(path) / "controller_state.json").is_file() and (Path(path) / "weights.json").is_file()
+
+
+def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """An RL checkpoint's learner weights as a Hugging Face model directory, with the config and
+    processor of the model its run started from (recorded in the checkpoint)."""
+    from kimivl_rl.checkpoint import load_state
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    base = json.loads((checkpoint / "controller_state.json").read_text()).get("input_model")
+    if not base:
+        raise ConfigError(f"{checkpoint}: this checkpoint does not record the model its run "
+                          f"started from (written by an older kimivl-rl); use the run's rl/model")
+    model = AutoModelForImageTextToText.from_pretrained(base)
+    model.load_state_dict(load_state(checkpoint / "weights"))
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(base).save_pretrained(out_dir)
+    return out_dir
+
