@@ -9,7 +9,6 @@ a directory that looks complete.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from kimivl_rl.ownership import sha256_of
 
 MANIFEST = "MANIFEST.json"
 _TENSOR = "__tensor__"
@@ -69,16 +70,8 @@ def load_state(path_prefix: str | Path) -> Any:
     return _unflatten(skeleton, load_file(f"{path_prefix}.safetensors"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_manifest(directory: Path) -> None:
-    files = {str(p.relative_to(directory)): _sha256(p)
+    files = {str(p.relative_to(directory)): sha256_of(p)
              for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
@@ -91,7 +84,7 @@ def verify_manifest(directory: str | Path) -> None:
         raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete")
     for name, digest in json.loads(manifest.read_text())["files"].items():
         path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or sha256_of(path) != digest:
             raise CheckpointError(f"{directory}: {name} is missing or does not match its checksum")
 
 
