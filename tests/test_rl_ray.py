@@ -20,13 +20,13 @@ pytestmark = pytest.mark.slow
 
 def rl_cfg(tmp_path, model_dir, data_dir, *overrides):
     # The random-init model earns no reward, so every group is uniform: the learner takes them all
-    # anyway, and every iteration really updates and syncs.
+    # anyway, and every iteration really updates and syncs; dynamic sampling would only repeat.
     return with_absolute_paths(load_config("configs/tiny.yaml", [
         f"model.path={model_dir}", "model.init_if_missing=false", f"data.dir={data_dir}",
         "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
         "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rollout.max_new_tokens=12",
         "rl.eval_prompts=4", "rl.micro_batch_tokens=256", "rl.lr=1.0e-3",
-        "rl.drop_zero_advantage_groups=false", *overrides]))
+        "rl.drop_zero_advantage_groups=false", "rl.dynamic_sampling_rounds=0", *overrides]))
 
 
 def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> list:
