@@ -62,7 +62,8 @@ def _count_trace(task: Task, colour: str) -> str:
                   f"{colour}, so the count stays {total}."
                   if others else
                   f"Wait, could a {colour} square hide at the edge? No, so the count stays {total}.")
-    checks = _checks(task, f"Let me check: I look at each {colour} square once more and get {total}.", [
+    checks = _checks(task, f"Let me check: I look at each {colour} square once more and get "
+                           f"{total}.", [
         f"Once more, going row by row from the top of the image: {total} {colour} squares.",
         f"And again, going from the left edge over to the right edge: still {total}.",
         f"To be sure, pointing at each {colour} square in turn, one at a time: {total}.",
@@ -89,7 +90,8 @@ def _colour_trace(task: Task) -> str:
     checks = _checks(task, f"Let me check the options: {winner} is option ({task.answer}).", [
         f"Once more, going over the squares colour by colour: {winner} has the most.",
         f"And again, comparing {winner} with each of the other colours: {winner} still wins.",
-        f"To be sure, reading the options from the first to the last: ({task.answer}) is {winner}.",
+        f"To be sure, reading the options from the first to the last: ({task.answer}) is "
+        f"{winner}.",
         f"One last time, counting {winner} against all of the rest: {winner} wins."])
     return (f"{_glance(task.answer)}, {winner}. First I will check that {winner} has the most "
             f"squares: it does. {checks} Wait, the question asks for a letter, so I answer "
