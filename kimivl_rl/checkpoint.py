@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -89,8 +89,9 @@ def verify_manifest(directory: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success, add a manifest and rename it to ``final``."""
+def atomic_dir(final: str | Path, before_publish: Callable[[], None] = lambda: None) -> Iterator[Path]:
+    """Yield a temporary directory; on success, add a manifest, call ``before_publish`` (the
+    directory is complete but not yet visible) and rename it to ``final``."""
     final = Path(final)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -98,6 +99,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield staging
         write_manifest(staging)
+        before_publish()
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

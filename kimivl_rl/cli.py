@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
 from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
 from kimivl_rl.ownership import NotOursError
+from kimivl_rl.remote import LearnerGroupLost
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -342,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NotOursError) as exc:
         print(f"kimivl-rl: error: {exc}", file=sys.stderr)
         return 2
+    except LearnerGroupLost as exc:
+        command = shlex.join(["kimivl-rl", *(sys.argv[1:] if argv is None else argv)])
+        print(f"kimivl-rl: error: {exc} To resume: {command}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -5,7 +5,8 @@
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
 Actors are named by role (``rollout-0``, ``reward-0``, ``learner-0``) so the Ray dashboard shows
-who is who. A rerun continues from the last complete checkpoint.
+who is who. A dead learner group is rebuilt from the last complete checkpoint
+(``LearnerRecovery``); a rerun continues from it too.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from tqdm import tqdm
 
@@ -26,7 +27,8 @@ from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs, tier_of
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import ActorFailed, await_restart, call_all, wait_all, wait_one
+from kimivl_rl.remote import (ActorFailed, LearnerGroupLost, RemoteTimeout, await_restart, call_all,
+                              wait_all, wait_one)
 from kimivl_rl.reward.service import reason_kind
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
@@ -68,32 +70,27 @@ class RLActors:
     rollouts: list
     reward: object  # a RewardPool
     transport: WeightTransport
+    model_path: str  # the run's starting model, which a restarted learner group loads first
     weights_version: int = 0  # what the rollout engines hold; 0 = the starting checkpoint
-    restarts: dict = field(default_factory=lambda: {"rollout": 0, "reward": 0})
+    restarts: dict = field(default_factory=lambda: {"rollout": 0, "reward": 0, "learner": 0})
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, with_learners: bool = True) -> "RLActors":
         import ray
 
-        from kimivl_rl.learner import LearnerWorker
         from kimivl_rl.reward.pool import RewardPool
         from kimivl_rl.rollout.worker import RolloutWorker
 
-        gpu = 1 if cfg.cluster.use_gpu else 0
         # Rollout and reward actors come back after a crash (the controller re-sends their
-        # work); learner ranks share a process group, so a dead one ends the run (rerun resumes).
-        restarts = cfg.cluster.actor_max_restarts
-        config = config_to_dict(cfg)
-        learners = [ray.remote(LearnerWorker).options(
-            name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=gpu).remote(
-            config, model_path, rank, cfg.cluster.num_learners)
-            for rank in range(cfg.cluster.num_learners if with_learners else 0)]
+        # work); learner ranks share a process group, so the controller rebuilds the whole group.
+        learners = _start_learners(cfg, model_path) if with_learners else []
         options = engine_options(cfg, model_path)
         rollouts = [ray.remote(RolloutWorker).options(
             name=f"rollout-{i}", num_cpus=cfg.cluster.rollout_cpus,
-            num_gpus=gpu * cfg.rollout.tensor_parallel_size, max_restarts=restarts).remote(options)
+            num_gpus=int(cfg.cluster.use_gpu) * cfg.rollout.tensor_parallel_size,
+            max_restarts=cfg.cluster.actor_max_restarts).remote(options)
             for i in range(cfg.rollout.num_workers)]
-        actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg))
+        actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg), model_path)
         try:
             actors._wait_started()
         except BaseException:
@@ -102,14 +99,30 @@ class RLActors:
         return actors
 
     def _wait_started(self) -> None:
-        timeout = self.cfg.cluster.call_timeout_s
         if self.learners:
-            address = wait_one(self.learners[0].rendezvous_address.remote(), "learner-0", "start",
-                               timeout)
-            wait_all([a.init_group.remote(*address) for a in self.learners], "learner",
-                     "join the process group and build the DeepSpeed engine", timeout)
-        wait_all([a.ready.remote() for a in self.rollouts], "rollout", "start (vLLM engine)", timeout)
+            self._form_learner_group()
+        wait_all([a.ready.remote() for a in self.rollouts], "rollout", "start (vLLM engine)",
+                 self.cfg.cluster.call_timeout_s)
         self.reward.ready()
+
+    def _form_learner_group(self) -> None:
+        timeout = self.cfg.cluster.call_timeout_s
+        address = wait_one(self.learners[0].rendezvous_address.remote(), "learner-0", "start", timeout)
+        wait_all([a.init_group.remote(*address) for a in self.learners], "learner",
+                 "join the process group and build the DeepSpeed engine", timeout)
+
+    def restart_learners(self) -> None:
+        """Replace every learner rank (survivors too: the process group died with one rank) by
+        fresh ones holding the starting model, and forget the weight-update group they were in."""
+        import ray
+
+        for learner in self.learners:
+            ray.kill(learner)
+        _await_names_released([f"learner-{rank}" for rank in range(len(self.learners))],
+                              self.cfg.cluster.call_timeout_s)
+        self.learners = _start_learners(self.cfg, self.model_path)
+        self._form_learner_group()
+        self.transport.reset()  # the next push forms the group again with the new rank 0
 
     def sync_weights(self, version: int, rollouts: Optional[list] = None) -> SyncStats:
         """Push the learners' weights to the rollout engines (all of them by default). If a
@@ -118,6 +131,8 @@ class RLActors:
         try:
             stats = self.transport.push(self.learners, targets, version)
         except ActorFailed as exc:
+            if exc.role != "rollout":
+                raise  # a dead learner is LearnerRecovery's to handle
             log.warning("weight sync %d failed (%s); retrying after restarts", version, exc)
             self.restarts["rollout"] += 1
             for index, worker in enumerate(self.rollouts):
@@ -147,6 +162,30 @@ class RLActors:
         for actor in [*self.learners, *self.rollouts]:
             ray.kill(actor)
         self.reward.stop()
+
+
+def _start_learners(cfg: Config, model_path: str) -> list:
+    import ray
+
+    from kimivl_rl.learner import LearnerWorker
+
+    config = config_to_dict(cfg)
+    return [ray.remote(LearnerWorker).options(
+        name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus,
+        num_gpus=int(cfg.cluster.use_gpu)).remote(config, model_path, rank, cfg.cluster.num_learners)
+        for rank in range(cfg.cluster.num_learners)]
+
+
+def _await_names_released(names: list[str], timeout_s: float) -> None:
+    """Wait until Ray has buried the killed actors of these names, so new ones can take them."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while set(names) & set(ray.util.list_named_actors()):
+        if time.monotonic() > deadline:
+            raise RemoteTimeout(f"{', '.join(names)} still registered {timeout_s:.0f}s after being "
+                                f"killed (cluster.call_timeout_s)")
+        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -314,12 +353,14 @@ def latest_checkpoint(cfg: Config) -> Optional[Path]:
 
 
 def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler,
-                    input_model: str) -> Path:
+                    input_model: str, written: Callable[[float], None] = lambda seconds: None) -> Path:
     """Learner state, sampler state and the iteration, written atomically; ``input_model`` (the
-    run's starting model) lets ``kimivl-rl eval`` turn the checkpoint into a model."""
+    run's starting model) lets ``kimivl-rl eval`` turn the checkpoint into a model.
+    ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
     root = rl_dir(cfg) / "checkpoints"
     final = root / f"iter_{iteration:06d}"
-    with atomic_dir(final) as staging:
+    started = time.perf_counter()
+    with atomic_dir(final, lambda: written(time.perf_counter() - started)) as staging:
         wait_all([l.save.remote(str(staging)) for l in actors.learners], "learner",
                  f"save checkpoint {final.name}", cfg.cluster.call_timeout_s)
         (staging / "controller_state.json").write_text(json.dumps(
@@ -336,6 +377,8 @@ def restore(actors: RLActors, cfg: Config, sampler: PromptSampler) -> int:
     return the first iteration still to run (0 when there is none)."""
     checkpoint = latest_checkpoint(cfg)
     if checkpoint is None:
+        if actors.weights_version:  # restarted learners hold the starting model again
+            actors.sync_weights(version=0)
         return 0
     state = json.loads((checkpoint / "controller_state.json").read_text())
     wait_all([l.load.remote(str(checkpoint)) for l in actors.learners], "learner",
@@ -344,6 +387,45 @@ def restore(actors: RLActors, cfg: Config, sampler: PromptSampler) -> int:
     actors.sync_weights(version=state["iteration"])
     log.info("resumed RL from %s", checkpoint)
     return state["iteration"]
+
+
+class LearnerRecovery:
+    """Brings a dead learner group back mid-run, at most ``cluster.max_learner_restarts`` times:
+    fresh ranks load the newest checkpoint (or keep the starting model when there is none yet),
+    the sampler goes back to the same point, the rollout engines get those weights, and the
+    loop redoes the iterations since. Past the limit, ``LearnerGroupLost`` says how to resume."""
+
+    def __init__(self, actors: RLActors, cfg: Config, sampler: PromptSampler):
+        self.actors, self.cfg, self.sampler = actors, cfg, sampler
+        self.initial_sampler = sampler.state_dict()  # where to go back to before any checkpoint
+
+    def recover(self, failure: ActorFailed) -> int:
+        """Restart the learner group after ``failure``; the first iteration to run again."""
+        if failure.role != "learner":
+            raise failure
+        restarts = self.actors.restarts
+        if restarts["learner"] >= self.cfg.cluster.max_learner_restarts:
+            raise LearnerGroupLost(self._given_up(failure)) from failure
+        restarts["learner"] += 1
+        started = time.perf_counter()
+        self.actors.restart_learners()
+        self.sampler.load_state_dict(self.initial_sampler)
+        iteration = restore(self.actors, self.cfg, self.sampler)
+        log.warning("%s died during '%s': learner group restarted (%d of %d) from iteration %d "
+                    "in %.1fs", failure.actor, failure.step, restarts["learner"],
+                    self.cfg.cluster.max_learner_restarts, iteration, time.perf_counter() - started)
+        return iteration
+
+    def _given_up(self, failure: ActorFailed) -> str:
+        checkpoint = latest_checkpoint(self.cfg)
+        resume = (f"the newest complete checkpoint is {checkpoint}, and rerunning the same "
+                  f"command resumes from it" if checkpoint else
+                  f"no checkpoint was written yet (under {rl_dir(self.cfg) / 'checkpoints'}), "
+                  f"so rerunning the same command starts RL over")
+        return (f"{failure.actor} died during '{failure.step}' after the learner group had been "
+                f"restarted {self.actors.restarts['learner']} times (cluster.max_learner_restarts="
+                f"{self.cfg.cluster.max_learner_restarts}); {resume}. Why it died is in the "
+                f"actor's log (Ray dashboard, or `ray logs` on the cluster).")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -379,21 +461,21 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     sink = MetricsSink(rl_dir(cfg) / "metrics.jsonl",
                        Path(cfg.output.dir) / "tensorboard" / "rl" if cfg.output.tensorboard else None, "rl")
     try:
-        start = restore(actors, cfg, sampler)
-        first_eval = evaluate_heldout(actors, cfg, processor, eval_prompts) if start == 0 else None
-        if first_eval:
-            sink.log(0, first_eval)
-        for iteration in tqdm(range(start, cfg.rl.iterations), desc="RL", initial=start,
-                              total=cfg.rl.iterations, unit="iter"):
-            metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration)
-            done = iteration + 1
-            if done % cfg.rl.eval_every == 0 or done == cfg.rl.iterations:
-                metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
-            sink.log(done, metrics)
-            log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
-                     {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
-            if done % cfg.rl.checkpoint_every == 0 or done == cfg.rl.iterations:
-                save_checkpoint(actors, cfg, done, sampler, model_path)
+        recovery = LearnerRecovery(actors, cfg, sampler)
+        iteration = start = restore(actors, cfg, sampler)
+        if start == 0:
+            sink.log(0, evaluate_heldout(actors, cfg, processor, eval_prompts))
+        with tqdm(desc="RL", initial=start, total=cfg.rl.iterations, unit="iter") as progress:
+            while iteration < cfg.rl.iterations:
+                try:
+                    metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration)
+                    iteration += 1
+                    if iteration % cfg.rl.eval_every == 0 or iteration == cfg.rl.iterations:
+                        metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
+                    record_iteration(actors, cfg, sink, sampler, iteration, metrics, model_path)
+                except ActorFailed as exc:
+                    iteration = recovery.recover(exc)
+                progress.update(iteration - progress.n)
         wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
     finally:
@@ -402,6 +484,20 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     summary = _summary(cfg, model_path)
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: PromptSampler,
+                     done: int, metrics: dict, input_model: str) -> None:
+    """Log iteration ``done``'s metrics; every ``rl.checkpoint_every`` iterations and at the end,
+    write a checkpoint and log its cost too, before it is published: a run killed in between
+    redoes the iteration, so no checkpoint exists whose iteration has no metrics."""
+    log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
+             {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
+    if done % cfg.rl.checkpoint_every and done != cfg.rl.iterations:
+        sink.log(done, metrics)
+        return
+    save_checkpoint(actors, cfg, done, sampler, input_model,
+                    lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}))
 
 
 def _summary(cfg: Config, model_path: str) -> dict:

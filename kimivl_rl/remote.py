@@ -13,6 +13,20 @@ class RemoteTimeout(TimeoutError):
 class ActorFailed(RuntimeError):
     """An actor died during a call and was not (or could no longer be) recovered."""
 
+    def __init__(self, actor: str, step: str, detail: str):
+        super().__init__(f"{actor} died during '{step}' {detail}")
+        self.actor, self.step = actor, step
+
+    @property
+    def role(self) -> str:
+        """What the actor is ("learner", "rollout", "reward"): its name without the index."""
+        return self.actor.split("-")[0]
+
+
+class LearnerGroupLost(RuntimeError):
+    """The learner group died more often than ``cluster.max_learner_restarts`` allows; the
+    message says what died and where the run resumes from."""
+
 
 Names = Union[str, Sequence[str]]
 
@@ -52,8 +66,7 @@ def call_all(submits: Sequence[Callable[[], Any]], names: Names, step: str, time
             results[i] = ray.get(ready[0])
         except ray.exceptions.RayActorError as exc:
             if recover is None or attempts[i] >= retries:
-                raise ActorFailed(f"{names[i]} died during '{step}' "
-                                  f"(after {attempts[i]} recoveries): {exc}") from exc
+                raise ActorFailed(names[i], step, f"(after {attempts[i]} recoveries): {exc}") from exc
             attempts[i] += 1
             names[i] = recover(i) or names[i]
             refs[i] = submits[i]()
