@@ -59,9 +59,19 @@ def _pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
+def _busy_pid(actor) -> int:
+    """The pid of an actor that may be in the middle of a call, from Ray's state API."""
+    import ray
+    from ray.util.state import get_actor
+
+    # The address, because other local Ray clusters would make the default ambiguous.
+    return get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address).pid
+
+
 def _kill_after_first_submit(monkeypatch, step: str, actor_of, caller=controller) -> list[int]:
     """Make the first ``call_all`` of ``step`` (in module ``caller``) SIGKILL the actor right after
-    submitting to it, while its call is in flight; return the list that receives the killed pid."""
+    submitting to it, while its call is in flight; return the list that receives the killed pid.
+    With ``caller=remote`` this covers ``wait_all`` steps too, whose calls were submitted before."""
     real_call_all, killed = caller.call_all, []
 
     def call_all(submits, names, step_name, *args, **kwargs):
@@ -71,7 +81,7 @@ def _kill_after_first_submit(monkeypatch, step: str, actor_of, caller=controller
             def submit_then_kill():
                 if killed:
                     return first()
-                pid = _pid(actor_of())  # asked before the call: an actor runs one call at a time
+                pid = _busy_pid(actor_of())
                 ref = first()
                 killed.append(pid)
                 os.kill(pid, signal.SIGKILL)

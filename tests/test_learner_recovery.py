@@ -1,0 +1,68 @@
+"""A learner rank dies mid-run (a real SIGKILL while its update is in flight): the controller
+rebuilds the learner group from the newest checkpoint and the run ends with every configured
+update; past ``cluster.max_learner_restarts`` the CLI says what died and how to resume.
+
+In its own module: each test runs the whole RL stage, whose actors do not fit beside another
+module's on the test cluster's 2 CPUs."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+import kimivl_rl.remote as remote
+from kimivl_rl.checkpoint import load_state
+from kimivl_rl.cli import main
+from kimivl_rl.controller import latest_checkpoint, rl_dir, run_rl
+from kimivl_rl.metrics import read_jsonl
+from test_fault_tolerance import _kill_after_first_submit
+from test_rl_ray import rl_cfg
+from test_rl_resume import _rl_command
+
+pytestmark = pytest.mark.slow
+
+
+def _kill_learner_during_update(monkeypatch, iteration: int) -> list[int]:
+    import ray
+
+    return _kill_after_first_submit(monkeypatch, f"learn (iteration {iteration})",
+                                    lambda: ray.get_actor("learner-0"), caller=remote)
+
+
+def test_learner_killed_during_an_update_is_restarted_and_the_run_completes(
+        tmp_path, tiny_model_dir, small_data_dir, ray_cluster, monkeypatch):
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3",
+                 "rl.checkpoint_every=1", "rl.eval_every=3")
+    killed = _kill_learner_during_update(monkeypatch, 1)
+
+    summary = run_rl(cfg, cfg.model.path)
+
+    assert killed and summary["iterations"] == 3
+    trained = [r for r in read_jsonl(rl_dir(cfg) / "metrics.jsonl") if "reward_mean" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    assert [r["restarts_learner"] for r in trained] == [0, 1, 1]
+    assert all(r["time_checkpoint_s"] > 0 for r in trained)  # a checkpoint after each
+    final = latest_checkpoint(cfg)
+    assert json.loads((final / "controller_state.json").read_text())["iteration"] == 3
+    # The final learner state took one update's optimizer steps per iteration: the restarted
+    # group resumed from iteration 1's state and redid iteration 2, nothing lost or doubled.
+    steps = load_state(final / "optimizer_rank0")["scheduler"]["last_epoch"]
+    assert steps == 3 * cfg.rl.updates_per_iteration
+
+
+def test_past_max_learner_restarts_the_cli_says_what_died_and_how_to_resume(
+        tmp_path, tiny_model_dir, small_data_dir, ray_cluster, monkeypatch, capsys):
+    # `kimivl-rl rl` with 3 iterations and a checkpoint after each; no restart allowed
+    args = [*_rl_command(tiny_model_dir, small_data_dir, tmp_path / "out")[3:],
+            "cluster.max_learner_restarts=0"]
+    killed = _kill_learner_during_update(monkeypatch, 1)
+
+    assert main(args) == 1
+
+    error = capsys.readouterr().err
+    checkpoint = tmp_path / "out" / "rl" / "checkpoints" / "iter_000001"
+    assert killed and "Traceback" not in error
+    assert "learner-0 died during 'learn (iteration 1)'" in error
+    assert f"the newest complete checkpoint is {checkpoint}" in error
+    assert error.rstrip().endswith(f"To resume: {shlex.join(['kimivl-rl', *args])}")
