@@ -32,8 +32,9 @@ Names = Union[str, Sequence[str]]
 
 
 def _name_list(names: Names, count: int) -> list[str]:
+    """Actor names; a role name ("learner") names the i-th actor as Ray does (``learner-i``)."""
     if isinstance(names, str):
-        return [names] * count if count == 1 else [f"{names}-{i}" for i in range(count)]
+        return [f"{names}-{i}" for i in range(count)]
     return list(names)
 
 
@@ -82,7 +83,7 @@ def wait_all(refs: list, names: Names, step: str, timeout_s: float) -> list[Any]
 
 
 def wait_one(ref, name: str, step: str, timeout_s: float) -> Any:
-    return wait_all([ref], name, step, timeout_s)[0]
+    return wait_all([ref], [name], step, timeout_s)[0]
 
 
 def await_restart(actor, name: str, timeout_s: float) -> None:
