@@ -400,9 +400,16 @@ class LearnerRecovery:
         self.initial_sampler = sampler.state_dict()  # where to go back to before any checkpoint
 
     def recover(self, failure: ActorFailed) -> int:
-        """Restart the learner group after ``failure``; the first iteration to run again."""
-        if failure.role != "learner":
-            raise failure
+        """Restart the learner group after ``failure`` (again if a new rank dies while it
+        starts); the first iteration to run again."""
+        while failure.role == "learner":
+            try:
+                return self._restart(failure)
+            except ActorFailed as again:
+                failure = again
+        raise failure
+
+    def _restart(self, failure: ActorFailed) -> int:
         restarts = self.actors.restarts
         if restarts["learner"] >= self.cfg.cluster.max_learner_restarts:
             raise LearnerGroupLost(self._given_up(failure)) from failure
