@@ -63,6 +63,7 @@ def test_unknown_section_suggests(tmp_path):
     ("rl:\n  loss: grpoo\n", "rl.loss", "did you mean 'grpo'"),
     ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "must be <= 1.0"),
     ("rl:\n  samples_per_prompt: 0\n", "rl.samples_per_prompt", "must be >= 1"),
+    ("cluster:\n  max_learner_restarts: -1\n", "cluster.max_learner_restarts", "must be >= 0"),
     ("sft:\n  joint:\n    phases: {max_seq_len: 64}\n", "sft.joint.phases", "expected a list"),
     ("rl: 3\n", "rl", "expected a mapping"),
 ])
