@@ -30,23 +30,29 @@ def _kill_learner_during_update(monkeypatch, iteration: int) -> list[int]:
                                     lambda: ray.get_actor("learner-0"), caller=remote)
 
 
+@pytest.mark.parametrize("checkpoint_every, restarts_from, checkpointed", [
+    (1, 1, [1, 2, 3]),  # from iteration 1's checkpoint
+    (2, 0, [2, 3]),  # before the first checkpoint: the starting model, the rollout engine reset too
+])
 def test_learner_killed_during_an_update_is_restarted_and_the_run_completes(
-        tmp_path, tiny_model_dir, small_data_dir, ray_cluster, monkeypatch):
+        checkpoint_every, restarts_from, checkpointed, tmp_path, tiny_model_dir, small_data_dir,
+        ray_cluster, monkeypatch, caplog):
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3",
-                 "rl.checkpoint_every=1", "rl.eval_every=3")
+                 f"rl.checkpoint_every={checkpoint_every}", "rl.eval_every=3")
     killed = _kill_learner_during_update(monkeypatch, 1)
 
     summary = run_rl(cfg, cfg.model.path)
 
     assert killed and summary["iterations"] == 3
+    assert f"learner group restarted (1 of 2) from iteration {restarts_from}" in caplog.text
     trained = [r for r in read_jsonl(rl_dir(cfg) / "metrics.jsonl") if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2, 3]
-    assert [r["restarts_learner"] for r in trained] == [0, 1, 1]
-    assert all(r["time_checkpoint_s"] > 0 for r in trained)  # a checkpoint after each
+    assert [r["restarts_learner"] for r in trained[restarts_from:]] == [1] * (3 - restarts_from)
+    assert [r["step"] for r in trained if r.get("time_checkpoint_s", 0) > 0] == checkpointed
     final = latest_checkpoint(cfg)
     assert json.loads((final / "controller_state.json").read_text())["iteration"] == 3
     # The final learner state took one update's optimizer steps per iteration: the restarted
-    # group resumed from iteration 1's state and redid iteration 2, nothing lost or doubled.
+    # group resumed from the state before the lost update and redid it, nothing lost or doubled.
     steps = load_state(final / "optimizer_rank0")["scheduler"]["last_epoch"]
     assert steps == 3 * cfg.rl.updates_per_iteration
 
