@@ -13,7 +13,6 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,7 +26,7 @@ from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import ActorFailed, await_restart, call_all, wait_all, wait_one
-from kimivl_rl.reward.service import reason_kind
+from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
@@ -189,7 +188,7 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
             "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
             "length_penalty_weight": weight,
             "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n,
-            "reward_reasons": dict(Counter(reason_kind(t.reward_reason) for t in trajectories))}
+            "reward_reasons": count_reasons(t.reward_reason for t in trajectories)}
 
 
 @dataclass
@@ -229,7 +228,7 @@ def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Examp
         chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
         _update_sampler(sampler, chosen,
                         groups.roll_out(actors, cfg, processor, prompts, chosen, iteration))
-        informative = len(informative_groups(groups.trajectories)) // cfg.rl.samples_per_prompt
+        informative = len({t.prompt_index for t in informative_groups(groups.trajectories)})
         if (informative >= cfg.rl.prompts_per_iteration
                 or groups.rounds > cfg.rl.dynamic_sampling_rounds):
             return groups

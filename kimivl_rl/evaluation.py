@@ -9,7 +9,7 @@ score through ``TimedScorer``, the reward service's time-limited path (``reward.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -19,7 +19,7 @@ from kimivl_rl.data.rows import Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
 from kimivl_rl.reward.extract import split_thinking
-from kimivl_rl.reward.service import reason_kind
+from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 
 ALL = "all"
@@ -150,9 +150,8 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
         group_lengths = [[len(s.token_ids) for s in group] for group in sampled]
     slices = {name: _slice_stats(rows, correct, lengths, traces, group_correct, group_lengths)
               for name, rows in _slices(examples, tier).items()}
-    reasons = Counter(reason_kind(s.reason) for s in greedy_scores)
     return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
-            "slices": slices, "greedy_reasons": dict(reasons.most_common())}
+            "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores)}
 
 
 def format_report(report: dict) -> str:

@@ -91,6 +91,8 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     trained = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2]
     assert [r["length_penalty_weight"] for r in trained] == [0.0, cfg.rl.length_penalty_weight]
+    # Each iteration's rollouts came from the weights the learner held: the sync arrived.
+    assert all(r["rollout_logprob_diff_abs_mean"] < 2e-3 for r in trained)
     for key in ("pass_rate", "response_length_mean", "logprob_diff_abs_mean", "time_generate_s",
                 "time_reward_s", "time_learn_s", "time_sync_s", "generated_tokens_per_s",
                 "informative_group_fraction"):

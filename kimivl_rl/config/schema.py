@@ -146,7 +146,8 @@ class RLConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["vllm", "hf_generate"] = "vllm"
+    # The generation engine; vLLM is the only one (rollout/vllm_engine.py).
+    backend: Literal["vllm"] = "vllm"
     num_workers: int = bounded(1, ge=1)
     tensor_parallel_size: int = bounded(1, ge=1)
     temperature: float = bounded(1.0, ge=0.0)
@@ -154,8 +155,6 @@ class RolloutConfig:
     max_new_tokens: int = bounded(256, ge=1)
     # On CPU vLLM reads this as a share of one NUMA node's memory; 0.92 fails at start.
     gpu_memory_utilization: float = bounded(0.3, gt=0.0, le=1.0)
-    # Tokens generated per iteration before unfinished responses are carried over.
-    token_budget: Optional[int] = None
     # Run vLLM's engine core and its one worker inside the calling process instead of two
     # spawned ones, each of which imports torch and vLLM again (on 2 CPU cores: 37 s -> 16 s to
     # start, and 4 s for a second engine in the same process). None: in-process on CPU with
