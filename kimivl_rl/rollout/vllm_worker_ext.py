@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 from kimivl_rl.weight_sync import new_weight_group, receive_weights
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+# Logs two INFO lines per reload; the sync's time is in the RL metrics (time_sync_s) instead.
+RELOAD_TIMING_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
 NOT_LOADED = "%s: Failed to load weights"  # the message, as vLLM logs it
 
 
@@ -31,10 +33,12 @@ def _buffers_only(module: torch.nn.Module) -> bool:
     return not list(module.parameters(recurse=False)) and bool(list(module.buffers(recurse=False)))
 
 
-def quiet_computed_buffers(model: torch.nn.Module) -> None:
-    """Keep out of the log the reload warning of layers that hold only buffers vLLM computes
-    from the config (rotary cos/sin caches, the image normaliser's scale and shift): no
-    checkpoint carries them, and vLLM puts their unchanged values back after every reload."""
+def quiet_reload_log(model: torch.nn.Module) -> None:
+    """Keep out of the log vLLM's per-reload INFO lines and the reload warning of layers that
+    hold only buffers vLLM computes from the config (rotary cos/sin caches, the image
+    normaliser's scale and shift): no checkpoint carries them, and vLLM puts their unchanged
+    values back after every reload."""
+    logging.getLogger(RELOAD_TIMING_LOGGER).setLevel(logging.WARNING)
     logger = logging.getLogger(RELOAD_LOGGER)
     quiet = next((f for f in logger.filters if isinstance(f, ComputedBufferWarnings)), None)
     if quiet is None:
@@ -49,7 +53,7 @@ class WorkerExtension:
     def _reload(self, weights) -> None:
         # The CPU backend repacks linear layers at load time, so plain ``model.load_weights``
         # after start leaves empty parameters; ``reload_weights`` redoes the repacking.
-        quiet_computed_buffers(self.model_runner.get_model())
+        quiet_reload_log(self.model_runner.get_model())
         self.model_runner.reload_weights(weights_iterator=weights)
 
     def reload_weights_from_file(self, path: str) -> None:
