@@ -1,4 +1,4 @@
-"""Build a long-CoT SFT set by rejection sampling from a teacher (RECIPE.md, stage 2).
+"""Build a long-CoT SFT set by rejection sampling from a teacher (docs/recipe.md, stage 2).
 
 For every prompt the teacher samples several responses on the project's rollout workers; the
 reward service checks each final answer against the prompt's reference; a response becomes a
