@@ -7,7 +7,8 @@ should be traces the model can follow to a verified answer. The built-in traces 
 from each task, so every one is correct; what the filter removes are prompts the starting
 model cannot solve, whose answers a small model can only memorise at the cost of what it knew;
 ``unsolved_fraction`` keeps a few so that every kind of question still has traces to follow
-(measured in docs/experiments.md, "Long-CoT trace designs"). Replayed rows are kept as they are: they are the previous stage's own answers.
+(measured in docs/experiments.md, "Long-CoT trace designs"). Replayed rows are kept as they
+are: they are the previous stage's own answers.
 
 The filter runs once, on the driver's side as a Ray task with the rollout workers' resources,
 and writes ``solved_rows.json`` in the stage's directory; a resumed stage reads it back, one

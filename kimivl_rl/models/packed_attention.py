@@ -4,8 +4,8 @@ Given packed position ids, transformers' SDPA path keeps packed examples apart w
 (L x L) mask, so a 1024-token pack of 40-token examples computes all of L^2 to keep about 4% of
 it. ``packed_sdpa`` splits the pack at the position restarts and runs causal SDPA on each
 example: the same outputs, without the masked blocks or the mask, and faster SFT steps on CPU
-(bench/README.md, docs/experiments.md). It is the language model's attention for training on CPU; GPUs have
-flash-attn's or FlexAttention's block-sparse kernels instead (``kimivl_rl.models.loading``).
+(bench/README.md, docs/experiments.md). It is the language model's attention for training on
+CPU; GPUs have flash-attn's or FlexAttention's block-sparse kernels instead (``kimivl_rl.models.loading``).
 """
 from __future__ import annotations
 
