@@ -1,4 +1,4 @@
-"""The RL driver loop (RECIPE.md, stage 3), over Ray actors:
+"""The RL driver loop (docs/recipe.md, stage 3), over Ray actors:
 
     sample prompts (difficulty-aware) -> rollouts (vLLM, k per prompt) -> answer-only rewards
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight

@@ -26,17 +26,9 @@ ALL = "all"
 TIER = "tier"
 
 
-def prompt_messages(example: Example) -> list[dict]:
-    """The conversation up to (not including) the final assistant answer."""
-    messages = list(example.messages)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages
-
-
 def generation_requests(examples: list[Example], processor) -> list[GenerationRequest]:
     return [GenerationRequest(
-        prompt=processor.apply_chat_template(prompt_messages(ex), tokenize=False,
+        prompt=processor.apply_chat_template(ex.prompt_messages(), tokenize=False,
                                              add_generation_prompt=True),
         images=ex.images, request_id=ex.source) for ex in examples]
 

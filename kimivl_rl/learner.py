@@ -216,8 +216,7 @@ class LearnerWorker:
     def state_for_sync(self) -> Optional[dict[str, torch.Tensor]]:
         """The full weights (rank 0; None elsewhere) for the rollout engines, each tensor with a
         storage of its own: under ZeRO-1/2 every parameter is a view into one flat buffer, and
-        Ray pickles a view with its whole storage (the tiny pipeline's sync took 2.8 s with the
-        views, 0.07 s with the copies)."""
+        Ray pickles a view with its whole storage (docs/experiments.md, "An RL iteration")."""
         state = full_state_dict(self.engine)
         if state is None:
             return None

@@ -5,12 +5,10 @@ answers correctly (and an evenly spaced ``unsolved_fraction`` of the others).
 ``keep_solved`` is the recipe's rejection sampling turned on the student: the long-CoT set
 should be traces the model can follow to a verified answer. The built-in traces are written
 from each task, so every one is correct; what the filter removes are prompts the starting
-model cannot solve, whose answers a small model can only memorise. Measured on the tiny
-model: memorising them in long-CoT SFT cost what joint SFT had taught (held-out accuracy
-0.490 -> 0.453); trained on the solved rows only, it held (0.490 -> 0.49), but answered the
-hardest sums, of which no solved row was left, without thinking (trace format 0.95). A tenth
-of the unsolved rows kept gives every kind of question a trace again: 0.49, format 1.00.
-Replayed rows are kept as they are: they are the previous stage's own answers.
+model cannot solve, whose answers a small model can only memorise at the cost of what it knew;
+``unsolved_fraction`` keeps a few so that every kind of question still has traces to follow
+(measured in docs/experiments.md, "Long-CoT trace designs"). Replayed rows are kept as they
+are: they are the previous stage's own answers.
 
 The filter runs once, on the driver's side as a Ray task with the rollout workers' resources,
 and writes ``solved_rows.json`` in the stage's directory; a resumed stage reads it back, one
