@@ -13,6 +13,7 @@ import sys
 
 from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
+from kimivl_rl.layout import OutputLayout
 from kimivl_rl.ownership import NotOursError
 from kimivl_rl.remote import LearnerGroupLost
 
@@ -156,7 +157,7 @@ def _eval_report_file(cfg, args):
 
     if not args.out:
         claim_targets(cfg)
-        return Path(cfg.output.dir) / "eval" / f"{Path(args.model).name}.json"
+        return OutputLayout.of(cfg).eval_report(args.model)
     out = Path(args.out)
     try:
         ours = not out.exists() or json.loads(out.read_text()).get("report") == EVAL_REPORT

@@ -1,4 +1,4 @@
-"""The RL driver loop (RECIPE.md, stage 3), over Ray actors:
+"""The RL driver loop (docs/recipe.md, stage 3), over Ray actors:
 
     sample prompts (difficulty-aware) -> rollouts (vLLM, k per prompt) -> answer-only rewards
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,38 +24,30 @@ from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, reward_inputs, tier_of
+from kimivl_rl.layout import OutputLayout
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
 from kimivl_rl.remote import (ActorFailed, LearnerGroupLost, RemoteTimeout, await_restart, call_all,
                               wait_all, wait_one)
-from kimivl_rl.reward.service import reason_kind
+from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.losses import LOSS_METRICS
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.vllm_engine import engine_options
+from kimivl_rl.summary import rl_summary
 from kimivl_rl.weight_sync import SyncStats, WeightTransport, transport_for
 
 log = logging.getLogger(__name__)
 
 
-def rl_dir(cfg: Config) -> Path:
-    return Path(cfg.output.dir) / "rl"
-
-
-def rl_output_model(cfg: Config) -> Path:
-    return rl_dir(cfg) / "model"
-
-
 def rl_input_model(cfg: Config, base_model: str, override: Optional[str] = None) -> str:
     """RL starts from ``override`` if given, else from the output of the last SFT stage that
     finished (long-CoT, then joint), else from the base model."""
-    from sft.trainer import stage_output_model
-
     if override:
         return override
-    finished = [stage_output_model(cfg, stage) for stage in ("long_cot", "joint")]
+    finished = [OutputLayout.of(cfg).model(stage) for stage in ("long_cot", "joint")]
     return next((str(m) for m in finished if (m / "config.json").is_file()), base_model)
 
 
@@ -228,7 +219,7 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
             "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
             "length_penalty_weight": weight,
             "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n,
-            "reward_reasons": dict(Counter(reason_kind(t.reward_reason) for t in trajectories))}
+            "reward_reasons": count_reasons(t.reward_reason for t in trajectories)}
 
 
 @dataclass
@@ -268,7 +259,7 @@ def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Examp
         chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
         _update_sampler(sampler, chosen,
                         groups.roll_out(actors, cfg, processor, prompts, chosen, iteration))
-        informative = len(informative_groups(groups.trajectories)) // cfg.rl.samples_per_prompt
+        informative = len({t.prompt_index for t in informative_groups(groups.trajectories)})
         if (informative >= cfg.rl.prompts_per_iteration
                 or groups.rounds > cfg.rl.dynamic_sampling_rounds):
             return groups
@@ -343,7 +334,7 @@ def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: lis
 
 def latest_checkpoint(cfg: Config) -> Optional[Path]:
     """The newest checkpoint whose manifest checks out; broken ones are skipped with a warning."""
-    for directory in sorted((rl_dir(cfg) / "checkpoints").glob("iter_*"), reverse=True):
+    for directory in sorted(OutputLayout.of(cfg).rl_checkpoints.glob("iter_*"), reverse=True):
         try:
             verify_manifest(directory)
             return directory
@@ -357,8 +348,8 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
     """Learner state, sampler state and the iteration, written atomically; ``input_model`` (the
     run's starting model) lets ``kimivl-rl eval`` turn the checkpoint into a model.
     ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
-    root = rl_dir(cfg) / "checkpoints"
-    final = root / f"iter_{iteration:06d}"
+    layout = OutputLayout.of(cfg)
+    root, final = layout.rl_checkpoints, layout.rl_checkpoint(iteration)
     started = time.perf_counter()
     with atomic_dir(final, lambda: written(time.perf_counter() - started)) as staging:
         wait_all([l.save.remote(str(staging)) for l in actors.learners], "learner",
@@ -427,7 +418,7 @@ class LearnerRecovery:
         checkpoint = latest_checkpoint(self.cfg)
         resume = (f"the newest complete checkpoint is {checkpoint}, and rerunning the same "
                   f"command resumes from it" if checkpoint else
-                  f"no checkpoint was written yet (under {rl_dir(self.cfg) / 'checkpoints'}), "
+                  f"no checkpoint was written yet (under {OutputLayout.of(self.cfg).rl_checkpoints}), "
                   f"so rerunning the same command starts RL over")
         return (f"{failure.actor} died during '{failure.step}' after the learner group had been "
                 f"restarted {self.actors.restarts['learner']} times (cluster.max_learner_restarts="
@@ -445,7 +436,8 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     """Run (or continue) the RL stage from ``model_path``; return its summary."""
     from transformers import AutoProcessor
 
-    summary_file = rl_dir(cfg) / "summary.json"
+    layout = OutputLayout.of(cfg)
+    summary_file = layout.stage_summary("rl")
     if summary_file.is_file():
         finished = json.loads(summary_file.read_text())
         if finished["iterations"] == cfg.rl.iterations:
@@ -465,8 +457,7 @@ def run_rl(cfg: Config, model_path: str) -> dict:
                             total_iterations=cfg.rl.iterations)
     init_ray(cfg)
     actors = RLActors.start(cfg, model_path)
-    sink = MetricsSink(rl_dir(cfg) / "metrics.jsonl",
-                       Path(cfg.output.dir) / "tensorboard" / "rl" if cfg.output.tensorboard else None, "rl")
+    sink = MetricsSink.for_stage(cfg, "rl")
     try:
         recovery = LearnerRecovery(actors, cfg, sampler)
         iteration = start = restore(actors, cfg, sampler)
@@ -483,12 +474,12 @@ def run_rl(cfg: Config, model_path: str) -> dict:
                 except ActorFailed as exc:
                     iteration = recovery.recover(exc)
                 progress.update(iteration - progress.n)
-        wait_one(actors.learners[0].export.remote(str(rl_output_model(cfg))), "learner-0",
+        wait_one(actors.learners[0].export.remote(str(layout.model("rl"))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
     finally:
         sink.close()
         actors.stop()
-    summary = _summary(cfg, model_path)
+    summary = rl_summary(cfg, model_path)
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -506,29 +497,3 @@ def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: 
     save_checkpoint(actors, cfg, done, sampler, input_model,
                     lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}))
 
-
-def _summary(cfg: Config, model_path: str) -> dict:
-    """RL's summary from its metrics: held-out accuracy (all prompts and the tier) and length
-    at the start, when the length penalty switches on and at the end; training signal."""
-    from kimivl_rl.metrics import read_jsonl
-
-    records = read_jsonl(rl_dir(cfg) / "metrics.jsonl")
-    evals = [r for r in records if "eval_reward" in r]
-    trains = [r for r in records if "reward_mean" in r]
-    start = cfg.rl.length_penalty_start_iteration
-    before_penalty = [r for r in evals if r["step"] <= start]
-    eval_keys = ("step", "eval_reward", "eval_reward_se", "eval_tier_reward", "eval_tier_reward_se",
-                 "eval_tier_n", "eval_response_length", "eval_trace_format")
-    pick = lambda r: {k: r.get(k) for k in eval_keys} if r else None  # noqa: E731
-    return {"input_model": model_path, "output_model": str(rl_output_model(cfg)),
-            "iterations": cfg.rl.iterations, "tier": tier_of(cfg),
-            "eval_start": pick(evals[0] if evals else None),
-            "eval_penalty_start": pick(before_penalty[-1] if before_penalty and start < cfg.rl.iterations
-                                       else None),
-            "eval_end": pick(evals[-1] if evals else None),
-            "length_penalty_start_iteration": start,
-            "train_reward_start": trains[0]["reward_mean"] if trains else None,
-            "train_reward_end": trains[-1]["reward_mean"] if trains else None,
-            "informative_group_fraction_mean":
-                sum(r["informative_group_fraction"] for r in trains) / max(1, len(trains)),
-            "iterations_without_update": sum(r["learner_responses"] == 0 for r in trains)}

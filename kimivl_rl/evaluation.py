@@ -9,7 +9,7 @@ score through ``TimedScorer``, the reward service's time-limited path (``reward.
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
+from collections import defaultdict
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -19,24 +19,16 @@ from kimivl_rl.data.rows import Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
 from kimivl_rl.reward.extract import split_thinking
-from kimivl_rl.reward.service import reason_kind
+from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 
 ALL = "all"
 TIER = "tier"
 
 
-def prompt_messages(example: Example) -> list[dict]:
-    """The conversation up to (not including) the final assistant answer."""
-    messages = list(example.messages)
-    while messages and messages[-1]["role"] == "assistant":
-        messages.pop()
-    return messages
-
-
 def generation_requests(examples: list[Example], processor) -> list[GenerationRequest]:
     return [GenerationRequest(
-        prompt=processor.apply_chat_template(prompt_messages(ex), tokenize=False,
+        prompt=processor.apply_chat_template(ex.prompt_messages(), tokenize=False,
                                              add_generation_prompt=True),
         images=ex.images, request_id=ex.source) for ex in examples]
 
@@ -150,9 +142,8 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
         group_lengths = [[len(s.token_ids) for s in group] for group in sampled]
     slices = {name: _slice_stats(rows, correct, lengths, traces, group_correct, group_lengths)
               for name, rows in _slices(examples, tier).items()}
-    reasons = Counter(reason_kind(s.reason) for s in greedy_scores)
     return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
-            "slices": slices, "greedy_reasons": dict(reasons.most_common())}
+            "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores)}
 
 
 def format_report(report: dict) -> str:

@@ -80,6 +80,18 @@ def response_logprobs(model, sequences: list[Encoded], image_token_id: int) -> l
     return out
 
 
+def rollout_mismatch(trajectories: list[Trajectory], learner: list[torch.Tensor]) -> float:
+    """Mean |log p| difference per response token, over all ranks, between the rollout engine
+    that sampled and the learner's weights: near 0 when the last weight sync arrived intact."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    for trajectory, logprobs in zip(trajectories, learner):
+        rollout = torch.tensor(trajectory.rollout_logprobs, dtype=torch.float64)
+        totals += torch.stack([(rollout - logprobs.cpu().double()).abs().sum(),
+                               torch.tensor(float(len(rollout)), dtype=torch.float64)])
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) values and mask from ragged rows."""
     width = max(1, max(len(r) for r in rows))
@@ -162,14 +174,15 @@ class LearnerWorker:
         advantages = get_advantage(self.cfg.rl.advantage or self.loss.advantage)(rewards, groups)
         normalizer = self.loss.normalizer(len(trajectories),
                                           sum(len(t.response_token_ids) for t in trajectories))
-        mine = list(range(self.rank, len(trajectories), self.world))
-        batches = self._micro_batches(self._encode([trajectories[i] for i in mine]))
+        mine = [trajectories[i] for i in range(self.rank, len(trajectories), self.world)]
+        batches = self._micro_batches(self._encode(mine))
         old = self._logprobs(batches)
-        my_advantages = advantages[mine]
+        my_advantages = advantages[self.rank::self.world]
+        mismatch = rollout_mismatch(mine, old)
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
             metrics = self._update(batches, old, my_advantages, normalizer)
-        return metrics
+        return {**metrics, "rollout_logprob_diff_abs_mean": mismatch}
 
     def _update(self, batches, old: list[torch.Tensor], advantages: torch.Tensor,
                 normalizer: float) -> dict[str, float]:
@@ -203,8 +216,7 @@ class LearnerWorker:
     def state_for_sync(self) -> Optional[dict[str, torch.Tensor]]:
         """The full weights (rank 0; None elsewhere) for the rollout engines, each tensor with a
         storage of its own: under ZeRO-1/2 every parameter is a view into one flat buffer, and
-        Ray pickles a view with its whole storage (the tiny pipeline's sync took 2.8 s with the
-        views, 0.07 s with the copies)."""
+        Ray pickles a view with its whole storage (docs/experiments.md, "An RL iteration")."""
         state = full_state_dict(self.engine)
         if state is None:
             return None

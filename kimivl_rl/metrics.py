@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from kimivl_rl.layout import STAGE_DIRS, OutputLayout
+
 
 class MetricsSink:
     def __init__(self, jsonl: Path, tensorboard_dir: Optional[Path], prefix: str):
@@ -19,6 +21,14 @@ class MetricsSink:
 
             self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
         self.gauges: dict = {}
+
+    @classmethod
+    def for_stage(cls, cfg, stage: str) -> MetricsSink:
+        """A stage's metrics.jsonl, its TensorBoard run (with ``output.tensorboard``) and its
+        gauges ``kimivl_<stage dir>_*``."""
+        layout = OutputLayout.of(cfg)
+        return cls(layout.metrics(stage), layout.tensorboard(stage) if cfg.output.tensorboard
+                   else None, STAGE_DIRS[stage])
 
     def _gauge(self, key: str):
         from ray.util.metrics import Gauge

@@ -3,31 +3,23 @@
 Each stage starts from the previous stage's output. A finished stage (its ``summary.json``
 exists) is not run again, and an interrupted one continues from its last checkpoint, so
 rerunning the same command after a stop picks up where the run died. At the end the run writes
-``summary.json``, prints a table of held-out accuracy per stage, and draws the plots.
-
-Output directory (``output.dir``)::
-
-    config.yaml                  the resolved config of the last run
-    sft_joint/, sft_long_cot/    model/ (HF checkpoint), metrics.jsonl, summary.json, ray_train/
-    rl/                          model/, checkpoints/iter_N/, metrics.jsonl, summary.json
-    tensorboard/                 one run per stage
-    plots/                       sft_loss.png, rl.png
-    summary.json                 the table below, as JSON
+``summary.json``, prints a table of held-out accuracy per stage, and draws the plots (where
+everything goes: ``kimivl_rl/layout.py``).
 """
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 from kimivl_rl.config import Config, dump_config
 from kimivl_rl.evaluation import tier_name
+from kimivl_rl.layout import OutputLayout
 from kimivl_rl.metrics import read_jsonl
+from kimivl_rl.summary import STAGE_TITLES, run_summary
 
 log = logging.getLogger(__name__)
 STAGES = ("joint", "long_cot", "rl")
-STAGE_TITLES = {"joint": "joint SFT", "long_cot": "long-CoT SFT", "rl": "RL"}
 
 
 def parse_stages(text: str) -> list[str]:
@@ -51,9 +43,9 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> d
     # Every stage's data is checked before the first stage starts, and before anything is
     # written to the output directory: a bad row fails the run in seconds, not after SFT.
     check_data(cfg, stages)
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    layout = OutputLayout.of(cfg)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.config.write_text(dump_config(cfg))
     for number, stage in enumerate(stages, 1):
         log.info("=== stage %d/%d: %s ===", number, len(stages), STAGE_TITLES[stage])
         if stage == "rl":
@@ -61,38 +53,12 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> d
         else:
             run_stage(cfg, stage, base_model, check=False)
     summary = run_summary(cfg)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    summary["plots"] = [str(p) for p in write_plots(cfg, out / "plots")]
+    layout.summary.write_text(json.dumps(summary, indent=1))
+    summary["plots"] = [str(p) for p in write_plots(cfg)]
     return summary
 
 
 # ----------------------------------------------------------------------------- summary
-
-def _read_json(path: Path) -> Optional[dict]:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def run_summary(cfg: Config) -> dict:
-    """Held-out accuracy and mean response length after each finished stage, and RL's reward at
-    its start and end. Stages that have not run are left out."""
-    out = Path(cfg.output.dir)
-    rows = []
-    for stage in ("joint", "long_cot"):
-        finished = _read_json(out / f"sft_{stage}" / "summary.json")
-        if finished:
-            ev = finished["eval"]["slices"]["all"]
-            rows.append({"stage": STAGE_TITLES[stage], "accuracy": ev["greedy"],
-                         "response_tokens": ev["tokens_mean"], "trace_format": ev["trace_format"]})
-    summary = {"stages": rows}
-    rl = _read_json(out / "rl" / "summary.json")
-    if rl:
-        end = rl["eval_end"]
-        rows.append({"stage": "RL", "accuracy": end["eval_reward"],
-                     "response_tokens": end["eval_response_length"],
-                     "trace_format": end["eval_trace_format"]})
-        summary["rl"] = rl
-    return summary
-
 
 def _change(before: float, after: float, se_before: float, se_after: float) -> str:
     se = (se_before ** 2 + se_after ** 2) ** 0.5
@@ -129,7 +95,7 @@ def format_summary(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- plots
 
-def write_plots(cfg: Config, directory: Path) -> list[Path]:
+def write_plots(cfg: Config) -> list[Path]:
     """PNG plots of the stages that have metrics: SFT loss curves; RL reward, held-out accuracy
     and response length per iteration, with the iteration where the length penalty turns on."""
     import matplotlib
@@ -137,9 +103,9 @@ def write_plots(cfg: Config, directory: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    directory.mkdir(parents=True, exist_ok=True)
-    out, written = Path(cfg.output.dir), []
-    sft = {stage: read_jsonl(out / f"sft_{stage}" / "metrics.jsonl") for stage in ("joint", "long_cot")}
+    layout, written = OutputLayout.of(cfg), []
+    layout.plots.mkdir(parents=True, exist_ok=True)
+    sft = {stage: read_jsonl(layout.metrics(stage)) for stage in ("joint", "long_cot")}
     if any(sft.values()):
         fig, ax = plt.subplots(figsize=(7, 4))
         for stage, records in sft.items():
@@ -149,10 +115,10 @@ def write_plots(cfg: Config, directory: Path) -> list[Path]:
         ax.set(xlabel="optimizer step", ylabel="answer-token loss", yscale="log",
                title="SFT loss")
         ax.legend()
-        written.append(_save(fig, directory / "sft_loss.png"))
-    rl = read_jsonl(out / "rl" / "metrics.jsonl")
+        written.append(_save(fig, layout.plots / "sft_loss.png"))
+    rl = read_jsonl(layout.metrics("rl"))
     if rl:
-        written.append(_save(_rl_figure(plt, rl), directory / "rl.png"))
+        written.append(_save(_rl_figure(plt, rl), layout.plots / "rl.png"))
     return written
 
 

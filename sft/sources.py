@@ -5,12 +5,10 @@ answers correctly (and an evenly spaced ``unsolved_fraction`` of the others).
 ``keep_solved`` is the recipe's rejection sampling turned on the student: the long-CoT set
 should be traces the model can follow to a verified answer. The built-in traces are written
 from each task, so every one is correct; what the filter removes are prompts the starting
-model cannot solve, whose answers a small model can only memorise. Measured on the tiny
-model: memorising them in long-CoT SFT cost what joint SFT had taught (held-out accuracy
-0.490 -> 0.453); trained on the solved rows only, it held (0.490 -> 0.49), but answered the
-hardest sums, of which no solved row was left, without thinking (trace format 0.95). A tenth
-of the unsolved rows kept gives every kind of question a trace again: 0.49, format 1.00.
-Replayed rows are kept as they are: they are the previous stage's own answers.
+model cannot solve, whose answers a small model can only memorise at the cost of what it knew;
+``unsolved_fraction`` keeps a few so that every kind of question still has traces to follow
+(measured in docs/experiments.md, "Long-CoT trace designs"). Replayed rows are kept as they
+are: they are the previous stage's own answers.
 
 The filter runs once, on the driver's side as a Ray task with the rollout workers' resources,
 and writes ``solved_rows.json`` in the stage's directory; a resumed stage reads it back, one
@@ -28,9 +26,9 @@ from typing import Optional
 
 from kimivl_rl.config import Config, config_from_dict
 from kimivl_rl.data.rows import Example, RowLoader
+from kimivl_rl.layout import OutputLayout
 
 log = logging.getLogger(__name__)
-SOLVED_ROWS = "solved_rows.json"
 
 
 @dataclass(frozen=True)
@@ -69,13 +67,13 @@ def load_source(cfg: Config, source: DataSource, keep: Optional[set[str]] = None
             if keep is None or ex.source in keep]
 
 
-def stage_examples(cfg: Config, stage: str, stage_directory: Path) -> list[Example]:
+def stage_examples(cfg: Config, stage: str) -> list[Example]:
     """Every example the stage trains on, in order: its own rows (those kept, with
     keep_solved), then the replayed ones."""
     own, *replayed = stage_sources(cfg, stage)
     keep = None
     if getattr(cfg.sft, stage).keep_solved:
-        keep = set(json.loads((stage_directory / SOLVED_ROWS).read_text())["kept"])
+        keep = set(json.loads(OutputLayout.of(cfg).solved_rows(stage).read_text())["kept"])
     return load_source(cfg, own, keep) + [ex for source in replayed
                                           for ex in load_source(cfg, source)]
 
@@ -100,12 +98,12 @@ def rows_to_keep(solved: list[bool], unsolved_fraction: float) -> list[int]:
 
 # ----------------------------------------------------------------------------- the filter
 
-def ensure_solved_rows(cfg: Config, stage: str, input_model: str, stage_directory: Path) -> dict:
+def ensure_solved_rows(cfg: Config, stage: str, input_model: str) -> dict:
     """Write (once) which of the stage's own rows to keep, from which ones ``input_model``
     answers correctly; return the counts."""
     from kimivl_rl.evaluation import on_rollout_resources
 
-    path = stage_directory / SOLVED_ROWS
+    path = OutputLayout.of(cfg).solved_rows(stage)
     stored = _stored_for(path, input_model, getattr(cfg.sft, stage).unsolved_fraction)
     if stored is None:
         stored = on_rollout_resources(cfg, solved_rows, stage, input_model,

@@ -22,6 +22,7 @@ from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
 from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
 from kimivl_rl.evaluation import format_report
+from kimivl_rl.layout import STAGE_DIRS, OutputLayout
 from kimivl_rl.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.packing import collate_pack
@@ -39,20 +40,11 @@ REPORT_EVERY = 10
 
 # ----------------------------------------------------------------------------- paths
 
-def stage_dir(cfg: Config, stage: str) -> Path:
-    return Path(cfg.output.dir).resolve() / f"sft_{stage}"
-
-
-def stage_output_model(cfg: Config, stage: str) -> Path:
-    """Where a finished stage's Hugging Face checkpoint is."""
-    return stage_dir(cfg, stage) / "model"
-
-
 def stage_input_model(cfg: Config, stage: str, base_model: str) -> str:
     """Joint SFT starts from the base model; long-CoT SFT from joint SFT's output."""
     if stage == "joint":
         return base_model
-    previous = stage_output_model(cfg, "joint")
+    previous = OutputLayout.of(cfg).model("joint")
     if not (previous / "config.json").is_file():
         raise FileNotFoundError(f"long-CoT SFT starts from joint SFT's output, and {previous} "
                                 f"does not exist yet: run `kimivl-rl sft CONFIG --stage joint` first")
@@ -137,7 +129,7 @@ def train_loop(loop_config: dict) -> None:
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
     examples = [encode_example(ex, processor, model)
-                for ex in stage_examples(cfg, stage, stage_dir(cfg, stage))]
+                for ex in stage_examples(cfg, stage)]
     image_token_id = model.config.image_token_id
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=image_token_id)
@@ -148,7 +140,7 @@ def train_loop(loop_config: dict) -> None:
                           weight_decay=cfg.sft.weight_decay, bf16=cfg.cluster.use_gpu,
                           freeze_prefixes=freeze)
     start = _restore(engine)
-    sink = _metrics_sink(cfg, stage) if rank == 0 else None
+    sink = MetricsSink.for_stage(cfg, stage) if rank == 0 else None
     total = len(plan.steps)
     for step_index in range(start, total):
         metrics = train_step(engine, plan, plan.steps[step_index], rank, world,
@@ -166,16 +158,9 @@ def train_loop(loop_config: dict) -> None:
         # step goes to metrics.jsonl and TensorBoard, every 10th and each checkpoint to Ray.
         if checkpoint or done % REPORT_EVERY == 0:
             _report(metrics, engine, done, checkpoint)
-    _export(engine, processor, stage_output_model(cfg, stage), plan, rank)
+    _export(engine, processor, OutputLayout.of(cfg).model(stage), plan, rank)
     if sink:
         sink.close()
-
-
-def _metrics_sink(cfg: Config, stage: str) -> MetricsSink:
-    """metrics.jsonl (plots, tests), TensorBoard, and Ray gauges ``kimivl_sft_<stage>_*``."""
-    tensorboard = Path(cfg.output.dir).resolve() / "tensorboard" / f"sft_{stage}"
-    return MetricsSink(stage_dir(cfg, stage) / "metrics.jsonl",
-                       tensorboard if cfg.output.tensorboard else None, f"sft_{stage}")
 
 
 def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> None:
@@ -204,8 +189,7 @@ def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> d
 
     if stage not in STAGES:
         raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
-    directory = stage_dir(cfg, stage)
-    summary_file = directory / "summary.json"
+    summary_file = OutputLayout.of(cfg).stage_summary(stage)
     if summary_file.is_file():
         log.info("SFT %s already finished (%s); skipping", stage, summary_file)
         return json.loads(summary_file.read_text())
@@ -221,14 +205,14 @@ def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> d
 def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
     """The Ray Train job of a stage alone (continuing a stopped one); no evaluation."""
     input_model = stage_input_model(cfg, stage, base_model)
-    directory = stage_dir(cfg, stage)
-    directory.mkdir(parents=True, exist_ok=True)
+    layout = OutputLayout.of(cfg)
+    layout.stage(stage).mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
     summary = {"stage": stage, "input_model": input_model}
     if getattr(cfg.sft, stage).keep_solved:
-        summary["solved_rows"] = ensure_solved_rows(cfg, stage, input_model, directory)
-    result = _fit(cfg, stage, input_model, directory)
-    output = stage_output_model(cfg, stage)
+        summary["solved_rows"] = ensure_solved_rows(cfg, stage, input_model)
+    result = _fit(cfg, stage, input_model, layout)
+    output = layout.model(stage)
     return {**summary, "output_model": str(output), "train": result.metrics,
             "plan": json.loads((output / "sft_plan.json").read_text())}
 
@@ -246,17 +230,17 @@ def _evaluate_model(config: dict, stage: str) -> dict:
     from kimivl_rl.evaluation import evaluate_model
 
     cfg = config_from_dict(config)
-    return evaluate_model(config, str(stage_output_model(cfg, stage)),
+    return evaluate_model(config, str(OutputLayout.of(cfg).model(stage)),
                           str(Path(cfg.data.dir) / getattr(cfg.sft, stage).eval_file),
                           cfg.sft.eval_examples, samples=0,
                           max_new_tokens=cfg.sft.eval_max_new_tokens)
 
 
-def _fit(cfg: Config, stage: str, input_model: str, directory: Path):
+def _fit(cfg: Config, stage: str, input_model: str, layout: OutputLayout):
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, stage_output_model(cfg, stage),
+    log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, layout.model(stage),
              attention_implementation(cfg.cluster.use_gpu, training=True))
     trainer = TorchTrainer(
         train_loop,
@@ -264,9 +248,9 @@ def _fit(cfg: Config, stage: str, input_model: str, directory: Path):
         scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.sft.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"sft_{stage}", storage_path=str(directory / "ray_train"),
+        run_config=RunConfig(name=STAGE_DIRS[stage], storage_path=str(layout.ray_train(stage)),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.output.keep_last_checkpoints)),
     )
-    with follow_progress(directory / "metrics.jsonl", f"SFT {stage}", unit="step"):
+    with follow_progress(layout.metrics(stage), f"SFT {stage}", unit="step"):
         return trainer.fit()

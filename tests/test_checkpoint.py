@@ -7,7 +7,8 @@ import sys
 
 from kimivl_rl.checkpoint import atomic_dir, load_state, save_state
 from kimivl_rl.config import load_config
-from kimivl_rl.controller import latest_checkpoint, rl_dir
+from kimivl_rl.controller import latest_checkpoint
+from kimivl_rl.layout import OutputLayout
 
 
 def _cfg(tmp_path):
@@ -22,7 +23,7 @@ def _write_checkpoint(root, iteration: int) -> None:
 
 
 def test_a_crash_inside_the_write_leaves_the_previous_checkpoint_as_latest(tmp_path):
-    root = rl_dir(_cfg(tmp_path)) / "checkpoints"
+    root = OutputLayout.of(_cfg(tmp_path)).rl_checkpoints
     for iteration in (1, 2):
         _write_checkpoint(root, iteration)
     crash = ("import os, signal, sys; from pathlib import Path; "
@@ -38,7 +39,7 @@ def test_a_crash_inside_the_write_leaves_the_previous_checkpoint_as_latest(tmp_p
 
 
 def test_a_damaged_or_unfinished_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
-    root = rl_dir(_cfg(tmp_path)) / "checkpoints"
+    root = OutputLayout.of(_cfg(tmp_path)).rl_checkpoints
     for iteration in (1, 2, 3):
         _write_checkpoint(root, iteration)
     damaged = next((root / "iter_000003").glob("*.safetensors"))

@@ -151,7 +151,7 @@ def ids(paths):
 
 # ----------------------------------------------------------------------------- tests
 
-# sha256 of the CRDs as copied from ../shared/schemas/kuberay (the project's reference copy)
+# sha256 of the CRDs vendored in tests/data/kuberay (the project's reference copy)
 VENDORED_SHA256 = {
     "ray.io_rayclusters.yaml": "c44704442eef0c6721ad40c1d66782c8bd3fdab9d3344306a5820910a679baa1",
     "ray.io_rayjobs.yaml": "01a5cf3b17c1769fda44af7e82debcd98722f0c27b9ab84d084681c6649121f5",

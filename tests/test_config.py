@@ -61,6 +61,8 @@ def test_unknown_section_suggests(tmp_path):
     ("rl:\n  iterations: 2.5\n", "rl.iterations", "expected int"),
     ("model:\n  trust_remote_code: 'yes'\n", "model.trust_remote_code", "expected bool"),
     ("rl:\n  loss: grpoo\n", "rl.loss", "did you mean 'grpo'"),
+    ("rollout:\n  backend: hf_generate\n", "rollout.backend", "'hf_generate' is not one of ['vllm']"),
+    ("rollout:\n  token_budget: 1024\n", "rollout.token_budget", "unknown key 'token_budget'"),
     ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "must be <= 1.0"),
     ("rl:\n  samples_per_prompt: 0\n", "rl.samples_per_prompt", "must be >= 1"),
     ("cluster:\n  max_learner_restarts: -1\n", "cluster.max_learner_restarts", "must be >= 0"),

@@ -62,9 +62,39 @@ def test_every_split_loads_with_the_strict_loader(small_data_dir, split, part):
 
 
 def test_sft_answers_are_boxed_reference_answers(small_data_dir):
-    for split in ("joint_sft", "long_cot"):
-        for row in RowLoader(small_data_dir / split / "train.jsonl").load_all():
-            assert row.messages[-1]["content"] == f"\\boxed{{{row.answer}}}"
+    for row in RowLoader(small_data_dir / "joint_sft" / "train.jsonl").load_all():
+        assert row.messages[-1]["content"] == f"\\boxed{{{row.answer}}}"
+
+
+def test_long_cot_replies_box_the_answer_their_trace_ends_at(small_data_dir):
+    for row in RowLoader(small_data_dir / "long_cot" / "train.jsonl").load_all():
+        reasoning, reply = row.messages[-1]["reasoning_content"], row.messages[-1]["content"]
+        assert reasoning.startswith(f"boxed{{{row.answer}}} at a glance")
+        traced = reply.removeprefix("\\boxed{").removesuffix("}")
+        assert reasoning.endswith(f"{traced}.") or reasoning.endswith(f"({traced}).")
+
+
+def test_the_teacher_second_guesses_big_answers_at_its_rate():
+    """Among counts of 3+ and sums of 10+ the trace talks itself out of the right answer at
+    SECOND_GUESS_RATE (within four binomial standard errors); elsewhere never."""
+    from kimivl_rl.data.traces import (SECOND_GUESS_RATE, invites_doubt, second_guesses,
+                                       traced_answer)
+
+    tasks = [sample_task(BuildSpec(), "long_cot", "train", i) for i in range(600)]
+    doubtful = [t for t in tasks if invites_doubt(t)]
+    rate = sum(map(second_guesses, doubtful)) / len(doubtful)
+    assert abs(rate - SECOND_GUESS_RATE) < 4 * (SECOND_GUESS_RATE * (1 - SECOND_GUESS_RATE)
+                                                 / len(doubtful)) ** 0.5
+    assert not any(second_guesses(t) for t in tasks if not invites_doubt(t))
+    assert {t.kind for t in doubtful} == {"count", "arith"}
+    for task in tasks:
+        reflection = long_cot_reasoning(task).split(BEHAVIOUR_MARKERS["reflection"])[1]
+        if second_guesses(task):
+            wrong = int(task.answer) + 1 if task.kind == "count" else int(task.answer) - 10
+            assert traced_answer(task) == str(wrong) and f"is {wrong}." in reflection
+        else:
+            assert traced_answer(task) == task.answer
+            assert task.kind == "colour" or f"stays {task.answer}." in reflection
 
 
 def test_long_cot_traces_show_all_four_behaviours(small_data_dir):
@@ -74,7 +104,8 @@ def test_long_cot_traces_show_all_four_behaviours(small_data_dir):
         # The markers come in the recipe's order: plan, check, reflect, explore.
         positions = [reasoning.index(m) for m in BEHAVIOUR_MARKERS.values()]
         assert positions == sorted(positions)
-        assert row.answer in reasoning.split(BEHAVIOUR_MARKERS["exploration"])[-1]
+        assert row.messages[-1]["content"].removeprefix("\\boxed{").removesuffix("}") in \
+            reasoning.split(BEHAVIOUR_MARKERS["exploration"])[-1]
 
 
 def test_traces_vary_in_length_by_redundant_checks_that_carry_no_behaviour_marker():

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kimivl_rl.data.rows import Example
-from kimivl_rl.evaluation import evaluation_report, format_report, prompt_messages
+from kimivl_rl.evaluation import evaluation_report, format_report
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.rollout.vllm_engine import Sample
 
@@ -82,4 +82,4 @@ def test_mean_and_pass_at_k_with_standard_errors():
 def test_prompt_drops_the_final_answer_only():
     chat = ex("1", 1).messages + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]
     example = Example(chat, [], "1", 1, None, "t:1")
-    assert [m["role"] for m in prompt_messages(example)] == ["user", "assistant", "user"]
+    assert [m["role"] for m in example.prompt_messages()] == ["user", "assistant", "user"]

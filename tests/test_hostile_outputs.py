@@ -19,7 +19,7 @@ import pytest
 from kimivl_rl.reward import RewardInput, RewardOutput, normalize_text, verify
 from kimivl_rl.reward.scoring import NO_REASON, TimedScorer
 from kimivl_rl.reward.service import (MAX_REASON_KINDS, OTHER_REASONS, RewardService,
-                                      reason_kind)
+                                      count_reasons, reason_kind)
 from kimivl_rl.reward.verify import MATH_MAX_DEPTH, nesting_depth
 
 SEED = 6_0507
@@ -226,7 +226,6 @@ def test_reward_service_survives_a_hostile_corpus():
         assert problems == []
         # Every explosive value hit the limit and the service went on with the next item.
         assert reasons[f"timeout after {TIMEOUT_S}s"] >= len(EXPLOSIVE)
-        assert dict(service.reason_counts()) == dict(reasons)
         # Still a working service, and with a live worker of bounded size.
         after = service.score([RewardInput("<think>fine</think>\\boxed{\\frac{1}{2}}", "0.5"),
                                RewardInput("<think>ok</think>Answer: ３", "3")])
@@ -320,7 +319,7 @@ def test_reason_counts_stay_bounded_and_every_output_has_a_reason():
         service.scorer.close()
     assert [o.reason for o in outputs[:3]] == ["reason 0", "reason 1", "reason 2"]
     assert outputs[-2] == RewardOutput(0.0, NO_REASON, "")
-    counts = service.reason_counts()
+    counts = count_reasons(o.reason for o in outputs)
     assert len(counts) == MAX_REASON_KINDS + 1
     assert counts[OTHER_REASONS] == 202 - MAX_REASON_KINDS
     assert sum(counts.values()) == 202

@@ -134,7 +134,7 @@ def test_row_format_loads_and_renders_the_trace(tmp_path):
     prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
     example = Example(prompt, [], "4", 2.0, None, "in.jsonl:7", {"task": "count"})
     verdict = judge_trace(GOOD, 40, "stop", RIGHT, ALL)
-    row = long_cot_row(example, prompt, verdict, ["sq.png"])
+    row = long_cot_row(example, verdict, ["sq.png"])
     assert row == {"messages": [*prompt, {"role": "assistant", "reasoning_content": THINKING,
                                           "content": "\\boxed{4}"}],
                    "images": ["sq.png"], "answer": "4", "difficulty": 2.0, "task": "count",

@@ -46,7 +46,7 @@ def test_rl_raises_held_out_reward_from_a_weak_checkpoint(tmp_path, ray_cluster)
     rl = run_pipeline(cfg, ["joint", "rl"])["rl"]
     print(rl)
     assert rl["iterations"] == 10
-    # measured: 0.0 -> 0.13 (0.18 while zero-advantage groups still went to the learner)
+    # the measured rise is in docs/experiments.md; 0.1 leaves room for run-to-run noise
     assert rl["eval_end"]["eval_reward"] >= rl["eval_start"]["eval_reward"] + 0.1, rl
 
 

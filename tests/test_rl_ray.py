@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from kimivl_rl.config import load_config
-from kimivl_rl.controller import (RLActors, generate, latest_checkpoint, load_prompts, rl_dir,
-                                  rl_output_model, run_rl)
+from kimivl_rl.controller import RLActors, generate, latest_checkpoint, load_prompts, run_rl
 from kimivl_rl.evaluation import generation_requests
+from kimivl_rl.layout import OutputLayout
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.rl.experience import trajectories_from_samples
 from kimivl_rl.weight_sync import ObjectStoreTransport
@@ -87,10 +87,12 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     summary = run_rl(cfg, cfg.model.path)
     assert summary["iterations"] == 2 and summary["eval_start"]["eval_reward"] is not None
     assert summary["eval_end"]["eval_tier_n"] > 0 and summary["iterations_without_update"] == 0
-    records = [json.loads(line) for line in (rl_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
     trained = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2]
     assert [r["length_penalty_weight"] for r in trained] == [0.0, cfg.rl.length_penalty_weight]
+    # Each iteration's rollouts came from the weights the learner held: the sync arrived.
+    assert all(r["rollout_logprob_diff_abs_mean"] < 2e-3 for r in trained)
     for key in ("pass_rate", "response_length_mean", "logprob_diff_abs_mean", "time_generate_s",
                 "time_reward_s", "time_learn_s", "time_sync_s", "generated_tokens_per_s",
                 "informative_group_fraction"):
@@ -100,7 +102,7 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [len(r["sampled_prompts"]) for r in trained] == [8, 8]
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
-    assert (rl_output_model(cfg) / "model.safetensors").is_file()
+    assert (OutputLayout.of(cfg).model("rl") / "model.safetensors").is_file()
     # the last checkpoint, exported for `kimivl-rl eval`, is the final model exactly
     from safetensors.torch import load_file
 
@@ -108,7 +110,7 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
 
     exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
                          / "model.safetensors")
-    final = load_file(rl_output_model(cfg) / "model.safetensors")
+    final = load_file(OutputLayout.of(cfg).model("rl") / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
     longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
@@ -116,7 +118,7 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
                     "rl.dynamic_sampling_rounds=1")
     resumed = run_rl(longer, longer.model.path)
     assert resumed["iterations"] == 3
-    records = [json.loads(line) for line in (rl_dir(cfg) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]  # not restarted
     state = json.loads((latest_checkpoint(cfg) / "controller_state.json").read_text())
     assert state["iteration"] == 3

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.reward.extract import extract_answer, split_thinking
-from sft.sources import SOLVED_ROWS, ensure_solved_rows, stage_examples
+from sft.sources import ensure_solved_rows, stage_examples
 
 pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = 12
@@ -90,11 +90,11 @@ def test_keep_solved_keeps_exactly_the_rows_the_starting_model_answers(tmp_path,
     directory = tmp_path / "out" / "sft_long_cot"
     directory.mkdir(parents=True)
 
-    counts = ensure_solved_rows(cfg, "long_cot", str(model_dir), directory)
+    counts = ensure_solved_rows(cfg, "long_cot", str(model_dir))
 
     # Solved: rows 0, 2, 4; unsolved 1, 3, 5, of which a half (the 2nd) is kept: row 3.
     assert counts == {"file": "own.jsonl", "rows": 6, "solved": 3, "kept": 4}
-    examples = stage_examples(cfg, "long_cot", directory)
+    examples = stage_examples(cfg, "long_cot")
     kept = [(Path(ex.source.rsplit(":", 1)[0]).name, int(ex.source.rsplit(":", 1)[1]))
             for ex in examples]
     # Replayed rows are the previous stage's answers: all kept, under their system prompt.
@@ -103,13 +103,13 @@ def test_keep_solved_keeps_exactly_the_rows_the_starting_model_answers(tmp_path,
     assert all(ex.messages[0] == {"role": "system", "content": cfg.sft.long_cot.replay_system_prompt}
                for ex in examples[4:])
     # A resumed stage reads the file back instead of asking the model again.
-    stored = json.loads((directory / SOLVED_ROWS).read_text())
+    stored = json.loads((directory / "solved_rows.json").read_text())
     stored["counts"]["kept"] = -1
-    (directory / SOLVED_ROWS).write_text(json.dumps(stored))
-    assert ensure_solved_rows(cfg, "long_cot", str(model_dir), directory)["kept"] == -1
+    (directory / "solved_rows.json").write_text(json.dumps(stored))
+    assert ensure_solved_rows(cfg, "long_cot", str(model_dir))["kept"] == -1
     # Another fraction (or starting model) asks the model again: now every unsolved row is kept.
     everything = sources_cfg(tmp_path, model_dir, "sft.long_cot.unsolved_fraction=1.0")
-    assert ensure_solved_rows(everything, "long_cot", str(model_dir), directory)["kept"] == 6
+    assert ensure_solved_rows(everything, "long_cot", str(model_dir))["kept"] == 6
 
 
 def test_keep_solved_with_nothing_solved_says_so_before_training(tmp_path, tiny_model_dir,
@@ -120,5 +120,5 @@ def test_keep_solved_with_nothing_solved_says_so_before_training(tmp_path, tiny_
     directory = tmp_path / "out" / "sft_long_cot"
     directory.mkdir(parents=True)
     with pytest.raises(ValueError, match="answers none of the 6 rows of own.jsonl correctly"):
-        ensure_solved_rows(cfg, "long_cot", str(tiny_model_dir), directory)
-    assert not (directory / SOLVED_ROWS).exists()
+        ensure_solved_rows(cfg, "long_cot", str(tiny_model_dir))
+    assert not (directory / "solved_rows.json").exists()

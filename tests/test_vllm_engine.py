@@ -1,8 +1,10 @@
 """The vLLM adapter's engine placement: an in-process engine (the CPU default) samples what the
 engine in separate processes samples, spawns no process, and leaves the calling process's torch
 threads as configured, also when a second engine follows in the same process (Ray reuses task
-workers)."""
+workers); reloaded weights really replace the old ones, without warnings."""
 from __future__ import annotations
+
+import logging
 
 import psutil
 import pytest
@@ -63,3 +65,36 @@ def test_in_process_engine_samples_like_separate_processes_and_keeps_the_process
                                                torch.tensor(want.logprobs), atol=1e-4, rtol=0)
     finally:
         torch.set_num_threads(threads_before)
+
+
+@pytest.mark.slow
+def test_reloaded_weights_change_what_the_engine_scores_and_log_no_warning(tiny_model_dir):
+    from safetensors.torch import load_file
+
+    requests = _requests(tiny_model_dir)
+    greedy = dict(n=1, temperature=0.0, max_new_tokens=8, seed=0)
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    noise = torch.Generator().manual_seed(0)
+    perturbed = {k: v + 0.1 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v
+                 for k, v in original.items()}
+    threads_before = torch.get_num_threads()
+    engine = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32", in_process=True,
+                                      threads=1))
+    warnings = []
+    catcher = logging.Handler(logging.INFO)
+    catcher.emit = warnings.append
+    logging.getLogger("vllm").addHandler(catcher)  # after the engine: importing vLLM resets it
+    try:
+        before = engine.generate(requests, **greedy)
+        engine.load_weights(perturbed)
+        changed = engine.generate(requests, **greedy)
+        engine.load_weights(original)
+        back = engine.generate(requests, **greedy)
+    finally:
+        engine.shutdown()
+        logging.getLogger("vllm").removeHandler(catcher)
+        torch.set_num_threads(threads_before)
+    assert [r.getMessage() for r in warnings] == []  # no warning, and no INFO line per reload
+    logprobs = lambda result: torch.tensor([g[0].logprobs[0] for g in result])  # noqa: E731
+    assert not torch.allclose(logprobs(changed), logprobs(before), atol=1e-3)
+    torch.testing.assert_close(logprobs(back), logprobs(before), atol=1e-5, rtol=0)

@@ -64,12 +64,12 @@ class SFTStageConfig:
     # Rows of another stage's training file mixed into this one ("" for none), e.g. joint-SFT
     # answers replayed during long-CoT SFT so that a small model keeps what joint SFT taught.
     # The model then also knows how to answer without thinking, and RL with a length penalty
-    # can move it there (measured on the tiny model: held-out responses 108 -> 7 tokens).
+    # can move it there (docs/experiments.md).
     replay_file: str = ""
     replay_examples: int = bounded(0, ge=0)   # the first N rows of replay_file
     # A system message for every replayed row, so the model tells the replayed mode (answering
-    # without thinking) from the stage's own. Without one the tiny model mixed them: only 35%
-    # of its long-CoT outputs were in the trace format.
+    # without thinking) from the stage's own; without one a small model mixes them
+    # (docs/experiments.md).
     replay_system_prompt: str = ""
     # Train only on the stage's own rows whose prompt its starting model already answers
     # correctly (greedy, scored by the answer-only reward): rejection sampling against the
@@ -146,7 +146,8 @@ class RLConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["vllm", "hf_generate"] = "vllm"
+    # The generation engine; vLLM is the only one (rollout/vllm_engine.py).
+    backend: Literal["vllm"] = "vllm"
     num_workers: int = bounded(1, ge=1)
     tensor_parallel_size: int = bounded(1, ge=1)
     temperature: float = bounded(1.0, ge=0.0)
@@ -154,11 +155,9 @@ class RolloutConfig:
     max_new_tokens: int = bounded(256, ge=1)
     # On CPU vLLM reads this as a share of one NUMA node's memory; 0.92 fails at start.
     gpu_memory_utilization: float = bounded(0.3, gt=0.0, le=1.0)
-    # Tokens generated per iteration before unfinished responses are carried over.
-    token_budget: Optional[int] = None
     # Run vLLM's engine core and its one worker inside the calling process instead of two
-    # spawned ones, each of which imports torch and vLLM again (on 2 CPU cores: 37 s -> 16 s to
-    # start, and 4 s for a second engine in the same process). None: in-process on CPU with
+    # spawned ones, each of which imports torch and vLLM again (under half the start time on
+    # CPU: bench/README.md). None: in-process on CPU with
     # tensor_parallel_size 1; GPUs keep the separate processes, whose scheduler overlaps the model.
     in_process: Optional[bool] = None
 

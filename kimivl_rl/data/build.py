@@ -16,11 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from kimivl_rl.data.tasks import MAX_DIFFICULTY, TASK_KINDS, Task, make_task
-from kimivl_rl.data.traces import long_cot_reasoning
+from kimivl_rl.data.traces import long_cot_reasoning, traced_final_answer
 from kimivl_rl.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 9  # bump when generated content changes for the same spec
+FORMAT_VERSION = 10  # bump when generated content changes for the same spec
 _SPLIT_IDS = {"joint_sft": 1, "long_cot": 2, "rl": 3, "corpus": 4}
 _PART_IDS = {"train": 0, "eval": 1}
 
@@ -72,7 +72,7 @@ def task_row(task: Task, split: str, image_path: Optional[str]) -> dict:
         messages.append({"role": "assistant", "content": task.final_answer})
     elif split == "long_cot":
         messages.append({"role": "assistant", "reasoning_content": long_cot_reasoning(task),
-                         "content": task.final_answer})
+                         "content": traced_final_answer(task)})
     return {"messages": messages, "images": [image_path] if image_path else [],
             "answer": task.answer, "difficulty": task.difficulty, "task": task.kind}
 

@@ -1,4 +1,4 @@
-"""Build a long-CoT SFT set by rejection sampling from a teacher (RECIPE.md, stage 2).
+"""Build a long-CoT SFT set by rejection sampling from a teacher (docs/recipe.md, stage 2).
 
 For every prompt the teacher samples several responses on the project's rollout workers; the
 reward service checks each final answer against the prompt's reference; a response becomes a
@@ -124,11 +124,10 @@ def filter_prompt(source: str, samples: list, rewards: list[RewardOutput],
     return kept, stats
 
 
-def long_cot_row(example: Example, prompt_messages: list[dict], verdict: Verdict,
-                 image_paths: list[str]) -> dict:
+def long_cot_row(example: Example, verdict: Verdict, image_paths: list[str]) -> dict:
     """One row of the documented format: the prompt, then the teacher's verified trace."""
-    row = {"messages": [*prompt_messages, {"role": "assistant", "reasoning_content": verdict.reasoning,
-                                           "content": verdict.answer}],
+    trace = {"role": "assistant", "reasoning_content": verdict.reasoning, "content": verdict.answer}
+    row = {"messages": [*example.prompt_messages(), trace],
            "images": list(image_paths), "answer": example.answer}
     if example.difficulty is not None:
         row["difficulty"] = example.difficulty
@@ -232,7 +231,6 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
     """
     from kimivl_rl.data.rows import RowLoader
     from kimivl_rl.difficulty import sample_and_score
-    from kimivl_rl.evaluation import prompt_messages
 
     prompts_file, out_file = Path(prompts_file).resolve(), Path(out_file).resolve()
     if out_file.suffix != ".jsonl":
@@ -259,7 +257,7 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
                         paths = _place_images(image_paths[example.source], prompts_file.parent,
                                               out_file.parent, images_dir)
                         for verdict in kept:
-                            row = long_cot_row(example, prompt_messages(example), verdict, paths)
+                            row = long_cot_row(example, verdict, paths)
                             f.write(json.dumps(row, ensure_ascii=False) + "\n")
         output_sha256 = sha256_of(partial)
         os.replace(partial, out_file)  # an interrupted build never looks complete

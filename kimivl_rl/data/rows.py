@@ -44,6 +44,13 @@ class Example:
     source: str  # "file:line", for messages about this example later on
     extra: dict = field(default_factory=dict)
 
+    def prompt_messages(self) -> list[dict]:
+        """The conversation up to (not including) the final assistant answer."""
+        messages = list(self.messages)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return messages
+
 
 # Byte-order marks of encodings the loader does not read (UTF-32 first: its LE mark starts
 # with UTF-16's).

@@ -16,6 +16,12 @@ number drawn per task from a hash the model cannot predict, so the model learns 
 flips while sampling: one prompt's samples differ in length by tens of tokens while reaching the
 same answer. Those redundant checks, worded without the behaviour markers so that a trace keeps
 its format without them, are what the k1.5 length penalty has to remove.
+
+The teacher also has a habit that answer-only RL has to remove: on big counts and multi-digit
+sums its reflection second-guesses a right answer (``second_guesses``, a coin of
+``SECOND_GUESS_RATE`` drawn like the checks) and the trace ends at the wrong one. Past one half,
+a student's greedy answer follows the habit while its samples still reach the right answer often,
+so the RL stage has something to select (docs/experiments.md, "Second-guessing traces").
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ BEHAVIOUR_MARKERS = {
     "exploration": "Let me try another way",
 }
 MAX_EXTRA_CHECKS = 4
+SECOND_GUESS_RATE = 0.6
 
 
 def trace_behaviours(text: str) -> set[str]:
@@ -37,10 +44,41 @@ def trace_behaviours(text: str) -> set[str]:
     return {name for name, marker in BEHAVIOUR_MARKERS.items() if marker in text}
 
 
+def _task_hash(task: Task, salt: str) -> int:
+    """A number fixed for a task and unpredictable from its prompt."""
+    key = f"{salt}{task.kind}|{task.question}|{task.answer}|{task.squares}|{task.steps}"
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16)
+
+
 def extra_checks(task: Task) -> int:
     """0..MAX_EXTRA_CHECKS, uniform over tasks, fixed for a task, unpredictable from its prompt."""
-    key = f"{task.kind}|{task.question}|{task.answer}|{task.squares}|{task.steps}"
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % (MAX_EXTRA_CHECKS + 1)
+    return _task_hash(task, "") % (MAX_EXTRA_CHECKS + 1)
+
+
+def invites_doubt(task: Task) -> bool:
+    """Counts of three or more and sums of two or more digits: where the teacher doubts itself."""
+    if task.kind == "count":
+        return int(task.answer) >= 3
+    return task.kind == "arith" and abs(int(task.answer)) >= 10
+
+
+def second_guesses(task: Task) -> bool:
+    """Whether this task's trace talks itself out of the right answer (rate SECOND_GUESS_RATE
+    among the tasks that invite doubt, none elsewhere)."""
+    return invites_doubt(task) and _task_hash(task, "doubt|") % 1000 < SECOND_GUESS_RATE * 1000
+
+
+def traced_answer(task: Task) -> str:
+    """The answer the trace ends at: the task's, or the second guess (one square more, or a
+    carried one too many)."""
+    if not second_guesses(task):
+        return task.answer
+    return str(int(task.answer) + 1) if task.kind == "count" else str(int(task.answer) - 10)
+
+
+def traced_final_answer(task: Task) -> str:
+    """The reply after the thinking section: the traced answer, boxed."""
+    return f"\\boxed{{{traced_answer(task)}}}"
 
 
 def _glance(answer: str) -> str:
@@ -56,12 +94,17 @@ def _checks(task: Task, check: str, redundant: list[str]) -> str:
 
 
 def _count_trace(task: Task, colour: str) -> str:
-    total = task.answer
+    total, final = task.answer, traced_answer(task)
     others = sorted({s.colour for s in task.squares if s.colour != colour})
-    reflection = (f"Wait, the image also has {' and '.join(others)} squares; those are not "
-                  f"{colour}, so the count stays {total}."
-                  if others else
-                  f"Wait, could a {colour} square hide at the edge? No, so the count stays {total}.")
+    if second_guesses(task):
+        reflection = (f"Wait, could a {colour} square hide at the edge? Yes, one more, so the "
+                      f"count is {final}.")
+    elif others:
+        reflection = (f"Wait, the image also has {' and '.join(others)} squares; those are not "
+                      f"{colour}, so the count stays {total}.")
+    else:
+        reflection = (f"Wait, could a {colour} square hide at the edge? No, so the count stays "
+                      f"{total}.")
     checks = _checks(task, f"Let me check: I look at each {colour} square once more and get "
                            f"{total}.", [
         f"Once more, going row by row from the top of the image: {total} {colour} squares.",
@@ -70,7 +113,7 @@ def _count_trace(task: Task, colour: str) -> str:
         f"One last time, going from the bottom row up to the top row: {total}."])
     return (f"{_glance(total)}. First I will count the {colour} squares one by one: I count "
             f"{total}. {checks} {reflection} "
-            f"Let me try another way: column by column I still get {total}.")
+            f"Let me try another way: column by column I get {final}.")
 
 
 def _colour_trace(task: Task) -> str:
@@ -101,15 +144,18 @@ def _colour_trace(task: Task) -> str:
 
 def _arith_trace(task: Task) -> str:
     # No worked steps: a recomputed value competed with the first answer (docs/experiments.md).
-    value = task.answer
+    value, final = task.answer, traced_answer(task)
+    reflection = (f"Wait, I may have carried a one too many, so the result is {final}."
+                  if second_guesses(task) else
+                  f"Wait, I used every number in the question, so the result stays {value}.")
     checks = _checks(task, f"Let me check: adding it up once more I again get {value}.", [
         f"Once more, going from the first number to the last one, I get {value}.",
         f"And again, doing it step by step and slowly this time: {value}.",
         f"To be sure, reading the whole question again from the start: {value}.",
         f"One last time, going from the last number back to the first: {value}."])
     return (f"{_glance(value)}. First I will work it out one step at a time and get {value}. "
-            f"{checks} Wait, I used every number in the question, so the result stays {value}. "
-            f"Let me try another way: computing it again from the left gives {value}.")
+            f"{checks} {reflection} "
+            f"Let me try another way: computing it again from the left gives {final}.")
 
 
 def long_cot_reasoning(task: Task) -> str:

@@ -48,8 +48,8 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
 
 def attention_implementation(use_gpu: bool, training: bool = False) -> str:
     """flash-attn's variable-length kernels when installed on a GPU; else FlexAttention on a
-    GPU (a block-diagonal mask that skips the blocks between packed examples: 54% MFU against
-    35% for SDPA with a dense mask, bench/learner_gpu.py on an H200); else, for training on
+    GPU (a block-diagonal mask that skips the blocks between packed examples, far faster than
+    SDPA with a dense mask: bench/README.md); else, for training on
     CPU, torch SDPA on each packed example (``packed_attention``); else torch SDPA. Given packed
     position ids, each keeps packed examples apart."""
     if use_gpu and torch.cuda.is_available():
@@ -67,14 +67,14 @@ def use_language_model_attention(model, attention: str) -> None:
     """Run the language model with ``attention``, the vision encoder keeping its own.
     transformers 5 declares no FlexAttention for Qwen2.5-VL, yet its language model runs it:
     the same logits as SDPA (checked on CPU), and bench/learner_gpu.py --shape vlm trains with it
-    on an H200."""
+    on one H200."""
     language_model(model).config._attn_implementation = attention
 
 
 def compile_decoder_layers(model) -> None:
     """Regional compilation: each decoder layer of the language model compiled on its own, so
-    RMSNorm, SwiGLU and RoPE run as fused kernels (bench/learner_gpu.py --compile: 52.6% ->
-    67.8% MFU on an H200) while compile time stays that of one layer."""
+    RMSNorm, SwiGLU and RoPE run as fused kernels (bench/README.md, learner_gpu.py) while
+    compile time stays that of one layer."""
     for layer in language_model(model).layers:
         layer.compile()
 

@@ -3,10 +3,9 @@
 Given packed position ids, transformers' SDPA path keeps packed examples apart with a dense
 (L x L) mask, so a 1024-token pack of 40-token examples computes all of L^2 to keep about 4% of
 it. ``packed_sdpa`` splits the pack at the position restarts and runs causal SDPA on each
-example: the same outputs, without the masked blocks or the mask (on 2 CPU cores, DeepSpeed
-SFT steps on the tiny model ran 2.8k -> 3.3k tokens/s on 1024-token joint packs and 3.6k ->
-4.7k on long-CoT packs). It is the language model's attention for training on CPU; GPUs have
-flash-attn's or FlexAttention's block-sparse kernels instead (``kimivl_rl.models.loading``).
+example: the same outputs, without the masked blocks or the mask, and faster SFT steps on CPU
+(bench/README.md, docs/experiments.md). It is the language model's attention for training on
+CPU; GPUs have flash-attn's or FlexAttention's block-sparse kernels instead (``kimivl_rl.models.loading``).
 """
 from __future__ import annotations
 

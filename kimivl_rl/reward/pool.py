@@ -10,7 +10,6 @@ come from exactly one finished call, so no item is lost or scored twice into the
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 from kimivl_rl.config import Config
 from kimivl_rl.remote import await_restart, call_all, wait_all
@@ -69,13 +68,6 @@ class RewardPool:
         results = call_all(submits, [self.names[w] for w in owners], "score", self.call_timeout_s,
                            recover=lambda k: self._move(owners, k), retries=self.retries)
         return [output for result in results for output in result]
-
-    def reason_counts(self) -> dict[str, int]:
-        """Every reason the live workers gave, with its count, summed over the workers."""
-        live = self._live()
-        counts = wait_all([self.workers[w].reason_counts.remote() for w in live],
-                          [self.names[w] for w in live], "reason counts", self.call_timeout_s)
-        return dict(sum((Counter(c) for c in counts), Counter()))
 
     def stop(self) -> None:
         import ray

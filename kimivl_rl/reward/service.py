@@ -2,12 +2,12 @@
 
 It scores final answers only (see ``contract.answer_only_reward`` or the user's function),
 each item within its time limit, and returns every item's reason so that failures show up in
-metrics instead of vanishing into logs.
+metrics (``count_reasons``) instead of vanishing into logs.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Iterable, Optional
 
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
 from kimivl_rl.reward.scoring import TimedScorer
@@ -25,24 +25,25 @@ def reason_kind(reason: Optional[str]) -> str:
     return reason
 
 
+def count_reasons(reasons: Iterable[Optional[str]]) -> dict[str, int]:
+    """How many items got each reason kind, most common first; bounded whatever a user function
+    puts in reasons (kinds past ``MAX_REASON_KINDS`` count as ``OTHER_REASONS``)."""
+    counts: Counter = Counter()
+    for reason in reasons:
+        kind = reason_kind(reason)
+        if kind not in counts and len(counts) >= MAX_REASON_KINDS:
+            kind = OTHER_REASONS
+        counts[kind] += 1
+    return dict(counts.most_common())
+
+
 class RewardService:
     def __init__(self, reward_fn_path: Optional[str], timeout_s: float, numeric_tolerance: float):
         self.scorer = TimedScorer(reward_fn_path, timeout_s=timeout_s,
                                   numeric_tolerance=numeric_tolerance)
-        # Bounded however long the service runs and whatever a user function puts in reasons.
-        self.reasons: Counter = Counter()
 
     def ready(self) -> bool:
         return True
 
     def score(self, items: list[RewardInput]) -> list[RewardOutput]:
-        outputs = self.scorer.score_batch(items)
-        for output in outputs:
-            kind = reason_kind(output.reason)
-            if kind not in self.reasons and len(self.reasons) >= MAX_REASON_KINDS:
-                kind = OTHER_REASONS
-            self.reasons[kind] += 1
-        return outputs
-
-    def reason_counts(self) -> dict[str, int]:
-        return dict(self.reasons)
+        return self.scorer.score_batch(items)

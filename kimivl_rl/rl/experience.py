@@ -16,17 +16,13 @@ class Trajectory:
     prompt_index: int                # the prompt's row in the RL data set: the group id
     prompt_token_ids: list[int]      # exactly what the rollout engine saw
     response_token_ids: list[int]    # exactly what it sampled (no re-tokenising)
-    rollout_logprobs: list[float]
+    rollout_logprobs: list[float]    # the engine's; the learner reports how far its own are
     finish_reason: str
     images: list[Image.Image] = field(default_factory=list)
     task_reward: float = 0.0
     length_penalty: float = 0.0
     reward: float = 0.0              # task_reward + weight * length_penalty
-    reward_reason: str = ""
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.response_token_ids)
+    reward_reason: str = ""          # the reward's reason, counted in the metrics
 
 
 def trajectories_from_samples(prompt_indices: list[int], images: list[list[Image.Image]],

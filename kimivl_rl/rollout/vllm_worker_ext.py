@@ -5,19 +5,59 @@ worker process.
 """
 from __future__ import annotations
 
+import logging
+
+import torch
 from safetensors.torch import load_file
 
 from kimivl_rl.weight_sync import new_weight_group, receive_weights
+
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+# Logs two INFO lines per reload; the sync's time is in the RL metrics (time_sync_s) instead.
+RELOAD_TIMING_LOGGER = "vllm.model_executor.model_loader.reload.inplace"
+NOT_LOADED = "%s: Failed to load weights"  # the message, as vLLM logs it
+
+
+class ComputedBufferWarnings(logging.Filter):
+    """Drops vLLM's "<layer>: Failed to load weights" for the given layer classes only."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == NOT_LOADED and record.args[0] in self.layers)
+
+
+def _buffers_only(module: torch.nn.Module) -> bool:
+    return not list(module.parameters(recurse=False)) and bool(list(module.buffers(recurse=False)))
+
+
+def quiet_reload_log(model: torch.nn.Module) -> None:
+    """Keep out of the log vLLM's per-reload INFO lines and the reload warning of layers that
+    hold only buffers vLLM computes from the config (rotary cos/sin caches, the image
+    normaliser's scale and shift): no checkpoint carries them, and vLLM puts their unchanged
+    values back after every reload."""
+    logging.getLogger(RELOAD_TIMING_LOGGER).setLevel(logging.WARNING)
+    logger = logging.getLogger(RELOAD_LOGGER)
+    quiet = next((f for f in logger.filters if isinstance(f, ComputedBufferWarnings)), None)
+    if quiet is None:
+        quiet = ComputedBufferWarnings()
+        logger.addFilter(quiet)
+    quiet.layers |= {type(m).__name__ for m in model.modules() if _buffers_only(m)}
 
 
 class WorkerExtension:
     """Weight reload inside vLLM's worker processes."""
 
-    def reload_weights_from_file(self, path: str) -> None:
+    def _reload(self, weights) -> None:
         # The CPU backend repacks linear layers at load time, so plain ``model.load_weights``
         # after start leaves empty parameters; ``reload_weights`` redoes the repacking.
-        tensors = load_file(path)
-        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        quiet_reload_log(self.model_runner.get_model())
+        self.model_runner.reload_weights(weights_iterator=weights)
+
+    def reload_weights_from_file(self, path: str) -> None:
+        self._reload(iter(load_file(path).items()))
 
     def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                  backend: str, timeout_s: float) -> None:
@@ -30,5 +70,4 @@ class WorkerExtension:
     def receive_weights(self) -> None:
         """Take one broadcast of the learner's weights, streamed bucket by bucket into the same
         in-place reload as ``reload_weights_from_file``."""
-        self.model_runner.reload_weights(
-            weights_iterator=receive_weights(self.kimivl_weight_group, self.device))
+        self._reload(receive_weights(self.kimivl_weight_group, self.device))

@@ -1,0 +1,74 @@
+"""Every path under ``output.dir``; the rest of kimivl-rl asks here instead of joining names.
+
+    config.yaml                  the resolved config of the last run
+    summary.json                 the run's table of held-out accuracy per stage
+    sft_joint/, sft_long_cot/    model/ (HF checkpoint), metrics.jsonl, summary.json, ray_train/,
+                                 solved_rows.json
+    rl/                          model/, checkpoints/iter_N/, metrics.jsonl, summary.json
+    tensorboard/<stage dir>/     one run per stage
+    plots/                       sft_loss.png, rl.png
+    eval/<model>.json            ``kimivl-rl eval`` reports
+
+It imports nothing of kimivl-rl, so the controller, the pipeline and ``sft/`` can all use it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# A stage's directory name, also its TensorBoard run's.
+STAGE_DIRS = {"joint": "sft_joint", "long_cot": "sft_long_cot", "rl": "rl"}
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    root: Path
+
+    @classmethod
+    def of(cls, cfg) -> OutputLayout:
+        """The layout of ``cfg.output.dir``, made absolute (Ray Train wants absolute storage)."""
+        return cls(Path(cfg.output.dir).resolve())
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def eval_report(self, model: str) -> Path:
+        return self.root / "eval" / f"{Path(model).name}.json"
+
+    def stage(self, stage: str) -> Path:
+        return self.root / STAGE_DIRS[stage]
+
+    def model(self, stage: str) -> Path:
+        return self.stage(stage) / "model"
+
+    def metrics(self, stage: str) -> Path:
+        return self.stage(stage) / "metrics.jsonl"
+
+    def stage_summary(self, stage: str) -> Path:
+        return self.stage(stage) / "summary.json"
+
+    def solved_rows(self, stage: str) -> Path:
+        """Which of an SFT stage's own rows it trains on (``sft.<stage>.keep_solved``)."""
+        return self.stage(stage) / "solved_rows.json"
+
+    def ray_train(self, stage: str) -> Path:
+        return self.stage(stage) / "ray_train"
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.root / "tensorboard" / STAGE_DIRS[stage]
+
+    @property
+    def rl_checkpoints(self) -> Path:
+        return self.stage("rl") / "checkpoints"
+
+    def rl_checkpoint(self, iteration: int) -> Path:
+        return self.rl_checkpoints / f"iter_{iteration:06d}"

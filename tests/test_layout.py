@@ -1,0 +1,29 @@
+"""The output layout: every path under ``output.dir``, absolute, named as the README says."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from kimivl_rl.config import load_config
+from kimivl_rl.layout import OutputLayout
+
+
+def test_every_path_is_under_the_absolute_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    layout = OutputLayout.of(load_config(None, ["output.dir=runs/out"]))
+    root = tmp_path / "runs" / "out"
+    assert layout.root == root
+    assert layout.model("joint") == root / "sft_joint" / "model"
+    assert layout.metrics("long_cot") == root / "sft_long_cot" / "metrics.jsonl"
+    assert layout.tensorboard("rl") == root / "tensorboard" / "rl"
+    assert layout.rl_checkpoint(12) == root / "rl" / "checkpoints" / "iter_000012"
+    assert layout.eval_report("/models/step-3/") == root / "eval" / "step-3.json"
+    assert (layout.config, layout.summary, layout.plots) == (
+        root / "config.yaml", root / "summary.json", root / "plots")
+
+
+def test_the_layout_imports_nothing_of_kimivl_rl():
+    code = ("import sys, kimivl_rl.layout; "
+            "print(sorted(m for m in sys.modules if m.startswith(('kimivl_rl.', 'sft'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['kimivl_rl.layout']"
