@@ -14,7 +14,8 @@ import pytest
 import kimivl_rl.remote as remote
 from kimivl_rl.checkpoint import load_state
 from kimivl_rl.cli import main
-from kimivl_rl.controller import latest_checkpoint, rl_dir, run_rl
+from kimivl_rl.controller import latest_checkpoint, run_rl
+from kimivl_rl.layout import OutputLayout
 from kimivl_rl.metrics import read_jsonl
 from test_fault_tolerance import _kill_after_first_submit
 from test_rl_ray import rl_cfg
@@ -45,7 +46,7 @@ def test_learner_killed_during_an_update_is_restarted_and_the_run_completes(
 
     assert killed and summary["iterations"] == 3
     assert f"learner group restarted (1 of 2) from iteration {restarts_from}" in caplog.text
-    trained = [r for r in read_jsonl(rl_dir(cfg) / "metrics.jsonl") if "reward_mean" in r]
+    trained = [r for r in read_jsonl(OutputLayout.of(cfg).metrics("rl")) if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2, 3]
     assert [r["restarts_learner"] for r in trained[restarts_from:]] == [1] * (3 - restarts_from)
     assert [r["step"] for r in trained if r.get("time_checkpoint_s", 0) > 0] == checkpointed
