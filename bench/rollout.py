@@ -55,7 +55,7 @@ def main() -> None:
     from transformers import AutoProcessor
 
     from kimivl_rl.config import load_config
-    from kimivl_rl.controller import load_prompts
+    from kimivl_rl.data.rows import RowLoader
     from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
 
@@ -69,7 +69,7 @@ def main() -> None:
     cfg = with_absolute_paths(load_config("configs/tiny.yaml"))
     model_dir = args.model or ensure_model(cfg)
     ensure_data(cfg, progress=False)
-    prompts = load_prompts(cfg, cfg.rl.train_file)[: args.prompts]
+    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[: args.prompts]
     requests = generation_requests(prompts, AutoProcessor.from_pretrained(model_dir))
     total = args.prompts * args.samples
     # The in-process engine goes first, so it alone pays for importing vLLM in this process.

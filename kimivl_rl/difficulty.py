@@ -9,46 +9,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
-
-from tqdm import tqdm
 
 from kimivl_rl.config import Config
-from kimivl_rl.data.rows import DataError
+from kimivl_rl.data.rows import DataError, RowLoader
 from kimivl_rl.ownership import SHA_KEY, check_replaceable_file, sha256_of, sidecar_path, staging_file
 
 log = logging.getLogger(__name__)
-CHUNK = 64  # prompts per generate call: progress output and bounded memory
-
-
-def sample_and_score(cfg: Config, model_path: str, prompts: list, n: int, temperature: float,
-                     desc: str) -> Iterator[tuple[list, list, list]]:
-    """Sample ``n`` responses per prompt from ``model_path`` on rollout actors and score them
-    with the reward service, ``CHUNK`` prompts at a time.
-
-    Yields ``(chunk, samples, scores)``: ``samples[i]`` holds chunk[i]'s ``n`` samples,
-    ``scores`` the reward outputs of all of them in that order. Generation follows the config's
-    rollout section (``top_p``, ``max_new_tokens``); the actors stop when the loop ends.
-    """
-    from transformers import AutoProcessor
-
-    from kimivl_rl.controller import RLActors, generate, score
-    from kimivl_rl.evaluation import generation_requests
-    from kimivl_rl.ray_runtime import init_ray
-
-    processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    init_ray(cfg)
-    actors = RLActors.start(cfg, model_path, with_learners=False)
-    try:
-        with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-            for start in range(0, len(prompts), CHUNK):
-                chunk = prompts[start:start + CHUNK]
-                samples = generate(actors, cfg, generation_requests(chunk, processor), n, temperature,
-                                   seed=cfg.seed + start)
-                yield chunk, samples, score(actors, cfg, chunk, samples)
-                bar.update(len(chunk))
-    finally:
-        actors.stop()
 
 
 def check_label_paths(in_file: Path, out_file: Path) -> None:
@@ -64,10 +30,10 @@ def check_label_paths(in_file: Path, out_file: Path) -> None:
 def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path) -> dict:
     """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set, and the statistics with
     the file's sha256 to its sidecar (``check_label_paths``); return the statistics."""
-    from kimivl_rl.controller import load_prompts
+    from kimivl_rl.actors import sample_and_score
 
     check_label_paths(in_file, out_file)
-    prompts = load_prompts(cfg, str(in_file.resolve()))  # an absolute path ignores data.dir
+    prompts = RowLoader.prompts(cfg.data, str(in_file.resolve()))  # an absolute path ignores data.dir
     k = cfg.sampler.label_samples
     rates: list[float] = []
     for chunk, _, scores in sample_and_score(cfg, model_path, prompts, k,

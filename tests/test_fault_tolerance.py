@@ -10,7 +10,9 @@ import pytest
 
 import kimivl_rl.controller as controller
 import kimivl_rl.reward.pool as reward_pool
-from kimivl_rl.controller import RLActors, generate, load_prompts, run_iteration, score
+from kimivl_rl.actors import RLActors, generate, score
+from kimivl_rl.controller import run_iteration
+from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.remote import RemoteTimeout, wait_all
 from kimivl_rl.rl.sampler import PromptSampler
@@ -100,7 +102,7 @@ def rl_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
     cfg = rl_cfg(tmp_path_factory.mktemp("fault"), tiny_model_dir, small_data_dir,
                  "rollout.max_new_tokens=24")
     actors = RLActors.start(cfg, cfg.model.path)
-    yield cfg, actors, AutoProcessor.from_pretrained(tiny_model_dir), load_prompts(cfg, cfg.rl.train_file)
+    yield cfg, actors, AutoProcessor.from_pretrained(tiny_model_dir), RowLoader.prompts(cfg.data, cfg.rl.train_file)
     actors.stop()
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from kimivl_rl.config import load_config
-from kimivl_rl.controller import RLActors, generate, latest_checkpoint, load_prompts, run_rl
+from kimivl_rl.actors import RLActors, generate
+from kimivl_rl.controller import latest_checkpoint, run_rl
+from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.layout import OutputLayout
 from kimivl_rl.prepare import with_absolute_paths
@@ -59,7 +61,7 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
 
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir)
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    prompts = load_prompts(cfg, cfg.rl.train_file)[:2]  # includes an image prompt or a text one
+    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]  # includes an image prompt or a text one
     actors = RLActors.start(cfg, cfg.model.path)
     try:
         import ray

@@ -104,14 +104,15 @@ def test_send_and_receive_over_a_gloo_group_on_loopback():
 def collective_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
     from transformers import AutoProcessor
 
-    from kimivl_rl.controller import RLActors, load_prompts
+    from kimivl_rl.actors import RLActors
+    from kimivl_rl.data.rows import RowLoader
     from kimivl_rl.evaluation import generation_requests
     from test_rl_ray import rl_cfg
 
     # Small buckets: the tiny model's 8 MB go in many broadcasts, its embeddings alone.
     cfg = rl_cfg(tmp_path_factory.mktemp("collective"), tiny_model_dir, small_data_dir,
                  "cluster.weight_transport=collective", f"cluster.weight_bucket_bytes={256 * 1024}")
-    prompts = load_prompts(cfg, cfg.rl.train_file)[:2]
+    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]
     actors = RLActors.start(cfg, cfg.model.path)
     yield cfg, actors, prompts, generation_requests(prompts, AutoProcessor.from_pretrained(tiny_model_dir))
     actors.stop()

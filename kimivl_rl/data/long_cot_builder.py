@@ -230,7 +230,7 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
     ``long_cot_builder`` section and the config's thinking markers (the teacher's).
     """
     from kimivl_rl.data.rows import RowLoader
-    from kimivl_rl.difficulty import sample_and_score
+    from kimivl_rl.actors import sample_and_score
 
     prompts_file, out_file = Path(prompts_file).resolve(), Path(out_file).resolve()
     if out_file.suffix != ".jsonl":

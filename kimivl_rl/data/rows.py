@@ -137,6 +137,11 @@ class RowLoader:
         return cls(path, require_answer=require_answer, max_pixels=data_cfg.max_pixels,
                    oversize_images=data_cfg.oversize_images, bad_rows=data_cfg.bad_rows)
 
+    @classmethod
+    def prompts(cls, data_cfg, file: str) -> list[Example]:
+        """The prompts (rows with an answer) of ``file``, relative to ``data.dir``."""
+        return cls.for_config(Path(data_cfg.dir) / file, data_cfg, require_answer=True).load_all()
+
     def __iter__(self) -> Iterator[Example]:
         if not self.path.is_file():
             raise DataError(f"{self.path}: data file not found")
