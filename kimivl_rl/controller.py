@@ -4,8 +4,8 @@
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
-The actors themselves live in ``kimivl_rl/actors.py``. A dead learner group is rebuilt from the last complete checkpoint
-(``LearnerRecovery``); a rerun continues from it too.
+The actors themselves live in ``kimivl_rl/actors.py``. A dead learner group is rebuilt from the
+last complete checkpoint (``LearnerRecovery``); a rerun continues from it too.
 """
 from __future__ import annotations
 
