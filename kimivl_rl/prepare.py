@@ -125,7 +125,7 @@ def _check_file(cfg: Config, path: Path, require_answer: bool) -> dict[str, int]
         rows += 1
         if len(example.images) > most:
             most, source = len(example.images), example.source
-    # Every file, SFT training included: evaluation and keep_solved generate from SFT rows too.
+    # SFT training files too: keep_solved generates from them, and one limit is simpler to state.
     check_images(cfg, most, source)
     log.info("%s: %d row(s) valid, %d skipped, %d image(s) resized", path, rows,
              loader.skipped, loader.resized)
