@@ -42,7 +42,12 @@ def cmd_config_show(args) -> None:
 
 
 def cmd_config_check(args) -> None:
+    from kimivl_rl.prepare import check_data
+    from kimivl_rl.rollout.limits import max_model_len
+
     cfg = _config(args)
+    max_model_len(cfg, cfg.model.path)
+    check_data(cfg, missing_ok=True)  # the data files that exist here
     print(f"OK: {args.config} is a valid config (model {cfg.model.path}, data {cfg.data.dir})")
 
 
@@ -223,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
-    check = config.add_parser("check", help="validate a config without loading any model")
+    check = config.add_parser("check", help="validate a config, its engine limits and the rows of "
+                                          "its data files that exist here, without loading any model")
     _add_config_args(check)
     check.set_defaults(func=cmd_config_check)
 

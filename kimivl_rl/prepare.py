@@ -10,6 +10,7 @@ from kimivl_rl.config import Config
 from kimivl_rl.data.build import BuildSpec, check_replaceable, dataset_is_current, ensure_dataset
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.ownership import OUTPUT_MARKER, claim_output_dir
+from kimivl_rl.rollout.limits import check_images
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +96,37 @@ def stage_data_files(cfg: Config, stage: str) -> list[tuple[Path, bool]]:
             (Path(cfg.data.dir) / stage_cfg.eval_file, True)]
 
 
-def check_data(cfg: Config, stages: Iterable[str] = STAGES) -> dict[str, dict[str, int]]:
+def check_data(cfg: Config, stages: Iterable[str] = STAGES,
+               missing_ok: bool = False) -> dict[str, dict[str, int]]:
     """Read every row and image of the data files the stages use, exactly as training will.
 
     Call it before anything starts (Ray, output directories): a bad row raises ``DataError``
     naming ``file:line`` and the field, unless ``data.bad_rows=skip``, in which case it is
-    counted. Returns, per file, ``{"rows", "skipped", "resized"}``. Reads only; writes nothing.
+    counted; a row with more images than ``rollout.max_images_per_prompt`` raises
+    ``ConfigError`` naming that key. ``missing_ok`` passes over files that do not exist
+    (``kimivl-rl config check``). Returns, per file, ``{"rows", "skipped", "resized"}``. Reads
+    only; writes nothing.
     """
     report: dict[str, dict[str, int]] = {}
     seen: set[tuple[Path, bool]] = set()
     for stage in stages:
         for path, require_answer in stage_data_files(cfg, stage):
-            if (path, require_answer) in seen:
+            if (path, require_answer) in seen or (missing_ok and not path.is_file()):
                 continue
             seen.add((path, require_answer))
-            loader = RowLoader.for_config(path, cfg.data, require_answer=require_answer)
-            rows = sum(1 for _ in loader)
-            report[str(path)] = {"rows": rows, "skipped": loader.skipped, "resized": loader.resized}
-            log.info("%s: %d row(s) valid, %d skipped, %d image(s) resized", path, rows,
-                     loader.skipped, loader.resized)
+            report[str(path)] = _check_file(cfg, path, require_answer)
     return report
+
+
+def _check_file(cfg: Config, path: Path, require_answer: bool) -> dict[str, int]:
+    loader = RowLoader.for_config(path, cfg.data, require_answer=require_answer)
+    rows, most, source = 0, 0, ""
+    for example in loader:
+        rows += 1
+        if len(example.images) > most:
+            most, source = len(example.images), example.source
+    # SFT training files too: keep_solved generates from them, and one limit is simpler to state.
+    check_images(cfg, most, source)
+    log.info("%s: %d row(s) valid, %d skipped, %d image(s) resized", path, rows,
+             loader.skipped, loader.resized)
+    return {"rows": rows, "skipped": loader.skipped, "resized": loader.resized}

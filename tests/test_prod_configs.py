@@ -35,6 +35,21 @@ def test_config_check_accepts_every_config(path, capsys):
     assert any(line.startswith(f"OK: {path} is a valid config") for line in lines), lines
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_engine_options_hold_each_configs_prompts_and_longest_generation(path):
+    from kimivl_rl.rollout.vllm_engine import engine_options
+
+    cfg = load_config(path)
+    options = engine_options(cfg, cfg.model.path)  # a hub name or a missing directory: not read
+    longest = max(cfg.rollout.max_new_tokens, cfg.sft.eval_max_new_tokens)
+    image_tokens = cfg.data.max_pixels // (28 * 28)  # Qwen2.5-VL, Kimi-VL: 28x28 px a token
+    prompt_room = options.max_model_len - longest
+    assert prompt_room >= cfg.rollout.max_prompt_text_tokens + options.max_images_per_prompt * image_tokens
+    assert options.max_images_per_prompt == cfg.rollout.max_images_per_prompt >= 1
+    # Qwen2.5-VL's config.json: 128000 positions.
+    assert options.max_model_len <= 128000
+
+
 @pytest.mark.parametrize("name", sorted(PROD))
 def test_prod_config_uses_real_weights_real_data_and_gpus(name):
     cfg = prod_config(name)

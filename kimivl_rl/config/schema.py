@@ -153,6 +153,14 @@ class RolloutConfig:
     temperature: float = bounded(1.0, ge=0.0)
     top_p: float = bounded(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = bounded(256, ge=1)
+    # Tokens an engine holds per sequence, prompt and response (vLLM's max_model_len). None: the
+    # prompt budget (max_prompt_text_tokens and the images) plus the longest generation the config
+    # asks for (max_new_tokens, sft.eval_max_new_tokens); see kimivl_rl/rollout/limits.py.
+    max_model_len: Optional[int] = bounded(None, ge=16)
+    # The text part of the prompt budget: chat template, system prompt and question, in tokens.
+    max_prompt_text_tokens: int = bounded(1024, ge=1)
+    # Images one prompt may carry (vLLM's limit_mm_per_prompt); data checks refuse rows with more.
+    max_images_per_prompt: int = bounded(1, ge=1)
     # On CPU vLLM reads this as a share of one NUMA node's memory; 0.92 fails at start.
     gpu_memory_utilization: float = bounded(0.3, gt=0.0, le=1.0)
     # Run vLLM's engine core and its one worker inside the calling process instead of two

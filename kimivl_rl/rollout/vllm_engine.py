@@ -17,6 +17,8 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
+from kimivl_rl.rollout.limits import max_model_len
+
 log = logging.getLogger(__name__)
 
 # Vision placeholders are never valid output: a sampled one would be read as an image slot
@@ -56,7 +58,9 @@ class EngineOptions:
 
 
 def engine_options(cfg, model: str) -> EngineOptions:
-    """The engine settings a kimivl-rl config implies (rollouts and evaluation alike)."""
+    """The engine settings a kimivl-rl config implies (rollouts and evaluation alike);
+    ``ConfigError`` when its context cannot hold its own prompts and generations
+    (``kimivl_rl.rollout.limits``)."""
     tensor_parallel = cfg.rollout.tensor_parallel_size
     in_process = cfg.rollout.in_process
     if in_process is None:
@@ -65,6 +69,8 @@ def engine_options(cfg, model: str) -> EngineOptions:
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
                          trust_remote_code=cfg.model.trust_remote_code,
                          dtype="bfloat16" if cfg.cluster.use_gpu else "float32",
+                         max_model_len=max_model_len(cfg, model),
+                         max_images_per_prompt=cfg.rollout.max_images_per_prompt,
                          in_process=in_process, threads=cfg.cluster.rollout_threads)
 
 

@@ -1,0 +1,76 @@
+"""How long a sequence and how many images the vLLM engines hold, from the config alone.
+
+The prompt budget is ``rollout.max_prompt_text_tokens`` plus, for each of
+``rollout.max_images_per_prompt`` images, the vision tokens of an image at ``data.max_pixels``
+(Qwen2.5-VL and Kimi-VL: one token per 28x28 pixels, plus the image's start and end markers).
+``rollout.max_model_len`` defaults to that budget plus the longest generation the config asks
+for, must hold them when it is set, and must fit a local model's ``max_position_embeddings``.
+Nothing here imports torch or vLLM: ``kimivl-rl config check`` uses it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from kimivl_rl.config import ConfigError
+
+PIXELS_PER_VISION_TOKEN = 28 * 28   # 14-pixel patches, merged 2x2 into one token
+IMAGE_MARKERS = 2                   # the start and end tokens around each image's tokens
+
+
+def prompt_budget(cfg) -> int:
+    """Tokens the longest prompt may take: its text and its images at the pixel budget."""
+    per_image = -(-cfg.data.max_pixels // PIXELS_PER_VISION_TOKEN) + IMAGE_MARKERS
+    return cfg.rollout.max_prompt_text_tokens + cfg.rollout.max_images_per_prompt * per_image
+
+
+def longest_generation(cfg) -> tuple[str, int]:
+    """The key asking for the most new tokens from an engine, and how many (rollouts and
+    held-out evaluation share the engine settings)."""
+    asked = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+             "sft.eval_max_new_tokens": cfg.sft.eval_max_new_tokens}
+    return max(asked.items(), key=lambda item: item[1])
+
+
+def model_positions(model: Optional[str]) -> Optional[int]:
+    """``max_position_embeddings`` of a local model directory; None for a hub name."""
+    config_file = Path(model) / "config.json" if model else None
+    if config_file is None or not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    # Vision-language configs keep it in text_config; older Qwen2.5-VL files at the top level.
+    return (config.get("text_config") or {}).get("max_position_embeddings") \
+        or config.get("max_position_embeddings")
+
+
+def max_model_len(cfg, model: Optional[str] = None) -> int:
+    """The engines' ``max_model_len``; ``ConfigError`` naming ``rollout.max_model_len`` when it
+    cannot hold the prompt budget and the longest generation, or exceeds the positions of
+    ``model`` (a local directory; a hub name is not checked)."""
+    key, new_tokens = longest_generation(cfg)
+    needed = prompt_budget(cfg) + new_tokens
+    length = cfg.rollout.max_model_len or needed
+    if length < needed:
+        raise ConfigError(
+            f"rollout.max_model_len: {length} tokens cannot hold a prompt of up to "
+            f"{prompt_budget(cfg)} (rollout.max_prompt_text_tokens and rollout.max_images_per_prompt "
+            f"images at data.max_pixels) plus {key}={new_tokens}; set it to at least {needed}, "
+            f"or leave it unset")
+    positions = model_positions(model)
+    if positions is not None and length > positions:
+        origin = "set" if cfg.rollout.max_model_len else f"the prompt budget plus {key}"
+        raise ConfigError(
+            f"rollout.max_model_len: {length} tokens ({origin}) exceed the {positions} positions "
+            f"of the model {model} (max_position_embeddings); lower {key} or the prompt budget")
+    return length
+
+
+def check_images(cfg, most: int, source: str) -> None:
+    """``ConfigError`` naming ``rollout.max_images_per_prompt`` when a row (``source``, with
+    ``most`` images) holds more images than an engine takes in one prompt."""
+    limit = cfg.rollout.max_images_per_prompt
+    if most > limit:
+        raise ConfigError(f"rollout.max_images_per_prompt: {source} has {most} images, over the "
+                          f"limit of {limit} an engine takes in one prompt; set "
+                          f"rollout.max_images_per_prompt={most} or more")
