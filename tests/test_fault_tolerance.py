@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import kimivl_rl.controller as controller
+import kimivl_rl.actors as actors_module
 import kimivl_rl.reward.pool as reward_pool
 from kimivl_rl.actors import RLActors, generate, score
 from kimivl_rl.controller import run_iteration
@@ -70,7 +70,7 @@ def _busy_pid(actor) -> int:
     return get_actor(actor._actor_id.hex(), address=ray.get_runtime_context().gcs_address).pid
 
 
-def _kill_after_first_submit(monkeypatch, step: str, actor_of, caller=controller) -> list[int]:
+def _kill_after_first_submit(monkeypatch, step: str, actor_of, caller=actors_module) -> list[int]:
     """Make the first ``call_all`` of ``step`` (in module ``caller``) SIGKILL the actor right after
     submitting to it, while its call is in flight; return the list that receives the killed pid.
     With ``caller=remote`` this covers ``wait_all`` steps too, whose calls were submitted before."""

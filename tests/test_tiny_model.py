@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
 
 IMAGE_PROMPT = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "How many red squares are in the image?"}]}]
@@ -108,20 +109,20 @@ def hf_token_logprobs(model, prompt_ids, output_ids, inputs) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_vllm_generates_from_an_image_like_transformers(tiny_model_dir):
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     processor, prompt, inputs = hf_inputs(tiny_model_dir)
-    llm = LLM(model=str(tiny_model_dir), dtype="float32", gpu_memory_utilization=0.3,
-              max_model_len=512, enforce_eager=True, seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0})
+    # Through the adapter: a bare LLM() would inherit an earlier in-process engine's placement.
+    engine = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32", max_model_len=512))
     # A random model samples any token; vision placeholders in a response would be read as
     # image slots by the re-scoring forward pass, so rollouts never sample them.
     vision_ids = processor.tokenizer.convert_tokens_to_ids(
         ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
     params = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=0, logprobs=0,
                             logit_bias={i: -100.0 for i in vision_ids})
-    (result,) = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": red_squares_image()}}],
-                             params)
+    (result,) = engine.llm.generate(
+        [{"prompt": prompt, "multi_modal_data": {"image": red_squares_image()}}], params)
+    engine.shutdown()
     assert result.prompt_token_ids == inputs["input_ids"][0].tolist()
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     for sample in result.outputs:
