@@ -50,9 +50,8 @@ class RLActors:
         learners = _start_learners(cfg, model_path) if with_learners else []
         options = engine_options(cfg, model_path)
         rollouts = [ray.remote(RolloutWorker).options(
-            name=f"rollout-{i}", num_cpus=cfg.cluster.rollout_cpus,
-            num_gpus=int(cfg.cluster.use_gpu) * cfg.rollout.tensor_parallel_size,
-            max_restarts=cfg.cluster.actor_max_restarts).remote(options)
+            name=f"rollout-{i}", max_restarts=cfg.cluster.actor_max_restarts,
+            **rollout_demand(cfg)).remote(options)
             for i in range(cfg.rollout.num_workers)]
         actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg), model_path)
         try:
@@ -108,7 +107,7 @@ class RLActors:
         return stats
 
     def _await_restart(self, actor, name: str) -> None:
-        await_restart(actor, name, self.cfg.cluster.call_timeout_s)
+        await_restart(actor, name, self.cfg.cluster.call_timeout_s, rollout_demand(self.cfg))
 
     def recover_rollout(self, index: int) -> None:
         """A restarted rollout worker has the starting weights: give it the current ones."""
@@ -128,6 +127,13 @@ class RLActors:
         self.reward.stop()
 
 
+def rollout_demand(cfg: Config) -> dict:
+    """What one rollout worker asks Ray for (actor options)."""
+    return {"num_cpus": cfg.cluster.rollout_cpus,
+            "num_gpus": int(cfg.cluster.use_gpu) * cfg.rollout.tensor_parallel_size,
+            "resources": cfg.cluster.rollout_resources}
+
+
 def _start_learners(cfg: Config, model_path: str) -> list:
     import ray
 
@@ -135,8 +141,8 @@ def _start_learners(cfg: Config, model_path: str) -> list:
 
     config = config_to_dict(cfg)
     return [ray.remote(LearnerWorker).options(
-        name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus,
-        num_gpus=int(cfg.cluster.use_gpu)).remote(config, model_path, rank, cfg.cluster.num_learners)
+        name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=int(cfg.cluster.use_gpu),
+        resources=cfg.cluster.learner_resources).remote(config, model_path, rank, cfg.cluster.num_learners)
         for rank in range(cfg.cluster.num_learners)]
 
 

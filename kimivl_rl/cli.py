@@ -15,7 +15,7 @@ from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
 from kimivl_rl.layout import OutputLayout
 from kimivl_rl.ownership import NotOursError
-from kimivl_rl.remote import LearnerGroupLost
+from kimivl_rl.remote import RunStopped
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, NotOursError) as exc:
         print(f"kimivl-rl: error: {exc}", file=sys.stderr)
         return 2
-    except LearnerGroupLost as exc:
+    except RunStopped as exc:
         command = shlex.join(["kimivl-rl", *(sys.argv[1:] if argv is None else argv)])
         print(f"kimivl-rl: error: {exc} To resume: {command}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
 The actors themselves live in ``kimivl_rl/actors.py``. A dead learner group is rebuilt from the
-last complete checkpoint (``LearnerRecovery``); a rerun continues from it too.
+last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor that no
+live node can host any more (its node left, and no other has its resources) stops the run with
+``RunStopped``, which says where the rerun resumes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from kimivl_rl.evaluation import evaluation_report, generation_requests, tier_of
 from kimivl_rl.layout import OutputLayout
 from kimivl_rl.metrics import MetricsSink
 from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import ActorFailed, LearnerGroupLost, wait_all, wait_one
+from kimivl_rl.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped, wait_all,
+                              wait_one)
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
@@ -257,15 +260,19 @@ class LearnerRecovery:
         return iteration
 
     def _given_up(self, failure: ActorFailed) -> str:
-        checkpoint = latest_checkpoint(self.cfg)
-        resume = (f"the newest complete checkpoint is {checkpoint}, and rerunning the same "
-                  f"command resumes from it" if checkpoint else
-                  f"no checkpoint was written yet (under {OutputLayout.of(self.cfg).rl_checkpoints}), "
-                  f"so rerunning the same command starts RL over")
         return (f"{failure.actor} died during '{failure.step}' after the learner group had been "
                 f"restarted {self.actors.restarts['learner']} times (cluster.max_learner_restarts="
-                f"{self.cfg.cluster.max_learner_restarts}); {resume}. Why it died is in the "
-                f"actor's log (Ray dashboard, or `ray logs` on the cluster).")
+                f"{self.cfg.cluster.max_learner_restarts}); {resume_advice(self.cfg)}. Why it died "
+                f"is in the actor's log (Ray dashboard, or `ray logs` on the cluster).")
+
+
+def resume_advice(cfg: Config) -> str:
+    """Where a rerun of a stopped run starts: the newest complete checkpoint, or RL's start."""
+    checkpoint = latest_checkpoint(cfg)
+    return (f"the newest complete checkpoint is {checkpoint}, and rerunning the same command "
+            f"resumes from it" if checkpoint else
+            f"no checkpoint was written yet (under {OutputLayout.of(cfg).rl_checkpoints}), so "
+            f"rerunning the same command starts RL over")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -314,6 +321,9 @@ def run_rl(cfg: Config, model_path: str) -> dict:
                 progress.update(iteration - progress.n)
         wait_one(actors.learners[0].export.remote(str(layout.model("rl"))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
+    except ActorStranded as exc:  # Ray would wait for its node forever; a rerun resumes
+        raise RunStopped(f"{exc}; {resume_advice(cfg)} once a node with {exc.missing} has "
+                         f"joined.") from exc
     finally:
         sink.close()
         actors.stop()

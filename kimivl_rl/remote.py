@@ -23,12 +23,29 @@ class ActorFailed(RuntimeError):
         return self.actor.split("-")[0]
 
 
-class LearnerGroupLost(RuntimeError):
-    """The learner group died more often than ``cluster.max_learner_restarts`` allows; the
-    message says what died and where the run resumes from."""
+class ActorStranded(RuntimeError):
+    """An actor died and no live node has the resources it asks for, so Ray cannot restart it
+    before a node that has them joins: its own node has left the cluster."""
+
+    def __init__(self, actor: str, missing: dict[str, float], wanted: dict[str, float]):
+        role = actor.split("-")[0]
+        super().__init__(f"{actor} died and cannot be restarted: no live node has {missing} of the "
+                         f"{wanted} it asks for (cluster.{role}_resources, cluster.{role}_cpus), so "
+                         f"the node it ran on has left the cluster")
+        self.actor, self.missing = actor, missing
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on; the message says what died and where the run resumes from (the CLI
+    prints it without a traceback and adds the command that resumes)."""
+
+
+class LearnerGroupLost(RunStopped):
+    """The learner group died more often than ``cluster.max_learner_restarts`` allows."""
 
 
 Names = Union[str, Sequence[str]]
+RESTART_POLL_S = 1.0  # how often a wait for a restart checks that the actor still fits a live node
 
 
 def _name_list(names: Names, count: int) -> list[str]:
@@ -86,15 +103,48 @@ def wait_one(ref, name: str, step: str, timeout_s: float) -> Any:
     return wait_all([ref], [name], step, timeout_s)[0]
 
 
-def await_restart(actor, name: str, timeout_s: float) -> None:
+def await_restart(actor, name: str, timeout_s: float, demand: dict) -> None:
     """Wait until Ray has restarted ``actor`` (its ``ready()`` answers): a call made before Ray
-    has noticed the death fails, so keep asking until the deadline."""
+    has noticed the death fails, so keep asking until the deadline. An actor whose ``demand``
+    (its options: ``num_cpus``, ``num_gpus``, ``resources``) no live node meets would wait
+    forever: ``ActorStranded`` once Ray has marked its node dead."""
+    import ray
+
     deadline = time.monotonic() + timeout_s
+    probe = actor.ready.remote()
     while True:
-        try:
-            wait_one(actor.ready.remote(), name, "restart", max(1.0, deadline - time.monotonic()))
-            return
-        except ActorFailed:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1.0)
+        if ray.wait([probe], timeout=RESTART_POLL_S)[0]:
+            try:
+                ray.get(probe)
+                return
+            except ray.exceptions.RayActorError as exc:
+                if time.monotonic() > deadline:
+                    raise ActorFailed(name, "restart", f"(not back within {timeout_s:.0f}s): {exc}") from exc
+                time.sleep(RESTART_POLL_S)
+                probe = actor.ready.remote()
+        missing = missing_resources(demand)
+        if missing:
+            raise ActorStranded(name, missing, _wanted(demand))
+        if time.monotonic() > deadline:
+            raise RemoteTimeout(f"{name} did not finish 'restart' within {timeout_s:.0f}s "
+                                f"(cluster.call_timeout_s)")
+
+
+def _wanted(demand: dict) -> dict[str, float]:
+    """Ray actor options as the resources they ask every node for."""
+    wanted = {"CPU": demand.get("num_cpus", 0), "GPU": demand.get("num_gpus", 0),
+              **demand.get("resources", {})}
+    return {resource: float(amount) for resource, amount in wanted.items() if amount}
+
+
+def missing_resources(demand: dict) -> dict[str, float]:
+    """What actor options ``demand`` ask for that no live node has in total: the resources no
+    live node has enough of, or all of them when each is somewhere but no node has them all."""
+    import ray
+
+    wanted = _wanted(demand)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    if any(all(node.get(r, 0.0) >= amount for r, amount in wanted.items()) for node in nodes):
+        return {}
+    absent = {r: amount for r, amount in wanted.items() if all(node.get(r, 0.0) < amount for node in nodes)}
+    return absent or wanted

@@ -68,6 +68,10 @@ def test_unknown_section_suggests(tmp_path):
     ("cluster:\n  max_learner_restarts: -1\n", "cluster.max_learner_restarts", "must be >= 0"),
     ("sft:\n  joint:\n    phases: {max_seq_len: 64}\n", "sft.joint.phases", "expected a list"),
     ("rl: 3\n", "rl", "expected a mapping"),
+    ("cluster:\n  rollout_resources: [rollout_node]\n", "cluster.rollout_resources", "expected a mapping"),
+    ("cluster:\n  rollout_resources: {rollout_node: 0}\n", "cluster.rollout_resources.rollout_node",
+     "must be > 0.0"),
+    ("cluster:\n  learner_resources: {CPU: 1}\n", "cluster.learner_resources", "set by cluster.learner_cpus"),
 ])
 def test_wrong_types_and_ranges_are_located(tmp_path, text, key, words):
     with pytest.raises(ConfigError) as err:
@@ -95,6 +99,14 @@ def test_bad_override_is_named(override, words):
         load_config(None, [override])
     assert words in str(err.value)
     assert override.split("=")[0] in str(err.value)
+
+
+def test_resources_by_role_from_yaml_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "cluster:\n  rollout_resources: {rollout_node: 1}\n"),
+                      ["cluster.learner_resources={learner_node: 0.5}", "cluster.rollout_resources.fast=2"])
+    assert cfg.cluster.rollout_resources == {"rollout_node": 1.0, "fast": 2.0}
+    assert cfg.cluster.learner_resources == {"learner_node": 0.5}
+    assert cfg.cluster.reward_resources == {}
 
 
 def test_invalid_yaml_and_missing_file(tmp_path):

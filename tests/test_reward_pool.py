@@ -56,7 +56,7 @@ def test_contiguous_shards():
 
 def test_two_workers_score_as_one_worker_and_the_scorer_in_process(start_pool):
     pool = start_pool()
-    alone = RewardPool(pool.workers[:1], pool.call_timeout_s, max_restarts=0)  # reward-0 alone
+    alone = RewardPool(pool.workers[:1], pool.call_timeout_s, 0, pool.demand)  # reward-0 alone
     with TimedScorer() as scorer:
         expected = scorer.score_batch(BUILTIN_BATCH)
 

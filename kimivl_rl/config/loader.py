@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 # Values a config may hold once YAML aliases are expanded: a real config has a few hundred, and
 # nine aliases of nine aliases of ... ("billion laughs") would otherwise expand without end.
 MAX_YAML_VALUES = 10_000
+RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 _PLAIN_COLLECTION_TAGS = {yaml.MappingNode: "tag:yaml.org,2002:map",
@@ -209,6 +210,11 @@ def _coerce(tp, value: Any, key: str, where: _Where, base=None):
         if not isinstance(value, list):
             raise where.error(key, f"expected a list, got {_kind(value)}")
         return [_coerce(args[0], item, f"{key}.{i}", where) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise where.error(key, f"expected a mapping, got {_kind(value)}")
+        return {_coerce(args[0], name, key, where): _coerce(args[1], item, f"{key}.{name}", where)
+                for name, item in value.items()}
     return _coerce_scalar(tp, value, key, where)
 
 
@@ -239,6 +245,10 @@ def _coerce_scalar(tp, value: Any, key: str, where: _Where):
 
 
 def _check_bounds(f: dataclasses.Field, value: Any, key: str, where: _Where) -> None:
+    if isinstance(value, dict):  # a mapping's bounds hold for each of its values
+        for name, item in value.items():
+            _check_bounds(f, item, f"{key}.{name}", where)
+        return
     if value is None or not isinstance(value, (int, float)):
         return
     ge, gt, le = (f.metadata.get(b) for b in ("ge", "gt", "le"))
@@ -259,6 +269,12 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
                                   f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
     if cfg.model.think_open == cfg.model.think_close:
         raise where.error("model.think_close", "must differ from model.think_open")
+    for role in ("learner", "rollout", "reward"):
+        # Ray sets these from an actor's num_cpus and num_gpus and refuses them as custom resources.
+        builtin = RAY_BUILTIN_RESOURCES & set(getattr(cfg.cluster, f"{role}_resources"))
+        if builtin:
+            raise where.error(f"cluster.{role}_resources", f"{', '.join(sorted(builtin))}: set by "
+                              f"cluster.{role}_cpus and cluster.use_gpu, not here")
 
 
 def _merged(base: dict, update: dict) -> dict:

@@ -15,6 +15,11 @@ def bounded(default, *, ge=None, gt=None, le=None):
     return field(default=default, metadata={"ge": ge, "gt": gt, "le": le})
 
 
+def ray_resources():
+    """Ray custom resources an actor asks for ({name: amount}); each amount must be positive."""
+    return field(default_factory=dict, metadata={"gt": 0.0})
+
+
 @dataclass
 class ModelConfig:
     # A local directory or a hub name. A missing local directory is built as the tiny
@@ -226,6 +231,12 @@ class ClusterConfig:
     learner_cpus: float = bounded(0.5, gt=0.0)
     rollout_cpus: float = bounded(0.5, gt=0.0)
     reward_cpus: float = bounded(0.25, gt=0.0)
+    # Custom resources the RL actors of each role ask for, which pins roles to nodes: with
+    # {"rollout_node": 1} here and `ray start --resources='{"rollout_node": 1}'` on the nodes
+    # meant for rollouts, rollout workers run there and nowhere else. Empty: any node.
+    learner_resources: dict[str, float] = ray_resources()
+    rollout_resources: dict[str, float] = ray_resources()
+    reward_resources: dict[str, float] = ray_resources()
     # torch threads per learner rank; None keeps Ray's (its CPUs, at least 1).
     learner_threads: Optional[int] = bounded(None, ge=1)
     # torch threads of an in-process vLLM engine (rollout workers, evaluation); None keeps Ray's.

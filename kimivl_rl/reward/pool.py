@@ -27,8 +27,9 @@ def contiguous_shards(count: int, parts: int) -> list[range]:
 class RewardPool:
     """Handles of the reward actors, where their shards go, and which of them are down."""
 
-    def __init__(self, workers: list, call_timeout_s: float, max_restarts: int):
+    def __init__(self, workers: list, call_timeout_s: float, max_restarts: int, demand: dict):
         self.workers = workers
+        self.demand = demand  # what each worker asks Ray for (actor options)
         self.names = [f"reward-{i}" for i in range(len(workers))]
         self.call_timeout_s = call_timeout_s
         # A shard may move once to each other worker and wait for max_restarts restarts.
@@ -45,11 +46,12 @@ class RewardPool:
         from kimivl_rl.reward.service import RewardService
 
         service = ray.remote(RewardService)
-        workers = [service.options(name=f"reward-{i}", num_cpus=cfg.cluster.reward_cpus,
-                                   max_restarts=cfg.cluster.actor_max_restarts).remote(
+        demand = {"num_cpus": cfg.cluster.reward_cpus, "resources": cfg.cluster.reward_resources}
+        workers = [service.options(name=f"reward-{i}", max_restarts=cfg.cluster.actor_max_restarts,
+                                   **demand).remote(
             cfg.reward.function, cfg.reward.timeout_s, cfg.reward.numeric_tolerance)
             for i in range(cfg.reward.num_workers)]
-        return cls(workers, cfg.cluster.call_timeout_s, cfg.cluster.actor_max_restarts)
+        return cls(workers, cfg.cluster.call_timeout_s, cfg.cluster.actor_max_restarts, demand)
 
     def ready(self) -> None:
         wait_all([w.ready.remote() for w in self.workers], self.names, "start", self.call_timeout_s)
@@ -92,7 +94,7 @@ class RewardPool:
         return self.names[owners[shard]]
 
     def _back_from_restart(self, worker: int) -> int:
-        await_restart(self.workers[worker], self.names[worker], self.call_timeout_s)
+        await_restart(self.workers[worker], self.names[worker], self.call_timeout_s, self.demand)
         del self._probes[worker]
         return worker
 
