@@ -142,7 +142,8 @@ def _start_learners(cfg: Config, model_path: str) -> list:
     config = config_to_dict(cfg)
     return [ray.remote(LearnerWorker).options(
         name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=int(cfg.cluster.use_gpu),
-        resources=cfg.cluster.learner_resources).remote(config, model_path, rank, cfg.cluster.num_learners)
+        resources=cfg.cluster.learner_resources).remote(
+            config, model_path, rank, cfg.cluster.num_learners)
         for rank in range(cfg.cluster.num_learners)]
 
 

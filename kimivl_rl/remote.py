@@ -119,7 +119,8 @@ def await_restart(actor, name: str, timeout_s: float, demand: dict) -> None:
                 return
             except ray.exceptions.RayActorError as exc:
                 if time.monotonic() > deadline:
-                    raise ActorFailed(name, "restart", f"(not back within {timeout_s:.0f}s): {exc}") from exc
+                    raise ActorFailed(name, "restart",
+                                      f"(not back within {timeout_s:.0f}s): {exc}") from exc
                 time.sleep(RESTART_POLL_S)
                 probe = actor.ready.remote()
         missing = missing_resources(demand)
@@ -131,7 +132,7 @@ def await_restart(actor, name: str, timeout_s: float, demand: dict) -> None:
 
 
 def _wanted(demand: dict) -> dict[str, float]:
-    """Ray actor options as the resources they ask every node for."""
+    """Ray actor options as {resource: amount} that one node must have."""
     wanted = {"CPU": demand.get("num_cpus", 0), "GPU": demand.get("num_gpus", 0),
               **demand.get("resources", {})}
     return {resource: float(amount) for resource, amount in wanted.items() if amount}
@@ -146,5 +147,6 @@ def missing_resources(demand: dict) -> dict[str, float]:
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if any(all(node.get(r, 0.0) >= amount for r, amount in wanted.items()) for node in nodes):
         return {}
-    absent = {r: amount for r, amount in wanted.items() if all(node.get(r, 0.0) < amount for node in nodes)}
+    absent = {r: amount for r, amount in wanted.items()
+              if all(node.get(r, 0.0) < amount for node in nodes)}
     return absent or wanted

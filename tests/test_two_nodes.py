@@ -129,9 +129,11 @@ def test_a_lost_rollout_node_stops_the_run_and_the_rerun_resumes(tmp_path, tiny_
     address = f"127.0.0.1:{port}"
     command = [*_rl_command(tiny_model_dir, small_data_dir, out), "rl.dynamic_sampling_rounds=0",
                f"cluster.address={address}", "cluster.learner_resources={learner_node: 1}",
-               "cluster.reward_resources={reward_node: 1}", "cluster.rollout_resources={rollout_node: 1}"]
+               "cluster.reward_resources={reward_node: 1}",
+               "cluster.rollout_resources={rollout_node: 1}"]
     # Ray's socket paths must stay under 108 bytes: a short directory, not tmp_path.
-    with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir, contextlib.ExitStack() as nodes:
+    with (tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir,
+          contextlib.ExitStack() as nodes):
         common = [f"--temp-dir={temp_dir}", "--num-cpus=1"]
         head = nodes.enter_context(ray_node(
             ["--head", f"--port={port}", "--include-dashboard=false", "--dashboard-host=127.0.0.1",
@@ -143,8 +145,9 @@ def test_a_lost_rollout_node_stops_the_run_and_the_rerun_resumes(tmp_path, tiny_
         first = _run(command, env, tmp_path / "first.log", nodes)
         placement = subprocess.run([sys.executable, "-c", PLACEMENT, address, "learner-0", "reward-0",
                                     "rollout-0"], env=env, capture_output=True, text=True, timeout=RUN_S)
-        assert json.loads(placement.stdout.splitlines()[-1]) == {"learner-0": head.node_id, "reward-0": head.node_id,
-                                                "rollout-0": second.node_id}, placement.stderr[-3000:]
+        where = json.loads(placement.stdout.splitlines()[-1])  # imports may print lines before it
+        assert where == {"learner-0": head.node_id, "reward-0": head.node_id,
+                         "rollout-0": second.node_id}, placement.stderr[-3000:]
         checkpoints = out / "rl" / "checkpoints"
         while not (checkpoints / "iter_000001").is_dir() and first.poll() is None:
             time.sleep(0.1)
