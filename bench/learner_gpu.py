@@ -15,15 +15,15 @@ of --doc tokens, each with its own positions from 0 (block-diagonal attention):
   vlm  Qwen2.5-VL-3B: its language model (36 layers, hidden 2048, 152K vocabulary, tied) and
        vision encoder (32 blocks, hidden 1280). Each document is an --image x --image picture
        (448: 1024 patches of 14x14, 256 tokens after the 2x2 merge; random pixel values shaped
-       as the processor's) and then text, packed by kimivl_rl.packing with the model's
+       as the processor's) and then text, packed by kimivl_rl.training.packing with the model's
        multimodal rope positions; only text tokens are targets
 Variants, measured in the same run:
   plain      torch, fused AdamW, full-vocabulary float logits (the baseline)
-  deepspeed  kimivl_rl.engine (DeepSpeed ZeRO-2, bf16), same loss
+  deepspeed  kimivl_rl.training.engine (DeepSpeed ZeRO-2, bf16), same loss
   ds+chunked the same engine, cross-entropy in checkpointed chunks of the vocabulary projection
              (each chunk's logits made again in backward)
-  ds+fused   the same engine, kimivl_rl.linear_cross_entropy (each chunk's gradients made in the
-             forward: no logits made again)
+  ds+fused   the same engine, kimivl_rl.training.linear_cross_entropy (each chunk's gradients
+             made in the forward: no logits made again)
 --attention is the language model's: sdpa (a dense block-diagonal mask) or flex_attention
 (skips the blocks between documents). transformers declares no FlexAttention for Qwen2.5-VL, so
 kimivl_rl.models.loading falls back to SDPA there; this bench sets it on the language model
@@ -55,9 +55,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, loss_position_hidden, target_rows
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
-from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
+from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, loss_position_hidden,
+                                                     target_rows)
+from kimivl_rl.training.packing import (IGNORE_INDEX, Encoded, collate_pack, example_positions,
+                                        inner_model)
 
 LM_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                num_attention_heads=12, num_key_value_heads=2)
@@ -139,7 +141,7 @@ def lm_batch(seq: int, doc: int, vocab: int) -> dict[str, torch.Tensor]:
 
 def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
     """Documents of one image (vision start, image pads, vision end) then text, as
-    kimivl_rl.packing packs SFT and RL sequences."""
+    kimivl_rl.training.packing packs SFT and RL sequences."""
     config, vision = model.config, model.config.vision_config
     side = image // vision.patch_size
     grid = torch.tensor([[1, side, side]])
@@ -227,7 +229,7 @@ def make_step(args, variant: str, model, batch: Batch):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step, lambda: None
-    from kimivl_rl.engine import build_engine
+    from kimivl_rl.training.engine import build_engine
 
     engine = build_engine(model, lambda s: 1e-5, zero_stage=args.zero, grad_accum_steps=args.accum,
                           bf16=on_gpu)

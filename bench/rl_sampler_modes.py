@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from kimivl_rl.config import load_config
-from kimivl_rl.controller import run_rl
 from kimivl_rl.prepare import ensure_data, with_absolute_paths
+from kimivl_rl.system.controller import run_rl
 
 DYNAMIC = "+dynamic"
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 def padded_batches(encoded, batch: int, pad_id: int):
     """Batches of ``batch`` examples padded to the longest; labels -100 on padding."""
-    from kimivl_rl.packing import IGNORE_INDEX
+    from kimivl_rl.training.packing import IGNORE_INDEX
 
     for start in range(0, len(encoded), batch):
         chunk = encoded[start:start + batch]
@@ -33,7 +33,7 @@ def padded_batches(encoded, batch: int, pad_id: int):
 
 
 def packed_batches(encoded, pack_len: int, image_token_id: int):
-    from kimivl_rl.packing import collate_pack, plan_packs
+    from kimivl_rl.training.packing import collate_pack, plan_packs
 
     for pack in plan_packs([len(e) for e in encoded], pack_len, seed=0):
         batch = collate_pack([encoded[i] for i in pack], image_token_id)

@@ -1,5 +1,5 @@
 """Weight sync time against model size, for random Qwen2.5-VL models of growing size, through
-each transport of ``kimivl_rl/weight_sync.py`` into a vLLM engine's in-place reload:
+each transport of ``kimivl_rl/infra/weight_sync.py`` into a vLLM engine's in-place reload:
 
 - object_store: weights -> Ray object store -> safetensors in shared memory -> reload;
 - collective: a sender process (learner rank 0's side, without DeepSpeed) broadcasts them in
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kimivl_rl.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
+from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
 
 TIMEOUT_S = 600.0
 

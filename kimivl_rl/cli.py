@@ -13,9 +13,9 @@ import sys
 
 from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
-from kimivl_rl.layout import OutputLayout
-from kimivl_rl.ownership import NotOursError
-from kimivl_rl.remote import RunStopped
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.ownership import NotOursError
+from kimivl_rl.infra.remote import RunStopped
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -82,8 +82,8 @@ def cmd_data_check(args) -> None:
 def cmd_label_difficulty(args) -> None:
     from pathlib import Path
 
-    from kimivl_rl.difficulty import check_label_paths, label_difficulty
     from kimivl_rl.prepare import with_absolute_paths
+    from kimivl_rl.system.difficulty import check_label_paths, label_difficulty
 
     cfg = with_absolute_paths(_config(args))
     in_file = Path(args.input or Path(cfg.data.dir) / cfg.rl.train_file)
@@ -144,7 +144,8 @@ def cmd_sft(args) -> None:
 
 def cmd_rl(args) -> None:
     cfg, base_model, _ = _prepared_config(args)
-    from kimivl_rl.controller import rl_input_model, run_rl  # after the checks: torch and Ray
+    # after the checks: it imports torch and Ray
+    from kimivl_rl.system.controller import rl_input_model, run_rl
 
     print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, args.model)), indent=1))
 
@@ -157,7 +158,7 @@ def _eval_report_file(cfg, args):
     ``output.dir/eval/<model>.json`` in an output directory kimivl-rl owns."""
     from pathlib import Path
 
-    from kimivl_rl.ownership import refusal
+    from kimivl_rl.infra.ownership import refusal
     from kimivl_rl.prepare import claim_targets
 
     if not args.out:
@@ -178,8 +179,8 @@ def cmd_eval(args) -> None:
     from pathlib import Path
 
     from kimivl_rl.evaluation import evaluate_model, format_report, on_rollout_resources
+    from kimivl_rl.infra.ray_runtime import init_ray
     from kimivl_rl.prepare import ensure_data, with_absolute_paths
-    from kimivl_rl.ray_runtime import init_ray
 
     cfg = with_absolute_paths(_config(args))
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model

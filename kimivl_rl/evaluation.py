@@ -237,7 +237,7 @@ def on_rollout_resources(cfg, task, *args, step: str):
     import ray
 
     from kimivl_rl.config import config_to_dict
-    from kimivl_rl.remote import wait_one
+    from kimivl_rl.infra.remote import wait_one
 
     gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
     remote = ray.remote(task).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)

@@ -4,7 +4,7 @@ Each stage starts from the previous stage's output. A finished stage (its ``summ
 exists) is not run again, and an interrupted one continues from its last checkpoint, so
 rerunning the same command after a stop picks up where the run died. At the end the run writes
 ``summary.json``, prints a table of held-out accuracy per stage, and draws the plots (where
-everything goes: ``kimivl_rl/layout.py``).
+everything goes: ``kimivl_rl/infra/layout.py``).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from kimivl_rl.config import Config, dump_config
 from kimivl_rl.evaluation import tier_name
-from kimivl_rl.layout import OutputLayout
-from kimivl_rl.metrics import read_jsonl
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.metrics import read_jsonl
 from kimivl_rl.summary import STAGE_TITLES, run_summary
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ def parse_stages(text: str) -> list[str]:
 
 def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> dict:
     """Run (or continue) the given stages in order; return the run's summary."""
-    from kimivl_rl.controller import rl_input_model, run_rl
     from kimivl_rl.prepare import check_data, ensure_data, ensure_model
+    from kimivl_rl.system.controller import rl_input_model, run_rl
     from sft.trainer import run_stage
 
     base_model = ensure_model(cfg)

@@ -9,7 +9,7 @@ from typing import Iterable
 from kimivl_rl.config import Config
 from kimivl_rl.data.build import BuildSpec, check_replaceable, dataset_is_current, ensure_dataset
 from kimivl_rl.data.rows import RowLoader
-from kimivl_rl.ownership import OUTPUT_MARKER, claim_output_dir
+from kimivl_rl.infra.ownership import OUTPUT_MARKER, claim_output_dir
 from kimivl_rl.rollout.limits import check_images
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _earlier_run_output(directory: Path) -> bool:
 
 def claim_targets(cfg: Config, output: bool = True) -> None:
     """Before anything is built or started: refuse (``NotOursError``) a ``data.dir`` that would be
-    rebuilt or an ``output.dir`` that kimivl-rl did not write (``kimivl_rl.ownership``), and,
+    rebuilt or an ``output.dir`` that kimivl-rl did not write (``kimivl_rl.infra.ownership``), and,
     when the command writes outputs, create and mark ``output.dir``."""
     spec = BuildSpec.from_config(cfg.data)
     if cfg.data.build_if_missing and not dataset_is_current(spec, cfg.data.dir):

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from kimivl_rl.evaluation import tier_of
-from kimivl_rl.layout import OutputLayout
-from kimivl_rl.metrics import read_jsonl
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.metrics import read_jsonl
 
 STAGE_TITLES = {"joint": "joint SFT", "long_cot": "long-CoT SFT", "rl": "RL"}
 EVAL_KEYS = ("step", "eval_reward", "eval_reward_se", "eval_tier_reward", "eval_tier_reward_se",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kimivl_rl.data.rows import Example
-from kimivl_rl.packing import IGNORE_INDEX, Encoded, example_positions
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, example_positions
 
 
 def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from kimivl_rl.config.schema import PhaseConfig
-from kimivl_rl.packing import IGNORE_INDEX, Encoded, fit_to_length, plan_packs
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, fit_to_length, plan_packs
 from sft.schedule import stage_lr
 
 log = logging.getLogger(__name__)

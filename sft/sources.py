@@ -26,7 +26,7 @@ from typing import Optional
 
 from kimivl_rl.config import Config, config_from_dict
 from kimivl_rl.data.rows import Example, RowLoader
-from kimivl_rl.layout import OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kimivl_rl.checkpoint import verify_manifest, write_manifest
+from kimivl_rl.infra.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
-from kimivl_rl.linear_cross_entropy import causal_lm_loss_sum, target_rows
-from kimivl_rl.engine import build_engine, load_engine_state, save_engine_state, save_pretrained
+from kimivl_rl.training.linear_cross_entropy import causal_lm_loss_sum, target_rows
+from kimivl_rl.training.engine import (build_engine, load_engine_state, save_engine_state,
+                                       save_pretrained)
 from kimivl_rl.evaluation import format_report
-from kimivl_rl.layout import STAGE_DIRS, OutputLayout
-from kimivl_rl.metrics import MetricsSink, follow_progress
+from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
+from kimivl_rl.infra.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
-from kimivl_rl.packing import collate_pack
-from kimivl_rl.ray_runtime import init_ray
+from kimivl_rl.training.packing import collate_pack
+from kimivl_rl.infra.ray_runtime import init_ray
 from sft.encode import encode_example
 from sft.plan import StagePlan, Step, build_plan
 from sft.sources import ensure_solved_rows, stage_examples

@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from kimivl_rl.checkpoint import atomic_dir, load_state, save_state
 from kimivl_rl.config import load_config
-from kimivl_rl.controller import latest_checkpoint
-from kimivl_rl.layout import OutputLayout
+from kimivl_rl.infra.checkpoint import atomic_dir, load_state, save_state
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.system.controller import latest_checkpoint
 
 
 def _cfg(tmp_path):
@@ -27,7 +27,7 @@ def test_a_crash_inside_the_write_leaves_the_previous_checkpoint_as_latest(tmp_p
     for iteration in (1, 2):
         _write_checkpoint(root, iteration)
     crash = ("import os, signal, sys; from pathlib import Path; "
-             "from kimivl_rl.checkpoint import atomic_dir\n"
+             "from kimivl_rl.infra.checkpoint import atomic_dir\n"
              "with atomic_dir(Path(sys.argv[1])) as staging:\n"
              "    (staging / 'half.safetensors').write_bytes(b'x' * 1000)\n"
              "    os.kill(os.getpid(), signal.SIGKILL)\n")

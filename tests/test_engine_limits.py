@@ -13,7 +13,7 @@ from PIL import Image
 from kimivl_rl.cli import main
 from kimivl_rl.config import load_config
 from kimivl_rl.data.rows import RowLoader
-from kimivl_rl.packing import IGNORE_INDEX
+from kimivl_rl.training.packing import IGNORE_INDEX
 from test_tiny_model import red_squares_image
 
 TINY = "configs/tiny.yaml"
@@ -97,9 +97,9 @@ def test_an_engine_from_the_config_generates_past_2048_tokens(engine):
 def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(engine, tiny_model_dir,
                                                                               tmp_path):
     from kimivl_rl.evaluation import generation_requests
-    from kimivl_rl.learner import encode_trajectory, response_logprobs
     from kimivl_rl.models.loading import load_policy
     from kimivl_rl.rl.experience import trajectories_from_samples
+    from kimivl_rl.system.learner import encode_trajectory, response_logprobs
     from sft.encode import encode_example
 
     (row,) = RowLoader(two_image_data(tmp_path) / "rl" / "train.jsonl", require_answer=True)

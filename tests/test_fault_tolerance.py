@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-import kimivl_rl.actors as actors_module
+import kimivl_rl.system.actors as actors_module
 import kimivl_rl.reward.pool as reward_pool
-from kimivl_rl.actors import RLActors, generate, score
-from kimivl_rl.controller import run_iteration
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
-from kimivl_rl.remote import RemoteTimeout, wait_all
+from kimivl_rl.infra.remote import RemoteTimeout, wait_all
 from kimivl_rl.rl.sampler import PromptSampler
+from kimivl_rl.system.actors import RLActors, generate, score
+from kimivl_rl.system.controller import run_iteration
 from test_rl_ray import rl_cfg
 
 pytestmark = pytest.mark.slow

@@ -341,13 +341,13 @@ def previous_output(tmp_path) -> Path:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Starting Ray is what a failed start must never get to."""
-    import kimivl_rl.controller
+    import kimivl_rl.system.controller
     import sft.trainer
 
     def refuse(cfg):
         raise AssertionError("Ray was started although the data is bad")
     monkeypatch.setattr(sft.trainer, "init_ray", refuse)
-    monkeypatch.setattr(kimivl_rl.controller, "init_ray", refuse)
+    monkeypatch.setattr(kimivl_rl.system.controller, "init_ray", refuse)
 
 
 def cli_config(tmp_path: Path, data: Path, out: Path) -> Path:

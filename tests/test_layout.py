@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from kimivl_rl.config import load_config
-from kimivl_rl.layout import OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 
 
 def test_every_path_is_under_the_absolute_output_dir(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_every_path_is_under_the_absolute_output_dir(tmp_path, monkeypatch):
 
 
 def test_the_layout_imports_nothing_of_kimivl_rl():
-    code = ("import sys, kimivl_rl.layout; "
+    code = ("import sys, kimivl_rl.infra.layout; "
             "print(sorted(m for m in sys.modules if m.startswith(('kimivl_rl.', 'sft'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['kimivl_rl.layout']"
+    assert out.stdout.strip() == "['kimivl_rl.infra', 'kimivl_rl.infra.layout']"

@@ -11,12 +11,12 @@ import shlex
 
 import pytest
 
-import kimivl_rl.remote as remote
-from kimivl_rl.checkpoint import load_state
+import kimivl_rl.infra.remote as remote
 from kimivl_rl.cli import main
-from kimivl_rl.controller import latest_checkpoint, run_rl
-from kimivl_rl.layout import OutputLayout
-from kimivl_rl.metrics import read_jsonl
+from kimivl_rl.infra.checkpoint import load_state
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.metrics import read_jsonl
+from kimivl_rl.system.controller import latest_checkpoint, run_rl
 from test_fault_tolerance import _kill_after_first_submit
 from test_rl_ray import rl_cfg
 from test_rl_resume import _rl_command

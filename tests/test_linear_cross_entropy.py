@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimivl_rl.linear_cross_entropy import linear_cross_entropy, loss_and_logit_grad
-from kimivl_rl.packing import IGNORE_INDEX
+from kimivl_rl.training.linear_cross_entropy import linear_cross_entropy, loss_and_logit_grad
+from kimivl_rl.training.packing import IGNORE_INDEX
 
 
 def _inputs(weight_grad: bool = True):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-import kimivl_rl.actors
+import kimivl_rl.system.actors
 from kimivl_rl.config import load_config
 from kimivl_rl.data import long_cot_builder as lcb
 from kimivl_rl.data.long_cot_builder import (PromptStats, TraceFilter, Verdict, dedup_key, filter_prompt,
@@ -195,7 +195,7 @@ def test_build_writes_loadable_rows_images_and_stats(tmp_path, monkeypatch):
             scores += [answer_only_reward(RewardInput(s.text, ex.answer)) for s in group]
         yield chunk_prompts, samples, scores
 
-    monkeypatch.setattr(kimivl_rl.actors, "sample_and_score", fake_sample_and_score)
+    monkeypatch.setattr(kimivl_rl.system.actors, "sample_and_score", fake_sample_and_score)
     cfg = load_config(None, ["long_cot_builder.samples_per_prompt=4", "rollout.temperature=0.8",
                              "rollout.max_new_tokens=64"])
     out = tmp_path / "lc" / "set.jsonl"

@@ -81,7 +81,7 @@ def test_length_penalty_shortens_responses_and_keeps_accuracy(tmp_path, ray_clus
 
 
 def test_rl_starts_from_the_last_finished_sft_stage(tmp_path):
-    from kimivl_rl.controller import rl_input_model
+    from kimivl_rl.system.controller import rl_input_model
 
     cfg = load_config("configs/tiny.yaml", [f"output.dir={tmp_path}"])
     assert rl_input_model(cfg, "base") == "base"

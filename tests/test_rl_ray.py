@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from kimivl_rl.config import load_config
-from kimivl_rl.actors import RLActors, generate
-from kimivl_rl.controller import latest_checkpoint, run_rl
+from kimivl_rl.system.actors import RLActors, generate
+from kimivl_rl.system.controller import latest_checkpoint, run_rl
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
-from kimivl_rl.layout import OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.rl.experience import trajectories_from_samples
-from kimivl_rl.weight_sync import ObjectStoreTransport
+from kimivl_rl.infra.weight_sync import ObjectStoreTransport
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_label_difficulty_writes_pass_rates(tmp_path, tiny_model_dir, small_data
     import shutil
 
     from kimivl_rl.data.rows import RowLoader
-    from kimivl_rl.difficulty import label_difficulty
+    from kimivl_rl.system.difficulty import label_difficulty
 
     data = tmp_path / "data"
     shutil.copytree(small_data_dir / "rl", data)

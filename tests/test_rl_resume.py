@@ -34,7 +34,7 @@ def test_driver_killed_mid_run_resumes_like_an_uninterrupted_run(tmp_path, tiny_
 
     from safetensors.torch import load_file
 
-    from kimivl_rl.metrics import read_jsonl
+    from kimivl_rl.infra.metrics import read_jsonl
 
     straight = subprocess.run(_rl_command(tiny_model_dir, small_data_dir, tmp_path / "straight"),
                               capture_output=True, text=True, timeout=900)

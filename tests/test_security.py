@@ -231,7 +231,8 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from kimivl_rl.checkpoint import MANIFEST, atomic_dir, load_state, save_state, verify_manifest
+    from kimivl_rl.infra.checkpoint import (MANIFEST, atomic_dir, load_state, save_state,
+                                            verify_manifest)
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -272,7 +273,7 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
 
 @pytest.mark.parametrize("value", [object(), {1, 2}, b"bytes", print, Path("/x")])
 def test_checkpoints_refuse_what_only_pickle_could_store(tmp_path, value):
-    from kimivl_rl.checkpoint import save_state
+    from kimivl_rl.infra.checkpoint import save_state
 
     with pytest.raises(TypeError, match="cannot store .* in a checkpoint"):
         save_state({"ok": 1, "bad": value}, tmp_path / "state")
@@ -290,7 +291,7 @@ RAY_PROBE = """
 import json, os, socket, sys, time, urllib.error, urllib.request
 import psutil
 from kimivl_rl.config import load_config
-from kimivl_rl.ray_runtime import init_ray
+from kimivl_rl.infra.ray_runtime import init_ray
 
 port = int(sys.argv[1])
 init_ray(load_config(None, [f"cluster.dashboard_port={port}"]))

@@ -13,7 +13,7 @@ from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.data.rows import Example
 from kimivl_rl.models.loading import language_model, load_policy, use_language_model_attention
 from kimivl_rl.models.packed_attention import PACKED_SDPA, example_lengths
-from kimivl_rl.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
+from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
 from sft.encode import encode_example
 from sft.plan import build_plan
 from sft.schedule import phase_lr, stage_lr

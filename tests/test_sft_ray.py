@@ -14,7 +14,7 @@ import pytest
 
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
-from kimivl_rl.layout import OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 from sft.trainer import run_stage, train_stage
 
 pytestmark = pytest.mark.slow

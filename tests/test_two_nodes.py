@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from kimivl_rl.metrics import read_jsonl
+from kimivl_rl.infra.metrics import read_jsonl
 from test_rl_resume import _rl_command
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from kimivl_rl.data.build import BuildSpec, build_dataset, ensure_dataset
-from kimivl_rl.ownership import (OUTPUT_MARKER, SHA_KEY, NotOursError, check_replaceable_file,
-                                 claim_output_dir, sha256_of, sidecar_path)
+from kimivl_rl.infra.ownership import (OUTPUT_MARKER, SHA_KEY, NotOursError, check_replaceable_file,
+                                       claim_output_dir, sha256_of, sidecar_path)
 
 TINY = ["data.joint_sft_examples=2", "data.long_cot_examples=2", "data.rl_prompts=2",
         "data.eval_examples=2"]

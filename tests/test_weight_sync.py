@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kimivl_rl.weight_sync import (ALIGN, LOOPBACK, CollectiveTransport, TensorSlot, bucket_bytes,
-                                   decode_plan, encode_plan, flatten_bucket, listen, new_weight_group,
-                                   plan_buckets, receive_weights, send_weights, unflatten_bucket)
+from kimivl_rl.infra.weight_sync import (ALIGN, LOOPBACK, CollectiveTransport, TensorSlot,
+                                         bucket_bytes, decode_plan, encode_plan, flatten_bucket,
+                                         listen, new_weight_group, plan_buckets, receive_weights,
+                                         send_weights, unflatten_bucket)
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -104,9 +105,9 @@ def test_send_and_receive_over_a_gloo_group_on_loopback():
 def collective_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
     from transformers import AutoProcessor
 
-    from kimivl_rl.actors import RLActors
     from kimivl_rl.data.rows import RowLoader
     from kimivl_rl.evaluation import generation_requests
+    from kimivl_rl.system.actors import RLActors
     from test_rl_ray import rl_cfg
 
     # Small buckets: the tiny model's 8 MB go in many broadcasts, its embeddings alone.

@@ -253,7 +253,7 @@ class ClusterConfig:
     # How often a run restarts a dead learner group from its newest checkpoint (and redoes the
     # iterations since) before it stops with an error that says how to resume.
     max_learner_restarts: int = bounded(2, ge=0)
-    # How the learners' weights reach the rollout engines after each update (weight_sync.py):
+    # How the learners' weights reach the rollout engines after each update (infra/weight_sync.py):
     # "object_store": rank 0's weights through Ray's object store (the CPU choice);
     # "collective": broadcast from learner rank 0 to every vLLM worker over a process group of
     # their own, NCCL on GPU (the GPU choice) and gloo on CPU.

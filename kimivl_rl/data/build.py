@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from kimivl_rl.data.tasks import MAX_DIFFICULTY, TASK_KINDS, Task, make_task
 from kimivl_rl.data.traces import long_cot_reasoning, traced_final_answer
-from kimivl_rl.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
+from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 10  # bump when generated content changes for the same spec
@@ -123,7 +123,7 @@ def _recorded_files(out_dir: Path) -> Optional[dict[str, str]]:
 
 def check_replaceable(out_dir: str | Path, setting: str = "data.dir") -> None:
     """Raise ``NotOursError`` unless ``out_dir`` is missing, empty, or a build of ours that holds
-    no other file and no changed one (see ``kimivl_rl.ownership``)."""
+    no other file and no changed one (see ``kimivl_rl.infra.ownership``)."""
     out_dir = Path(out_dir)
     check_replaceable_dir(out_dir, _recorded_files(out_dir), setting,
                           f"To train on your own files set data.build_if_missing=false; to build "

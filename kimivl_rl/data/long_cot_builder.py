@@ -32,8 +32,9 @@ from typing import Optional
 
 from kimivl_rl.data.rows import DataError, Example
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
-from kimivl_rl.ownership import (SHA_KEY, check_replaceable_dir, check_replaceable_file, file_hashes,
-                                 read_sidecar, sha256_of, sidecar_path, staging_file)
+from kimivl_rl.infra.ownership import (SHA_KEY, check_replaceable_dir, check_replaceable_file,
+                                       file_hashes, read_sidecar, sha256_of, sidecar_path,
+                                       staging_file)
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.reward.extract import split_thinking
 
@@ -230,7 +231,7 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
     ``long_cot_builder`` section and the config's thinking markers (the teacher's).
     """
     from kimivl_rl.data.rows import RowLoader
-    from kimivl_rl.actors import sample_and_score
+    from kimivl_rl.system.actors import sample_and_score
 
     prompts_file, out_file = Path(prompts_file).resolve(), Path(out_file).resolve()
     if out_file.suffix != ".jsonl":

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.packed_attention import PACKED_SDPA
-from kimivl_rl.packing import inner_model
+from kimivl_rl.training.packing import inner_model
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def is_rl_checkpoint(path: str | Path) -> bool:
 def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """An RL checkpoint's learner weights as a Hugging Face model directory, with the config and
     processor of the model its run started from (recorded in the checkpoint)."""
-    from kimivl_rl.checkpoint import load_state
+    from kimivl_rl.infra.checkpoint import load_state
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     base = json.loads((checkpoint / "controller_state.json").read_text()).get("input_model")

@@ -19,7 +19,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLC
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
 from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
-from kimivl_rl.ownership import is_empty, refusal, staging_dir
+from kimivl_rl.infra.ownership import is_empty, refusal, staging_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from kimivl_rl.config import Config
-from kimivl_rl.remote import await_restart, call_all, wait_all
+from kimivl_rl.infra.remote import await_restart, call_all, wait_all
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import logging
 import torch
 from safetensors.torch import load_file
 
-from kimivl_rl.weight_sync import new_weight_group, receive_weights
+from kimivl_rl.infra.weight_sync import new_weight_group, receive_weights
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 # Logs two INFO lines per reload; the sync's time is in the RL metrics (time_sync_s) instead.

@@ -4,10 +4,10 @@
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
-The actors themselves live in ``kimivl_rl/actors.py``. A dead learner group is rebuilt from the
-last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor that no
-live node can host any more (its node left, and no other has its resources) stops the run with
-``RunStopped``, which says where the rerun resumes.
+The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
+from the last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor
+that no live node can host any more (its node left, and no other has its resources) stops the
+run with ``RunStopped``, which says where the rerun resumes.
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from kimivl_rl.checkpoint import CheckpointError, atomic_dir, verify_manifest
-from kimivl_rl.actors import RLActors, generate, score
+from kimivl_rl.infra.checkpoint import CheckpointError, atomic_dir, verify_manifest
+from kimivl_rl.system.actors import RLActors, generate, score
 from kimivl_rl.config import Config
 from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, tier_of
-from kimivl_rl.layout import OutputLayout
-from kimivl_rl.metrics import MetricsSink
-from kimivl_rl.ray_runtime import init_ray
-from kimivl_rl.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped, wait_all,
-                              wait_one)
+from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.metrics import MetricsSink
+from kimivl_rl.infra.ray_runtime import init_ray
+from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
+                                    wait_all, wait_one)
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from kimivl_rl.layout import STAGE_DIRS, OutputLayout
+from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
 
 
 class MetricsSink:

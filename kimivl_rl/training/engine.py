@@ -3,7 +3,7 @@
 One place decides the DeepSpeed config (ZeRO stage, precision, accumulation), builds the engine
 around a plain torch AdamW (no JIT-compiled optimizer op needed), and saves or restores its
 state without pickle: weights through ``save_pretrained`` (safetensors), each rank's optimizer
-partition through ``kimivl_rl.checkpoint.save_state``.
+partition through ``kimivl_rl.infra.checkpoint.save_state``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import deepspeed
 import torch
-from kimivl_rl.checkpoint import load_state, save_state
+from kimivl_rl.infra.checkpoint import load_state, save_state
 
 log = logging.getLogger(__name__)
 

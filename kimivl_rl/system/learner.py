@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 
 from kimivl_rl.config import Config, config_from_dict
-from kimivl_rl.engine import (build_engine, full_state_dict, load_engine_state, reset_optimizer,
-                              save_engine_state, save_pretrained)
+from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
 from kimivl_rl.models.loading import load_policy
-from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
 from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss
-from kimivl_rl.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
+from kimivl_rl.training.engine import (build_engine, full_state_dict, load_engine_state,
+                                       reset_optimizer, save_engine_state, save_pretrained)
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- the actor
 
 class LearnerWorker:
-    """One rank of the learner group (wrapped as a Ray actor by ``kimivl_rl.controller``)."""
+    """One rank of the learner group (wrapped as a Ray actor by ``kimivl_rl.system.actors``)."""
 
     def __init__(self, config: dict, model_path: str, rank: int, world_size: int):
         self.cfg: Config = config_from_dict(config)

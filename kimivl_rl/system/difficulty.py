@@ -12,7 +12,8 @@ from pathlib import Path
 
 from kimivl_rl.config import Config
 from kimivl_rl.data.rows import DataError, RowLoader
-from kimivl_rl.ownership import SHA_KEY, check_replaceable_file, sha256_of, sidecar_path, staging_file
+from kimivl_rl.infra.ownership import (SHA_KEY, check_replaceable_file, sha256_of, sidecar_path,
+                                       staging_file)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def check_label_paths(in_file: Path, out_file: Path) -> None:
 def label_difficulty(cfg: Config, model_path: str, in_file: Path, out_file: Path) -> dict:
     """Write ``in_file``'s rows to ``out_file`` with ``pass_rate`` set, and the statistics with
     the file's sha256 to its sidecar (``check_label_paths``); return the statistics."""
-    from kimivl_rl.actors import sample_and_score
+    from kimivl_rl.system.actors import sample_and_score
 
     check_label_paths(in_file, out_file)
     prompts = RowLoader.prompts(cfg.data, str(in_file.resolve()))  # an absolute path ignores data.dir

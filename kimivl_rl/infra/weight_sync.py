@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Mapping, NamedTuple, Optional, Protocol, 
 
 import torch
 
-from kimivl_rl.remote import wait_all, wait_one
+from kimivl_rl.infra.remote import wait_all, wait_one
 
 LOOPBACK = "127.0.0.1"
 # Every tensor starts at a multiple of this inside its bucket, so a byte slice can be viewed as

@@ -18,9 +18,10 @@ from tqdm import tqdm
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example
 from kimivl_rl.evaluation import reward_inputs
-from kimivl_rl.remote import ActorFailed, RemoteTimeout, await_restart, call_all, wait_all, wait_one
+from kimivl_rl.infra.remote import (ActorFailed, RemoteTimeout, await_restart, call_all, wait_all,
+                                    wait_one)
+from kimivl_rl.infra.weight_sync import SyncStats, WeightTransport, transport_for
 from kimivl_rl.rollout.vllm_engine import engine_options
-from kimivl_rl.weight_sync import SyncStats, WeightTransport, transport_for
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # prompts per generate call in sample_and_score: progress output and bounded memory
@@ -137,7 +138,7 @@ def rollout_demand(cfg: Config) -> dict:
 def _start_learners(cfg: Config, model_path: str) -> list:
     import ray
 
-    from kimivl_rl.learner import LearnerWorker
+    from kimivl_rl.system.learner import LearnerWorker
 
     config = config_to_dict(cfg)
     return [ray.remote(LearnerWorker).options(
@@ -198,7 +199,7 @@ def sample_and_score(cfg: Config, model_path: str, prompts: list, n: int, temper
     from transformers import AutoProcessor
 
     from kimivl_rl.evaluation import generation_requests
-    from kimivl_rl.ray_runtime import init_ray
+    from kimivl_rl.infra.ray_runtime import init_ray
 
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     init_ray(cfg)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file, save_file
 
-from kimivl_rl.ownership import sha256_of
+from kimivl_rl.infra.ownership import sha256_of
 
 MANIFEST = "MANIFEST.json"
 _TENSOR = "__tensor__"
