@@ -1,6 +1,6 @@
-"""Two Ray nodes on this machine, told apart by custom resources: the learner and the reward
-service on the head, the rollout worker on the second node. The second node's raylet is
-SIGKILLed mid-run: the run stops with one paragraph (the actor, the resource it needs, the newest
+"""Two Ray nodes on this machine, told apart by custom resources: the rollout worker (or the
+learner) on the second node, the other roles on the head. The second node's raylet is SIGKILLed
+mid-run: the run stops with one paragraph (the actor, the resource it needs, the newest
 checkpoint, the command that resumes), and once the node is back that command finishes the run
 with at most the iteration in progress lost.
 
@@ -123,14 +123,18 @@ def _trained_steps(out: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(out / "rl" / "metrics.jsonl") if "reward_mean" in r]
 
 
-def test_a_lost_rollout_node_stops_the_run_and_the_rerun_resumes(tmp_path, tiny_model_dir,
-                                                                 small_data_dir):
+ROLES = ("learner", "reward", "rollout")
+
+
+@pytest.mark.parametrize("lost", ["rollout", "learner"])
+def test_a_lost_node_stops_the_run_and_the_rerun_resumes(lost, tmp_path, tiny_model_dir,
+                                                         small_data_dir):
     env, out, port = _token_env(tmp_path), tmp_path / "out", _free_port()
     address = f"127.0.0.1:{port}"
     command = [*_rl_command(tiny_model_dir, small_data_dir, out), "rl.dynamic_sampling_rounds=0",
-               f"cluster.address={address}", "cluster.learner_resources={learner_node: 1}",
-               "cluster.reward_resources={reward_node: 1}",
-               "cluster.rollout_resources={rollout_node: 1}"]
+               f"cluster.address={address}",
+               *(f"cluster.{role}_resources={{{role}_node: 1}}" for role in ROLES)]
+    on_head = json.dumps({f"{role}_node": 1 for role in ROLES if role != lost})
     # Ray's socket paths must stay under 108 bytes: a short directory, not tmp_path.
     with (tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir,
           contextlib.ExitStack() as nodes):
@@ -138,16 +142,16 @@ def test_a_lost_rollout_node_stops_the_run_and_the_rerun_resumes(tmp_path, tiny_
         head = nodes.enter_context(ray_node(
             ["--head", f"--port={port}", "--include-dashboard=false", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-             '--resources={"learner_node": 1, "reward_node": 1}', *common], env, tmp_path / "head.log"))
-        worker_args = [f"--address={address}", '--resources={"rollout_node": 1}', *common]
+             f"--resources={on_head}", *common], env, tmp_path / "head.log"))
+        worker_args = [f"--address={address}", f'--resources={{"{lost}_node": 1}}', *common]
         second = nodes.enter_context(ray_node(worker_args, env, tmp_path / "node2.log"))
 
         first = _run(command, env, tmp_path / "first.log", nodes)
         placement = subprocess.run([sys.executable, "-c", PLACEMENT, address, "learner-0", "reward-0",
                                     "rollout-0"], env=env, capture_output=True, text=True, timeout=RUN_S)
         where = json.loads(placement.stdout.splitlines()[-1])  # imports may print lines before it
-        assert where == {"learner-0": head.node_id, "reward-0": head.node_id,
-                         "rollout-0": second.node_id}, placement.stderr[-3000:]
+        assert where == {f"{role}-0": second.node_id if role == lost else head.node_id
+                         for role in ROLES}, placement.stderr[-3000:]
         checkpoints = out / "rl" / "checkpoints"
         while not (checkpoints / "iter_000001").is_dir() and first.poll() is None:
             time.sleep(0.1)
@@ -161,7 +165,7 @@ def test_a_lost_rollout_node_stops_the_run_and_the_rerun_resumes(tmp_path, tiny_
         newest = max(checkpoints.glob("iter_*"))
         assert first.returncode == 1, error[-3000:]
         assert "Traceback" not in error
-        assert "rollout-0 died and cannot be restarted: no live node has {'rollout_node': 1.0}" in error
+        assert f"{lost}-0 died and cannot be restarted: no live node has {{'{lost}_node': 1.0}}" in error
         assert f"the newest complete checkpoint is {newest}" in error
         assert error.rstrip().endswith(f"To resume: {shlex.join(['kimivl-rl', *command[3:]])}")
         # Every finished iteration had its checkpoint: only the one in progress is lost.

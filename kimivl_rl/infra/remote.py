@@ -104,8 +104,8 @@ def wait_one(ref, name: str, step: str, timeout_s: float) -> Any:
 
 
 def await_restart(actor, name: str, timeout_s: float, demand: dict) -> None:
-    """Wait until Ray has restarted ``actor`` (its ``ready()`` answers): a call made before Ray
-    has noticed the death fails, so keep asking until the deadline. An actor whose ``demand``
+    """Wait until Ray has (re)started ``actor`` (its ``ready()`` answers): a call made before Ray
+    has noticed a death fails, so keep asking until the deadline. An actor whose ``demand``
     (its options: ``num_cpus``, ``num_gpus``, ``resources``) no live node meets would wait
     forever: ``ActorStranded`` once Ray has marked its node dead."""
     import ray

@@ -85,6 +85,9 @@ class RLActors:
         _await_names_released([f"learner-{rank}" for rank in range(len(self.learners))],
                               self.cfg.cluster.call_timeout_s)
         self.learners = _start_learners(self.cfg, self.model_path)
+        for rank, learner in enumerate(self.learners):  # stranded if their node has left
+            await_restart(learner, f"learner-{rank}", self.cfg.cluster.call_timeout_s,
+                          learner_demand(self.cfg))
         self._form_learner_group()
         self.transport.reset()  # the next push forms the group again with the new rank 0
 
@@ -135,15 +138,19 @@ def rollout_demand(cfg: Config) -> dict:
             "resources": cfg.cluster.rollout_resources}
 
 
+def learner_demand(cfg: Config) -> dict:
+    """What one learner rank asks Ray for (actor options)."""
+    return {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": int(cfg.cluster.use_gpu),
+            "resources": cfg.cluster.learner_resources}
+
+
 def _start_learners(cfg: Config, model_path: str) -> list:
     import ray
 
     from kimivl_rl.system.learner import LearnerWorker
 
     config = config_to_dict(cfg)
-    return [ray.remote(LearnerWorker).options(
-        name=f"learner-{rank}", num_cpus=cfg.cluster.learner_cpus, num_gpus=int(cfg.cluster.use_gpu),
-        resources=cfg.cluster.learner_resources).remote(
+    return [ray.remote(LearnerWorker).options(name=f"learner-{rank}", **learner_demand(cfg)).remote(
             config, model_path, rank, cfg.cluster.num_learners)
         for rank in range(cfg.cluster.num_learners)]
 

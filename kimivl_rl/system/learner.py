@@ -118,6 +118,9 @@ class LearnerWorker:
             # turns, so on a small machine the learner may use the cores the rollouts left idle.
             torch.set_num_threads(self.cfg.cluster.learner_threads)
 
+    def ready(self) -> bool:
+        return True
+
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node address and a free port there, for the process group."""
         import socket
