@@ -151,8 +151,6 @@ class RLConfig:
 
 @dataclass
 class RolloutConfig:
-    # The generation engine; vLLM is the only one (rollout/vllm_engine.py).
-    backend: Literal["vllm"] = "vllm"
     num_workers: int = bounded(1, ge=1)
     tensor_parallel_size: int = bounded(1, ge=1)
     temperature: float = bounded(1.0, ge=0.0)
