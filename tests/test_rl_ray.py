@@ -144,3 +144,23 @@ def test_label_difficulty_writes_pass_rates(tmp_path, tiny_model_dir, small_data
     assert all(r.pass_rate in (0.0, 1 / 3, 2 / 3, 1.0) for r in labelled)
     with pytest.raises(ValueError, match="next to"):
         label_difficulty(cfg, cfg.model.path, data / "few.jsonl", tmp_path / "elsewhere.jsonl")
+
+
+def test_collecting_ahead_trains_one_version_behind(tmp_path, tiny_model_dir, small_data_dir,
+                                                    ray_cluster):
+    """rl.max_staleness=1: iteration t+1's groups are sampled with version t while update t runs,
+    and saved with the checkpoint written after it; the last iteration collects none ahead."""
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
+                 "rl.eval_every=3", "rl.max_staleness=1")
+    run_rl(cfg, cfg.model.path)
+    records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
+    trained = [r for r in records if "reward_mean" in r]
+    assert [r["staleness_max"] for r in trained] == [0, 1, 1]
+    assert [r["staleness_mean"] for r in trained] == [0.0, 1.0, 1.0]
+    assert [r["learner_responses"] for r in trained] == [16, 16, 16]
+    assert all(r["learner_idle_s"] >= 0 and r["rollout_idle_s"] >= 0 for r in trained)
+    checkpoints = OutputLayout.of(cfg).rl_checkpoints
+    ahead = json.loads((checkpoints / "iter_000002" / "groups_ahead.json").read_text())
+    assert {t["policy_version"] for t in ahead["trajectories"]} == {1}
+    assert ahead["chosen"] == trained[2]["sampled_prompts"]
+    assert not (checkpoints / "iter_000003" / "groups_ahead.json").exists()

@@ -126,6 +126,9 @@ class RLConfig:
     advantage: Optional[Literal["group_mean", "group_norm", "group_norm_sample_std"]] = None
     tau: float = bounded(0.1, gt=0.0)
     grpo_clip: float = bounded(0.2, gt=0.0)
+    # GRPO's dual clip (verl's and OpenRLHF's clip_ratio_c, their default 3): a negative-advantage
+    # token whose ratio exceeds it gets no gradient, which matters once samples are stale. None: off.
+    grpo_dual_clip: Optional[float] = bounded(3.0, gt=1.0)
     lr: float = bounded(1e-4, gt=0.0)
     # Optimizer steps per iteration on the same rollouts (the first has log π = log π_old;
     # later ones are where the mirror-descent term τ holds the policy near π_old).
@@ -139,6 +142,11 @@ class RLConfig:
     # differing task rewards, roll out prompts_per_iteration more prompts, at most this many
     # extra times (0: off). Counted in the metrics as sampling_rounds and sampled_groups.
     dynamic_sampling_rounds: int = bounded(0, ge=0)
+    # Policy versions a trained sample may lag the learner. 0: generate, score, learn, sync in
+    # turn. 1: the engines collect the next iteration's groups with the weights before this
+    # update while the learner trains (the learner and vLLM stop waiting for each other);
+    # deeper pipelines are not built.
+    max_staleness: int = bounded(0, ge=0, le=1)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)

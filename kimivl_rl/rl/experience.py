@@ -23,12 +23,14 @@ class Trajectory:
     length_penalty: float = 0.0
     reward: float = 0.0              # task_reward + weight * length_penalty
     reward_reason: str = ""          # the reward's reason, counted in the metrics
+    policy_version: int = 0          # the engines' weights version that sampled it: staleness
 
 
 def trajectories_from_samples(prompt_indices: list[int], images: list[list[Image.Image]],
-                              samples: list[list[Sample]]) -> list[Trajectory]:
+                              samples: list[list[Sample]], policy_version: int = 0) -> list[Trajectory]:
     """Flatten the k samples of each prompt, keeping each one's prompt id and images."""
-    return [Trajectory(index, s.prompt_token_ids, s.token_ids, s.logprobs, s.finish_reason, imgs)
+    return [Trajectory(index, s.prompt_token_ids, s.token_ids, s.logprobs, s.finish_reason, imgs,
+                       policy_version=policy_version)
             for index, imgs, group in zip(prompt_indices, images, samples) for s in group]
 
 

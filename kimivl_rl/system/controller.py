@@ -15,7 +15,8 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,16 +76,29 @@ class Groups:
     rounds: int = 0
     timings: dict = field(default_factory=lambda: {"time_generate_s": 0.0, "time_reward_s": 0.0})
 
+    def state_dict(self) -> dict:
+        """JSON-ready; images are left out, the prompts give them back."""
+        return {"chosen": self.chosen, "rounds": self.rounds, "timings": self.timings,
+                "trajectories": [{f.name: getattr(t, f.name) for f in fields(t) if f.name != "images"}
+                                 for t in self.trajectories]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, prompts: list[Example]) -> "Groups":
+        trajectories = [Trajectory(**t, images=prompts[t["prompt_index"]].images)
+                        for t in state["trajectories"]]
+        return cls(state["chosen"], trajectories, state["rounds"], state["timings"])
+
     def roll_out(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
                  chosen: list[int], iteration: int) -> list[Trajectory]:
         """Generate k samples for each chosen prompt, score them (task reward only), keep them."""
-        started = time.perf_counter()
+        started, version = time.perf_counter(), actors.weights_version
         examples = [prompts[i] for i in chosen]
         seed = cfg.seed * 100_003 + iteration + self.rounds * 1_000_003
         samples = generate(actors, cfg, generation_requests(examples, processor),
                            cfg.rl.samples_per_prompt, cfg.rollout.temperature, seed=seed)
         scored = time.perf_counter()
-        trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples)
+        trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples,
+                                                 version)
         assign_rewards(trajectories, score(actors, cfg, examples, samples), 0.0)
         self.timings["time_generate_s"] += scored - started
         self.timings["time_reward_s"] += time.perf_counter() - scored
@@ -112,42 +126,137 @@ def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Examp
 
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
                   sampler: PromptSampler, iteration: int) -> dict:
+    started = time.perf_counter()
     groups = collect_groups(actors, cfg, processor, prompts, sampler, iteration)
-    trajectories = groups.trajectories
+    batch, weight = training_batch(cfg, groups, iteration)
+    learned = learn_and_sync(actors, cfg, batch, iteration)
+    return {**iteration_metrics(actors, groups, batch, weight, learned, iteration),
+            "learner_idle_s": sum(groups.timings.values()),
+            "rollout_idle_s": learned["time_learn_s"] + learned["time_sync_s"],
+            "time_iteration_s": time.perf_counter() - started}
+
+
+def training_batch(cfg: Config, groups: Groups, iteration: int) -> tuple[list[Trajectory], float]:
+    """Add iteration's length penalty to the groups; the trajectories to learn on, and the weight."""
     weight = length_penalty_weight_at(iteration, cfg.rl.length_penalty_weight,
                                       cfg.rl.length_penalty_start_iteration)
-    add_length_penalty(trajectories, weight)
+    add_length_penalty(groups.trajectories, weight)
+    informative = informative_groups(groups.trajectories)
+    return (informative if cfg.rl.drop_zero_advantage_groups else groups.trajectories), weight
+
+
+def iteration_metrics(actors: RLActors, groups: Groups, batch: list[Trajectory], weight: float,
+                      learned: dict, iteration: int) -> dict:
+    """Rollout, learner, sampling and staleness figures (policy versions the trained samples lag
+    the learner, which starts iteration t at version t)."""
+    trajectories = groups.trajectories
     informative = informative_groups(trajectories)
-    batch = informative if cfg.rl.drop_zero_advantage_groups else trajectories
-    learned = learn_and_sync(actors, cfg, batch, iteration)
     generated = sum(len(t.response_token_ids) for t in trajectories)
+    staleness = [iteration - t.policy_version for t in batch] or [0]
     return {**rollout_metrics(trajectories, weight), **learned, **groups.timings,
             "informative_group_fraction": len(informative) / len(trajectories),
             "sampling_rounds": groups.rounds, "sampled_groups": len(groups.chosen),
             "generated_tokens_per_s": generated / max(1e-9, groups.timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
-            "sampled_prompts": groups.chosen}
+            "sampled_prompts": groups.chosen,
+            "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness)}
 
 
 def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int) -> dict:
     """One learner update on ``batch``, then the new weights to every rollout engine; the
-    learner's metrics and both timings. A batch too small to give every learner rank a response
-    (all groups uniform) leaves the policy as it is: no update, nothing to sync."""
+    learner's metrics and both timings."""
+    learned = learn(actors, cfg, batch, iteration)
+    return {**learned, "time_sync_s": sync_update(actors, learned, iteration)}
+
+
+def learn(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int) -> dict:
+    """One learner update on ``batch``; the learner's metrics and its time. A batch too small to
+    give every learner rank a response (all groups uniform) leaves the policy as it is."""
     import ray
 
     if len(batch) < len(actors.learners):
         log.info("iteration %d: %d responses for %d learner ranks (every other group had equal "
                  "rewards); the policy is unchanged", iteration, len(batch), len(actors.learners))
-        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0,
-                "time_learn_s": 0.0, "time_sync_s": 0.0}
+        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0, "time_learn_s": 0.0}
     started = time.perf_counter()
     batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
-    learn_s = time.perf_counter() - started
-    sync_s = actors.sync_weights(version=iteration + 1).seconds
-    return {**learned, "learner_responses": len(batch),
-            "time_learn_s": learn_s, "time_sync_s": sync_s}
+    return {**learned, "learner_responses": len(batch), "time_learn_s": time.perf_counter() - started}
+
+
+def sync_update(actors: RLActors, learned: dict, iteration: int) -> float:
+    """Version iteration + 1 to the engines; its seconds. Without an update the engines already
+    hold those weights: only the version number moves, so staleness counts updates alone."""
+    if not learned["learner_responses"]:
+        actors.weights_version = iteration + 1
+        return 0.0
+    return actors.sync_weights(version=iteration + 1).seconds
+
+
+# ----------------------------------------------------------------------------- overlap
+
+@dataclass
+class Lockstep:
+    """``rl.max_staleness = 0``: every iteration collects its groups, learns, then syncs."""
+    actors: RLActors
+    cfg: Config
+    processor: object
+    prompts: list[Example]
+    sampler: PromptSampler
+    ahead: Optional[Groups] = None  # groups already collected for the next iteration
+
+    def resume(self, iteration: int) -> None:
+        """Nothing is collected ahead in lockstep."""
+
+    def run_iteration(self, iteration: int) -> dict:
+        return run_iteration(self.actors, self.cfg, self.processor, self.prompts, self.sampler,
+                             iteration)
+
+
+class CollectAhead(Lockstep):
+    """``rl.max_staleness = 1``: while the learner trains on iteration t's groups, a driver thread
+    collects iteration t+1's (generation, scoring, dynamic-sampling rounds, sampler updates in
+    the lockstep order, so a seed fixes the run) with the engines' weights, version t; version
+    t+1 goes to the engines once both have finished. The groups collected ahead are saved with
+    each checkpoint and a resume continues from them; on a failure the thread is waited for and
+    its groups dropped, since recovery restores the checkpoint's. The last iteration collects
+    nothing ahead: a run extended past it starts that iteration with fresh groups."""
+
+    def resume(self, iteration: int) -> None:
+        """After ``restore`` to ``iteration``: the groups its checkpoint collected ahead."""
+        path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / AHEAD_FILE
+        self.ahead = (Groups.from_state_dict(json.loads(path.read_text()), self.prompts)
+                      if iteration and path.is_file() else None)
+
+    def run_iteration(self, iteration: int) -> dict:
+        started = time.perf_counter()
+        groups, self.ahead = self.ahead or self._collect(iteration)[0], None
+        waited = time.perf_counter() - started  # the first iteration: the learner waits for rollouts
+        batch, weight = training_batch(self.cfg, groups, iteration)
+        with ThreadPoolExecutor(1) as pool:  # leaving it waits for the thread, failures included
+            future = (pool.submit(self._collect, iteration + 1)
+                      if iteration + 1 < self.cfg.rl.iterations else None)
+            learned = learn(self.actors, self.cfg, batch, iteration)
+            learned_at = time.perf_counter()
+            self.ahead, collected_at = future.result() if future else (None, learned_at)
+        learned["time_sync_s"] = sync_update(self.actors, learned, iteration)
+        ended = time.perf_counter()
+        return {**iteration_metrics(self.actors, groups, batch, weight, learned, iteration),
+                "learner_idle_s": waited + max(0.0, collected_at - learned_at),
+                "rollout_idle_s": ended - max(collected_at, started + waited),
+                "time_iteration_s": ended - started}
+
+    def _collect(self, iteration: int) -> tuple[Groups, float]:
+        groups = collect_groups(self.actors, self.cfg, self.processor, self.prompts, self.sampler,
+                                iteration)
+        return groups, time.perf_counter()
+
+
+def iteration_loop(actors: RLActors, cfg: Config, processor, prompts: list[Example],
+                   sampler: PromptSampler) -> Lockstep:
+    kind = CollectAhead if cfg.rl.max_staleness else Lockstep
+    return kind(actors, cfg, processor, prompts, sampler)
 
 
 def _update_sampler(sampler: PromptSampler, chosen: list[int],
@@ -188,10 +297,15 @@ def latest_checkpoint(cfg: Config) -> Optional[Path]:
     return None
 
 
+AHEAD_FILE = "groups_ahead.json"  # with max_staleness 1: the next iteration's groups, scored
+
+
 def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler,
-                    input_model: str, written: Callable[[float], None] = lambda seconds: None) -> Path:
-    """Learner state, sampler state and the iteration, written atomically; ``input_model`` (the
-    run's starting model) lets ``kimivl-rl eval`` turn the checkpoint into a model.
+                    input_model: str, written: Callable[[float], None] = lambda seconds: None,
+                    ahead: Optional[Groups] = None) -> Path:
+    """Learner state, sampler state, the iteration and the groups collected ahead (which the
+    sampler state has seen), written atomically; ``input_model`` (the run's starting model)
+    lets ``kimivl-rl eval`` turn the checkpoint into a model.
     ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
     layout = OutputLayout.of(cfg)
     root, final = layout.rl_checkpoints, layout.rl_checkpoint(iteration)
@@ -201,6 +315,8 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
                  f"save checkpoint {final.name}", cfg.cluster.call_timeout_s)
         (staging / "controller_state.json").write_text(json.dumps(
             {"iteration": iteration, "sampler": sampler.state_dict(), "input_model": input_model}))
+        if ahead is not None:
+            (staging / AHEAD_FILE).write_text(json.dumps(ahead.state_dict()))
     for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
     for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
@@ -305,19 +421,23 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     sink = MetricsSink.for_stage(cfg, "rl")
     try:
         recovery = LearnerRecovery(actors, cfg, sampler)
+        loop = iteration_loop(actors, cfg, processor, prompts, sampler)
         iteration = start = restore(actors, cfg, sampler)
+        loop.resume(iteration)
         if start == 0:
             sink.log(0, evaluate_heldout(actors, cfg, processor, eval_prompts))
         with tqdm(desc="RL", initial=start, total=cfg.rl.iterations, unit="iter") as progress:
             while iteration < cfg.rl.iterations:
                 try:
-                    metrics = run_iteration(actors, cfg, processor, prompts, sampler, iteration)
+                    metrics = loop.run_iteration(iteration)
                     iteration += 1
                     if iteration % cfg.rl.eval_every == 0 or iteration == cfg.rl.iterations:
                         metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
-                    record_iteration(actors, cfg, sink, sampler, iteration, metrics, model_path)
+                    record_iteration(actors, cfg, sink, sampler, iteration, metrics, model_path,
+                                     loop.ahead)
                 except ActorFailed as exc:
                     iteration = recovery.recover(exc)
+                    loop.resume(iteration)
                 progress.update(iteration - progress.n)
         wait_one(actors.learners[0].export.remote(str(layout.model("rl"))), "learner-0",
                  "export the final model", cfg.cluster.call_timeout_s)
@@ -333,7 +453,8 @@ def run_rl(cfg: Config, model_path: str) -> dict:
 
 
 def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: PromptSampler,
-                     done: int, metrics: dict, input_model: str) -> None:
+                     done: int, metrics: dict, input_model: str,
+                     ahead: Optional[Groups] = None) -> None:
     """Log iteration ``done``'s metrics; every ``rl.checkpoint_every`` iterations and at the end,
     write a checkpoint and log its cost too, before it is published: a run killed in between
     redoes the iteration, so no checkpoint exists whose iteration has no metrics."""
@@ -343,5 +464,5 @@ def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: 
         sink.log(done, metrics)
         return
     save_checkpoint(actors, cfg, done, sampler, input_model,
-                    lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}))
+                    lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}), ahead)
 
