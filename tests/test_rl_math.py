@@ -207,6 +207,30 @@ def test_grpo_value_with_clipped_tokens_and_token_normalisation():
     torch.testing.assert_close(logprobs.grad, expected)
 
 
+def test_grpo_dual_clip_bounds_negative_advantage_tokens():
+    log = math.log
+    old = torch.full((2, 3), -1.0, dtype=torch.float64)
+    logprobs = (old + torch.tensor([[log(4.0), 0.0, -INF], [log(0.5), log(2.0), log(4.0)]],
+                                   dtype=torch.float64)).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    loss, metrics = get_loss("grpo").fn(logprobs, old, mask, adv, 5.0,
+                                        LossConfig(clip_eps=0.2, dual_clip=3.0))
+    # A = 1:    ratio 4.0 -> -min(4.0, 1.2) = -1.2   (clipped; the dual clip leaves A > 0 alone)
+    #           ratio 1.0 -> -1.0
+    # A = -0.5: ratio 0.5 -> min(max(0.25, 0.4), 1.5) = 0.4   (clipped: ratio < 0.8)
+    #           ratio 2.0 -> min(max(1.0, 0.6), 1.5) = 1.0   (not clipped)
+    #           ratio 4.0 -> min(max(2.0, 0.6), 1.5) = 1.5   (dual-clipped: ratio > 3)
+    # sum = -1.2 - 1.0 + 0.4 + 1.0 + 1.5 = 0.7 over 5 tokens -> 0.14
+    assert loss.item() == pytest.approx(0.14, abs=1e-12)
+    assert metrics["clip_fraction"] == pytest.approx(3 / 5)
+    loss.backward()
+    expected = torch.tensor([[0.0, -1.0 / 5, 0.0], [0.0, 1.0 / 5, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, expected)
+    off, _ = get_loss("grpo").fn(logprobs, old, mask, adv, 5.0, LossConfig(clip_eps=0.2))
+    assert off.item() == pytest.approx((0.7 - 1.5 + 2.0) / 5, abs=1e-12)  # the 4.0 token: 2.0
+
+
 @pytest.mark.parametrize("name", ["kimi_pmd", "grpo"])
 def test_micro_batches_with_global_normalizer_sum_to_full_batch(name):
     gen = torch.Generator().manual_seed(0)

@@ -19,7 +19,7 @@ per-micro-batch mean would not. Metrics are plain floats describing the micro-ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -31,9 +31,11 @@ Normalization = Literal["responses", "tokens"]
 @dataclass(frozen=True)
 class LossConfig:
     """``tau``: weight of Kimi PMD's squared log-ratio regulariser (k1.5's tau, > 0).
-    ``clip_eps``: GRPO's PPO clip range epsilon."""
+    ``clip_eps``: GRPO's PPO clip range epsilon. ``dual_clip``: GRPO's bound c on the ratio of
+    a negative-advantage token (verl's and OpenRLHF's clip_ratio_c); None: off."""
     tau: float = 0.1
     clip_eps: float = 0.2
+    dual_clip: Optional[float] = None
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, LossConfig],
@@ -138,19 +140,26 @@ def grpo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torc
         ratio = exp(logp - logp_old)
         loss  = sum_tokens -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) / normalizer
 
-    a token-level mean over the global batch. ``clip_fraction`` is the share of response tokens
-    whose clipped branch is active (ratio past 1+eps with A > 0, or below 1-eps with A < 0),
-    i.e. tokens that get no gradient.
+    a token-level mean over the global batch. With ``dual_clip`` c, a token with A < 0 costs at
+    most -c * A: a stale sample whose ratio has grown past c cannot push its loss up without
+    bound. ``clip_fraction`` is the share of response tokens whose clipped branch is active
+    (ratio past 1+eps with A > 0, below 1-eps with A < 0, or past c with A < 0), i.e. tokens
+    that get no gradient.
     """
     new, old, mask, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
     ratio = torch.exp(new - old)
     adv_tok = adv.unsqueeze(-1)
     unclipped = ratio * adv_tok
     clipped = ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv_tok
-    per_token = torch.where(mask, -torch.minimum(unclipped, clipped), torch.zeros_like(ratio))
-    loss = per_token.sum() / normalizer
+    per_token = -torch.minimum(unclipped, clipped)
     is_clipped = ((ratio > 1.0 + cfg.clip_eps) & (adv_tok > 0)) | \
                  ((ratio < 1.0 - cfg.clip_eps) & (adv_tok < 0))
+    if cfg.dual_clip is not None:
+        negative = adv_tok < 0
+        per_token = torch.where(negative, torch.minimum(per_token, -cfg.dual_clip * adv_tok), per_token)
+        is_clipped |= negative & (ratio > cfg.dual_clip)
+    per_token = torch.where(mask, per_token, torch.zeros_like(ratio))
+    loss = per_token.sum() / normalizer
     tokens = int(mask.sum())
     clip_fraction = (is_clipped & mask).sum().item() / tokens if tokens else 0.0
     return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old),

@@ -142,7 +142,8 @@ class LearnerWorker:
         self.image_processor = self.processor.image_processor
         self.image_token_id = model.config.image_token_id
         self.loss = get_loss(self.cfg.rl.loss)
-        self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip)
+        self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip,
+                                  dual_clip=self.cfg.rl.grpo_dual_clip)
         self.engine = build_engine(model, lambda step: self.cfg.rl.lr, zero_stage=self.cfg.rl.zero_stage,
                                    bf16=self.cfg.cluster.use_gpu)
         return self.rank
