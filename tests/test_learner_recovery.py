@@ -31,15 +31,17 @@ def _kill_learner_during_update(monkeypatch, iteration: int) -> list[int]:
                                     lambda: ray.get_actor("learner-0"), caller=remote)
 
 
-@pytest.mark.parametrize("checkpoint_every, restarts_from, checkpointed", [
-    (1, 1, [1, 2, 3]),  # from iteration 1's checkpoint
-    (2, 0, [2, 3]),  # before the first checkpoint: the starting model, the rollout engine reset too
-])
+@pytest.mark.parametrize("checkpoint_every, restarts_from, checkpointed, staleness", [
+    (1, 1, [1, 2, 3], 0),  # from iteration 1's checkpoint
+    (2, 0, [2, 3], 0),  # before the first checkpoint: the starting model, the rollout engine reset too
+    (1, 1, [1, 2, 3], 1),  # killed while iteration 2's groups are collected: those are dropped,
+])                         # and iteration 1 trains on the groups its checkpoint collected ahead
 def test_learner_killed_during_an_update_is_restarted_and_the_run_completes(
-        checkpoint_every, restarts_from, checkpointed, tmp_path, tiny_model_dir, small_data_dir,
-        ray_cluster, monkeypatch, caplog):
+        checkpoint_every, restarts_from, checkpointed, staleness, tmp_path, tiny_model_dir,
+        small_data_dir, ray_cluster, monkeypatch, caplog):
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3",
-                 f"rl.checkpoint_every={checkpoint_every}", "rl.eval_every=3")
+                 f"rl.checkpoint_every={checkpoint_every}", "rl.eval_every=3",
+                 f"rl.max_staleness={staleness}")
     killed = _kill_learner_during_update(monkeypatch, 1)
 
     summary = run_rl(cfg, cfg.model.path)
@@ -50,6 +52,7 @@ def test_learner_killed_during_an_update_is_restarted_and_the_run_completes(
     assert [r["step"] for r in trained] == [1, 2, 3]
     assert [r["restarts_learner"] for r in trained[restarts_from:]] == [1] * (3 - restarts_from)
     assert [r["step"] for r in trained if r.get("time_checkpoint_s", 0) > 0] == checkpointed
+    assert [r["staleness_max"] for r in trained] == [0, staleness, staleness]
     final = latest_checkpoint(cfg)
     assert json.loads((final / "controller_state.json").read_text())["iteration"] == 3
     # The final learner state took one update's optimizer steps per iteration: the restarted
