@@ -15,7 +15,7 @@ from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.infra.remote import RemoteTimeout, wait_all
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.system.actors import RLActors, generate, score
-from kimivl_rl.system.controller import run_iteration
+from kimivl_rl.system.controller import CollectAhead, run_iteration
 from test_rl_ray import rl_cfg
 
 pytestmark = pytest.mark.slow
@@ -127,6 +127,23 @@ def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_s
     # Every sampled prompt was generated and scored: k samples each, nothing lost or doubled.
     assert len(metrics["sampled_prompts"]) == cfg.rl.prompts_per_iteration
     assert metrics["reward_mean"] == metrics["reward_mean"]
+
+
+def test_rollout_worker_killed_while_collecting_ahead_is_restarted_and_its_prompts_redone(
+        rl_setup, monkeypatch):
+    """rl.max_staleness=1: the kill hits the collection of iteration 2 while update 1 runs."""
+    cfg, actors, processor, prompts = rl_setup
+    loop = CollectAhead(actors, cfg, processor, prompts, PromptSampler(len(prompts), "uniform", seed=0))
+    loop.run_iteration(0)  # leaves iteration 1's groups collected ahead
+    restarts = actors.restarts["rollout"]
+    killed = _kill_after_first_submit(monkeypatch, "generate", lambda: actors.rollouts[0])
+
+    metrics = loop.run_iteration(1)
+
+    assert killed and _pid(actors.rollouts[0]) != killed[0]
+    assert actors.restarts["rollout"] == restarts + 1 and metrics["learner_responses"] > 0
+    assert len(loop.ahead.chosen) == cfg.rl.prompts_per_iteration  # nothing lost or doubled
+    assert len(loop.ahead.trajectories) == cfg.rl.prompts_per_iteration * cfg.rl.samples_per_prompt
 
 
 def test_killed_reward_service_is_restarted_and_scores_the_batch_once(rl_setup, monkeypatch):

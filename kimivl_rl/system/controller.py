@@ -221,7 +221,9 @@ class CollectAhead(Lockstep):
     t+1 goes to the engines once both have finished. The groups collected ahead are saved with
     each checkpoint and a resume continues from them; on a failure the thread is waited for and
     its groups dropped, since recovery restores the checkpoint's. The last iteration collects
-    nothing ahead: a run extended past it starts that iteration with fresh groups."""
+    nothing ahead: a run extended past it starts that iteration with fresh groups. A rollout
+    worker restarted during the overlap is sent the weights once update t is done (its samples
+    are then fresher than the version they record)."""
 
     def resume(self, iteration: int) -> None:
         """After ``restore`` to ``iteration``: the groups its checkpoint collected ahead."""
