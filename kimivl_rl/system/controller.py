@@ -4,7 +4,8 @@
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
-The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
+With ``rl.max_staleness: 1`` (``CollectAhead``) the next iteration's groups are collected while
+the learner trains. The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
 from the last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor
 that no live node can host any more (its node left, and no other has its resources) stops the
 run with ``RunStopped``, which says where the rerun resumes.
