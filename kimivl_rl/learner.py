@@ -23,6 +23,7 @@ import torch.distributed as dist
 from kimivl_rl.config import Config, config_from_dict
 from kimivl_rl.engine import (build_engine, full_state_dict, load_engine_state, reset_optimizer,
                               save_engine_state, save_pretrained)
+from kimivl_rl.linear_cross_entropy import causal_lm_target_logprobs, target_rows
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
 from kimivl_rl.rl.advantages import get_advantage
@@ -63,21 +64,14 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def response_logprobs(model, sequences: list[Encoded], image_token_id: int) -> list[torch.Tensor]:
-    """log p(token | prefix) of each sequence's response tokens, from one packed forward."""
+    """log p(token | prefix) of each sequence's response tokens, from one packed forward whose
+    vocabulary projection runs chunk by chunk (no full float logits)."""
     batch = collate_pack(sequences, image_token_id)
-    batch.pop("labels")
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    logits = model(**batch, use_cache=False).logits[0].float()
-    out, start = [], 0
-    for seq in sequences:
-        end = start + len(seq)
-        targets = seq.labels.to(logits.device)
-        positions = (targets != IGNORE_INDEX).nonzero()[:, 0]
-        # logits at t predict token t + 1
-        logps = torch.log_softmax(logits[start + positions - 1], dim=-1)
-        out.append(logps.gather(-1, targets[positions][:, None])[:, 0])
-        start = end
-    return out
+    targets, rows = target_rows(batch.pop("labels"))
+    inputs = {k: v.to(model.device) for k, v in batch.items()}
+    logprobs = causal_lm_target_logprobs(model, inputs, targets.to(model.device), rows.to(model.device))
+    # collate_pack drops each sequence's first label: it has no prefix inside the sequence
+    return list(logprobs.split([int((s.labels[1:] != IGNORE_INDEX).sum()) for s in sequences]))
 
 
 def rollout_mismatch(trajectories: list[Trajectory], learner: list[torch.Tensor]) -> float:
