@@ -28,7 +28,7 @@ from kimivl_rl.models.loading import load_policy
 from kimivl_rl.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
-from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss
+from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
 from kimivl_rl.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,6 @@ def rollout_mismatch(trajectories: list[Trajectory], learner: list[torch.Tensor]
                                torch.tensor(float(len(rollout)), dtype=torch.float64)])
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) values and mask from ragged rows."""
-    width = max(1, max(len(r) for r in rows))
-    values = torch.zeros(len(rows), width, device=rows[0].device)
-    mask = torch.zeros(len(rows), width, device=rows[0].device)
-    for i, row in enumerate(rows):
-        values[i, :len(row)] = row
-        mask[i, :len(row)] = 1.0
-    return values, mask
 
 
 # ----------------------------------------------------------------------------- the actor
