@@ -3,10 +3,11 @@ r"""Learner throughput and MFU on one GPU for a realistic-size random model (no 
     export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
     torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm] [--seq 8192] [--doc 1024]
         [--attention flex_attention] [--variants plain,deepspeed,ds+chunked,ds+fused] [--accum 4]
-        [--compile] [--grad-ckpt] [--steps 10]
+        [--compile] [--grad-ckpt] [--steps 10] [--rl [--loss kimi_pmd]]
     # smoke check of every path on CPU (tiny shapes, float32):
     torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --shape vlm --seq 256 --doc 128 \
         --image 112 --steps 1
+    torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --rl --seq 256 --doc 128 --steps 1
 
 Shapes, bf16, random init; a micro-batch is one packed sequence of --seq tokens made of documents
 of --doc tokens, each with its own positions from 0 (block-diagonal attention):
@@ -22,8 +23,13 @@ Variants, measured in the same run:
   deepspeed  kimivl_rl.training.engine (DeepSpeed ZeRO-2, bf16), same loss
   ds+chunked the same engine, cross-entropy in checkpointed chunks of the vocabulary projection
              (each chunk's logits made again in backward)
-  ds+fused   the same engine, kimivl_rl.training.linear_cross_entropy (each chunk's gradients
-             made in the forward: no logits made again)
+  ds+fused   the same engine, kimivl_rl.training.linear_cross_entropy (each chunk's gradients made in the
+             forward: no logits made again)
+--rl measures the RL update instead, beside ds+fused (the SFT path) in the same run: per
+optimizer step, log π_old of every micro-batch without gradients, then the --loss update
+(kimivl_rl.rl.losses) on each, every document one response with a random advantage:
+  rl+full     response log-probs from full-vocabulary float logits (the learner's former path)
+  rl+chunked  kimivl_rl.training.linear_cross_entropy.causal_lm_target_logprobs (the learner's path)
 --attention is the language model's: sdpa (a dense block-diagonal mask) or flex_attention
 (skips the blocks between documents). transformers declares no FlexAttention for Qwen2.5-VL, so
 kimivl_rl.models.loading falls back to SDPA there; this bench sets it on the language model
@@ -37,7 +43,8 @@ its embedding) + 6·N_head per target token (the vocabulary projection; the vari
 logits also project the non-targets, uncounted) + 6·layers·hidden·context per sequence token
 (causal attention) + for vlm 6·N_vision per image patch, where the merger's MLP counts
 6·N_merger per merged token instead (vision attention, about 2% of the vision FLOPs at 448
-pixels, is not counted). Recomputation (--grad-ckpt) is not counted. MFU divides by a bf16
+pixels, is not counted). Recomputation (--grad-ckpt) is not counted. An RL update
+counts 4/3 of that: its old log-probs pass is a forward (2 of the 6 FLOPs per parameter). MFU divides by a bf16
 8192³ matmul rate measured in this run; it is printed with context = --seq (the issue's
 formula) and, in parentheses, context = --doc (the attention the block-diagonal mask leaves to
 compute).
@@ -55,11 +62,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
                           Qwen2ForCausalLM)
 
+from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, causal_lm_target_logprobs,
+                                           loss_position_hidden, target_rows)
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
-from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, loss_position_hidden,
-                                                     target_rows)
-from kimivl_rl.training.packing import (IGNORE_INDEX, Encoded, collate_pack, example_positions,
-                                        inner_model)
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
+from kimivl_rl.rl.losses import LossConfig, get_loss, pad_rows
 
 LM_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                num_attention_heads=12, num_key_value_heads=2)
@@ -74,6 +81,8 @@ TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, o
 TINY_TOKEN_IDS = dict(vision_start_token_id=4092, vision_end_token_id=4093, image_token_id=4094,
                       video_token_id=4095)
 LOSS_CHUNK = 2048
+RL_FLOPS = 4 / 3  # an RL update's model FLOPs per training step's (module docstring)
+SFT_VARIANTS, RL_VARIANTS = "plain,deepspeed,ds+chunked,ds+fused", "ds+fused,rl+full,rl+chunked"
 
 
 @dataclass
@@ -217,9 +226,50 @@ LOSSES = {"plain": full_loss, "deepspeed": full_loss, "ds+chunked": chunked_loss
           "ds+fused": fused_loss}
 
 
+def full_logprobs(model, batch: Batch) -> torch.Tensor:
+    """Target log-probabilities from float logits over the vocabulary at every position."""
+    logits = model(**batch.inputs, use_cache=False).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits[batch.rows], dim=-1)
+    return logprobs.gather(1, batch.targets[batch.rows][:, None])[:, 0]
+
+
+def chunked_logprobs(model, batch: Batch) -> torch.Tensor:
+    """The learner's target log-probabilities (``kimivl_rl.system.learner.response_logprobs``)."""
+    return causal_lm_target_logprobs(model, batch.inputs, batch.targets, batch.rows)
+
+
+RL_LOGPROBS = {"rl+full": full_logprobs, "rl+chunked": chunked_logprobs}
+
+
+def response_sizes(batch: Batch, doc: int) -> list[int]:
+    """Targets per document (each document one response): a row predicts the next token."""
+    counts = torch.bincount(torch.div(batch.rows + 1, doc, rounding_mode="floor"))
+    return [n for n in counts.tolist() if n]
+
+
+def rl_update(args, logprobs_fn, engine, batch: Batch):
+    """One optimizer step of the RL learner: log π_old of each micro-batch, then the loss."""
+    loss, sizes = get_loss(args.loss), response_sizes(batch, args.doc)
+    advantages = torch.randn(len(sizes), device=engine.device)
+    normalizer = loss.normalizer(len(sizes) * args.accum, sum(sizes) * args.accum)
+
+    def responses(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_rows(list(logprobs.split(sizes)))
+
+    def step():
+        with torch.no_grad():
+            old = [logprobs_fn(engine.module, batch) for _ in range(args.accum)]
+        for old_logprobs in old:
+            new, mask = responses(logprobs_fn(engine, batch))
+            value, _ = loss.fn(new, responses(old_logprobs)[0], mask, advantages, normalizer, LossConfig())
+            engine.backward(value)
+            engine.step()
+    return step
+
+
 def make_step(args, variant: str, model, batch: Batch):
     """(one optimizer step, what frees its state afterwards)."""
-    loss_fn, on_gpu = LOSSES[variant], model.device.type == "cuda"
+    loss_fn, on_gpu = LOSSES.get(variant), model.device.type == "cuda"
     if variant == "plain":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
 
@@ -233,6 +283,8 @@ def make_step(args, variant: str, model, batch: Batch):
 
     engine = build_engine(model, lambda s: 1e-5, zero_stage=args.zero, grad_accum_steps=args.accum,
                           bf16=on_gpu)
+    if variant in RL_LOGPROBS:
+        return rl_update(args, RL_LOGPROBS[variant], engine, batch), engine.destroy
 
     def step():
         for _ in range(args.accum):  # the engine steps the optimizer on the last one
@@ -252,8 +304,9 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def measure(args, variant: str, device: torch.device, dtype: torch.dtype, peak: float) -> float:
-    """Tokens per second of one variant, printed with its MFU; its model is freed on return."""
+def measure(args, variant: str, device: torch.device, dtype: torch.dtype,
+            peak: float) -> tuple[float, float]:
+    """Tokens per second and MFU of one variant, printed; its model is freed on return."""
     model = build_model(args, device, dtype)
     packed = (lm_batch(args.seq, args.doc, model.config.vocab_size) if args.shape == "lm"
               else vlm_batch(model, args.seq, args.doc, args.image))
@@ -266,13 +319,14 @@ def measure(args, variant: str, device: torch.device, dtype: torch.dtype, peak: 
     finally:
         close()
     tokens_per_s = args.seq * args.accum / seconds
-    mfu = [100 * step_flops(model, batch, context) * args.accum / seconds / (peak * 1e12)
+    scale = args.accum * (RL_FLOPS if variant in RL_LOGPROBS else 1)
+    mfu = [100 * step_flops(model, batch, context) * scale / seconds / (peak * 1e12)
            for context in (args.seq, args.doc)]
     memory = (f"  peak mem {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB"
               if device.type == "cuda" else "")
     print(f"{variant:11s} {tokens_per_s:9.0f} tokens/s  MFU {mfu[0]:5.1f}% ({mfu[1]:4.1f}% "
           f"attention within documents){memory}", flush=True)
-    return tokens_per_s
+    return tokens_per_s, mfu[0]
 
 
 def release(device: torch.device) -> None:
@@ -291,7 +345,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--attention", default="sdpa",
                         help="the language model's: sdpa or flex_attention")
-    parser.add_argument("--variants", default="plain,deepspeed,ds+chunked,ds+fused")
+    parser.add_argument("--variants", help=f"default {SFT_VARIANTS}; with --rl {RL_VARIANTS}")
+    parser.add_argument("--rl", action="store_true", help="measure the RL update (module docstring)")
+    parser.add_argument("--loss", default="kimi_pmd", help="--rl: the registered RL loss")
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches (packed sequences) per optimizer step")
     parser.add_argument("--zero", type=int, default=2, help="ZeRO stage of the DeepSpeed variants")
@@ -308,7 +364,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_tflops(device, dtype)
     results = {}
-    variants = args.variants.split(",")
+    variants = (args.variants or (RL_VARIANTS if args.rl else SFT_VARIANTS)).split(",")
     for variant in variants:
         try:
             results[variant] = measure(args, variant, device, dtype, peak)
@@ -319,10 +375,18 @@ def main() -> None:
           f"seq {args.seq}, docs of {args.doc}, attention {args.attention}, {args.accum} "
           f"micro-batch(es) per optimizer step, ZeRO-{args.zero}, compile {args.compile}, "
           f"activation checkpointing {args.grad_ckpt}")
-    base = variants[0]
-    for variant in variants[1:]:
+    print_ratios(results, variants[0], variants[1:])
+    if args.rl:
+        print_ratios(results, "rl+full", ["rl+chunked"])
+
+
+def print_ratios(results: dict[str, tuple[float, float]], base: str, others: list[str]) -> None:
+    """Tokens/s ratio and MFU difference of each variant against ``base``, where both ran."""
+    for variant in others:
         if base in results and variant in results:
-            print(f"{variant} / {base}: {results[variant] / results[base]:.2f}x")
+            (tokens, mfu), (base_tokens, base_mfu) = results[variant], results[base]
+            print(f"{variant} / {base}: {tokens / base_tokens:.2f}x tokens/s, MFU "
+                  f"{mfu - base_mfu:+.1f} points")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Weight sync through ``CollectiveTransport``: the bucket plan and byte packing exactly, the
 group protocol between threads, and the RL actors on a local Ray cluster (gloo: the code path
-NCCL takes on GPU)."""
+NCCL takes on GPU); and the shared ring of ``kimivl_rl.infra.ipc_weight_sync`` between processes."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -10,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kimivl_rl.infra.weight_sync import (ALIGN, LOOPBACK, CollectiveTransport, TensorSlot,
-                                         bucket_bytes, decode_plan, encode_plan, flatten_bucket,
-                                         listen, new_weight_group, plan_buckets, receive_weights,
-                                         send_weights, unflatten_bucket)
+from kimivl_rl.infra.ipc_weight_sync import (new_ring, open_ring, receive_weights_through_ring, send_weights_through_ring,
+                                       share_ring)
+from kimivl_rl.infra.weight_sync import (ALIGN, LOOPBACK, CollectiveTransport, TensorSlot, bucket_bytes,
+                                   decode_plan, encode_plan, flatten_bucket, listen, new_weight_group,
+                                   plan_buckets, receive_weights, send_weights, unflatten_bucket)
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -152,3 +154,57 @@ def test_restarted_rollout_worker_joins_a_new_group_and_gets_the_current_weights
     assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
     actors.sync_weights(version=2)
     assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
+
+
+# ----------------------------------------------------------------------------- the shared ring
+
+def _ring_receiver(channel, handles, syncs: int) -> None:
+    """The other process: open the ring, then send back what each sync delivered."""
+    ring = open_ring(handles)
+    for _ in range(syncs):
+        received = io.BytesIO()
+        # clones: torch.save refuses views of one buffer as several dtypes
+        torch.save({name: t.clone() for name, t in receive_weights_through_ring(channel, ring, "cpu")},
+                   received)
+        channel.send(received.getvalue())  # bytes: tensors would be shared from a process that ends
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_weights_cross_a_shared_ring_between_processes_in_step(slots):
+    """A host ring in shared memory: the protocol and bucketing that a GPU ring (CUDA IPC, measured
+    by bench/weight_sync.py --transport ipc) runs unchanged."""
+    import multiprocessing
+
+    tensors = mixed_tensors()
+    plan = plan_buckets(specs(tensors), cap_bytes=256)  # 4 buckets: the ring is reused
+    ring = [buffer.share_memory_() for buffer in new_ring(plan, slots, "cpu")]
+    assert all(len(buffer) == max(bucket_bytes(b) for b in plan) for buffer in ring)
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    receiver = context.Process(target=_ring_receiver, args=(theirs, share_ring(ring), 2))
+    receiver.start()
+    theirs.close()  # a receiver that dies then ends the sender's wait with EOFError
+    try:
+        for version in range(2):  # the ring outlives a sync
+            sent = {name: t + version if t.dtype.is_floating_point else t for name, t in tensors.items()}
+            assert send_weights_through_ring(mine, sent, plan, ring) == sum(map(bucket_bytes, plan))
+            received = torch.load(io.BytesIO(mine.recv()), weights_only=True)
+            assert list(received) == list(sent)
+            for name, tensor in sent.items():
+                assert received[name].dtype == tensor.dtype and torch.equal(received[name], tensor), name
+    finally:
+        receiver.join(timeout=60)
+    assert receiver.exitcode == 0
+
+
+def test_ring_out_of_step_is_an_error():
+    class Replies:
+        def send(self, message):
+            pass
+
+        def recv(self):
+            return 7
+
+    plan = plan_buckets(specs(mixed_tensors()), cap_bytes=256)
+    with pytest.raises(RuntimeError, match="expected bucket 0, got 7"):
+        send_weights_through_ring(Replies(), mixed_tensors(), plan, new_ring(plan, 1, "cpu"))

@@ -80,10 +80,11 @@ def bucket_bytes(bucket: Bucket) -> int:
     return bucket[-1].end
 
 
-def flatten_bucket(tensors: Mapping[str, torch.Tensor], bucket: Bucket,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """The bucket's tensors as one uint8 tensor on ``device`` (one broadcast, whatever the dtypes)."""
-    flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=device)
+def flatten_bucket(tensors: Mapping[str, torch.Tensor], bucket: Bucket, device: torch.device | str = "cpu",
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The bucket's tensors as one uint8 tensor on ``device`` (one broadcast, whatever the dtypes),
+    or at the start of the byte buffer ``out``."""
+    flat = torch.empty(bucket_bytes(bucket), dtype=torch.uint8, device=device) if out is None else out
     for slot in bucket:
         flat[slot.offset:slot.end].copy_(tensors[slot.name].detach().reshape(-1).view(torch.uint8))
     return flat

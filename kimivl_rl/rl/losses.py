@@ -85,6 +85,17 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) values and mask from ragged rows (one per response): the losses' layout."""
+    width = max(1, max(len(r) for r in rows))
+    values = torch.zeros(len(rows), width, device=rows[0].device)
+    mask = torch.zeros(len(rows), width, device=rows[0].device)
+    for i, row in enumerate(rows):
+        values[i, :len(row)] = row
+        mask[i, :len(row)] = 1.0
+    return values, mask
+
+
 def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
              advantages: torch.Tensor, normalizer: float
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,9 +25,10 @@ from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, send
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
-from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss
+from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
 from kimivl_rl.training.engine import (build_engine, full_state_dict, load_engine_state,
                                        reset_optimizer, save_engine_state, save_pretrained)
+from kimivl_rl.training.linear_cross_entropy import causal_lm_target_logprobs, target_rows
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
 
 log = logging.getLogger(__name__)
@@ -63,21 +64,14 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def response_logprobs(model, sequences: list[Encoded], image_token_id: int) -> list[torch.Tensor]:
-    """log p(token | prefix) of each sequence's response tokens, from one packed forward."""
+    """log p(token | prefix) of each sequence's response tokens, from one packed forward whose
+    vocabulary projection runs chunk by chunk (no full float logits)."""
     batch = collate_pack(sequences, image_token_id)
-    batch.pop("labels")
-    batch = {k: v.to(model.device) for k, v in batch.items()}
-    logits = model(**batch, use_cache=False).logits[0].float()
-    out, start = [], 0
-    for seq in sequences:
-        end = start + len(seq)
-        targets = seq.labels.to(logits.device)
-        positions = (targets != IGNORE_INDEX).nonzero()[:, 0]
-        # logits at t predict token t + 1
-        logps = torch.log_softmax(logits[start + positions - 1], dim=-1)
-        out.append(logps.gather(-1, targets[positions][:, None])[:, 0])
-        start = end
-    return out
+    targets, rows = target_rows(batch.pop("labels"))
+    inputs = {k: v.to(model.device) for k, v in batch.items()}
+    logprobs = causal_lm_target_logprobs(model, inputs, targets.to(model.device), rows.to(model.device))
+    # collate_pack drops each sequence's first label: it has no prefix inside the sequence
+    return list(logprobs.split([int((s.labels[1:] != IGNORE_INDEX).sum()) for s in sequences]))
 
 
 def rollout_mismatch(trajectories: list[Trajectory], learner: list[torch.Tensor]) -> float:
@@ -90,17 +84,6 @@ def rollout_mismatch(trajectories: list[Trajectory], learner: list[torch.Tensor]
                                torch.tensor(float(len(rollout)), dtype=torch.float64)])
     dist.all_reduce(totals)
     return (totals[0] / totals[1].clamp(min=1)).item()
-
-
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) values and mask from ragged rows."""
-    width = max(1, max(len(r) for r in rows))
-    values = torch.zeros(len(rows), width, device=rows[0].device)
-    mask = torch.zeros(len(rows), width, device=rows[0].device)
-    for i, row in enumerate(rows):
-        values[i, :len(row)] = row
-        mask[i, :len(row)] = 1.0
-    return values, mask
 
 
 # ----------------------------------------------------------------------------- the actor
