@@ -117,6 +117,12 @@ def pin(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
+def unpin(buffer: torch.Tensor) -> None:
+    """Undo ``pin`` before the buffer is freed: a later buffer at the same address would fail to
+    register ("resource already mapped")."""
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
 def checksum(tensors: dict[str, torch.Tensor]) -> float:
     return sum(float(t.float().sum()) for t in tensors.values())
 
@@ -159,6 +165,9 @@ def colocated_seconds(transport: str, weights: dict[str, torch.Tensor], bucket_b
     seconds = best_seconds(sync)
     control.send("stop")
     receiver.join()
+    if transport == "host":
+        for buffer in ring:
+            unpin(buffer)
     expected = checksum(weights)
     return seconds, all(abs(value - expected) <= 1e-6 * abs(expected) for value in received)
 
