@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _rl_command(model_dir, data_dir, out, staleness) -> list[str]:
+def _rl_command(model_dir, data_dir, out, staleness: int = 0) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "kimivl_rl.cli", "rl", "configs/tiny.yaml", "--model", str(model_dir),
