@@ -15,6 +15,7 @@ from kimivl_rl.config import ConfigError, dump_config, load_config
 from kimivl_rl.data.rows import DataError
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.ownership import NotOursError
+from kimivl_rl.infra.ray_runtime import shutdown_ray
 from kimivl_rl.infra.remote import RunStopped
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kimivl-rl: error: {exc}", file=sys.stderr)
         return 2
     except RunStopped as exc:
+        shutdown_ray()
         command = shlex.join(["kimivl-rl", *(sys.argv[1:] if argv is None else argv)])
         print(f"kimivl-rl: error: {exc} To resume: {command}", file=sys.stderr)
         return 1

@@ -23,3 +23,12 @@ def init_ray(cfg: Config) -> None:
         ray.init(include_dashboard=cfg.cluster.dashboard, dashboard_host=cfg.cluster.bind_host,
                  dashboard_port=cfg.cluster.dashboard_port)
     log.info("Ray: %s", ray.get_runtime_context().gcs_address)
+
+
+def shutdown_ray() -> None:
+    """Disconnect from Ray, which also flushes the actors' log lines still streaming to this
+    driver, so that a message printed afterwards is the last thing the user sees."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
