@@ -160,6 +160,24 @@ def test_killed_reward_service_is_restarted_and_scores_the_batch_once(rl_setup, 
     assert len(scores) == 6 and all(0.0 <= s.score <= 1.0 for s in scores)
 
 
+def test_reward_worker_killed_while_collecting_ahead_is_restarted_and_scores_once(rl_setup,
+                                                                                 monkeypatch):
+    """rl.max_staleness=1: the kill hits the scoring of iteration 2's groups while update 1 runs."""
+    cfg, actors, processor, prompts = rl_setup
+    loop = CollectAhead(actors, cfg, processor, prompts, PromptSampler(len(prompts), "uniform", seed=0))
+    loop.run_iteration(0)
+    restarts = actors.restarts["reward"]
+    killed = _kill_after_first_submit(monkeypatch, "score", lambda: actors.reward.workers[0],
+                                      caller=reward_pool)
+
+    metrics = loop.run_iteration(1)
+
+    assert killed and actors.restarts["reward"] == restarts + 1 and metrics["learner_responses"] > 0
+    scored = loop.ahead.trajectories
+    assert len(scored) == cfg.rl.prompts_per_iteration * cfg.rl.samples_per_prompt
+    assert all(t.reward_reason for t in scored)  # every sample has its score's reason
+
+
 def test_generation_is_a_function_of_its_seed_not_of_earlier_calls(rl_setup):
     """What makes a resumed run sample what the uninterrupted one did."""
     cfg, actors, processor, prompts = rl_setup

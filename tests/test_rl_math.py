@@ -231,6 +231,47 @@ def test_grpo_dual_clip_bounds_negative_advantage_tokens():
     assert off.item() == pytest.approx((0.7 - 1.5 + 2.0) / 5, abs=1e-12)  # the 4.0 token: 2.0
 
 
+def test_grpo_truncated_importance_weight_scales_each_token():
+    log = math.log
+    old = torch.full((2, 2), -1.0, dtype=torch.float64)
+    logprobs = old.clone().requires_grad_(True)  # ratio 1 everywhere: the PPO term is -A
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    # pi_old / pi_rollout per token: 0.5, 4.0 (capped at 2.0), 1.5; the padding's value is ignored
+    rollout = old - torch.tensor([[log(0.5), log(4.0)], [log(1.5), INF]], dtype=torch.float64)
+    loss, metrics = get_loss("grpo").fn(logprobs, old, mask, adv, 3.0, LossConfig(is_cap=2.0),
+                                        rollout_logprobs=rollout)
+    # tokens: -1 * 0.5, -1 * 2.0, +2 * 1.5 -> sum 0.5 over 3 tokens
+    assert loss.item() == pytest.approx(0.5 / 3, abs=1e-12)
+    assert metrics["is_weight_mean"] == pytest.approx((0.5 + 2.0 + 1.5) / 3)
+    loss.backward()
+    # d(-ratio * A * w)/dlogp = -A * w * ratio (the weight is a constant), / 3
+    expected = torch.tensor([[-0.5 / 3, -2.0 / 3], [3.0 / 3, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, expected)
+    off, metrics = get_loss("grpo").fn(logprobs, old, mask, adv, 3.0, LossConfig(),
+                                       rollout_logprobs=rollout)
+    assert off.item() == pytest.approx((-1.0 - 1.0 + 2.0) / 3, abs=1e-12)
+    assert metrics["is_weight_mean"] == 1.0
+
+
+def test_kimi_pmd_truncated_importance_weight_is_a_sequence_ratio():
+    log = math.log
+    old = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], dtype=torch.float64)
+    logprobs = old.clone().requires_grad_(True)  # log pi = log pi_old: the tau term is 0
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    # sequence ratios pi_old / pi_rollout: 0.8 * 0.5 = 0.4, and 3.0 capped at 2.0
+    rollout = old - torch.tensor([[log(0.8), log(0.5)], [log(3.0), 0.0]], dtype=torch.float64)
+    loss, metrics = get_loss("kimi_pmd").fn(logprobs, old, mask, adv, 2.0,
+                                            LossConfig(tau=0.1, is_cap=2.0), rollout_logprobs=rollout)
+    # -A * seq_logp * w: -1 * -3.0 * 0.4 = 1.2 and +1 * -0.5 * 2.0 = -1.0; sum 0.2 over 2 responses
+    assert loss.item() == pytest.approx(0.1, abs=1e-12)
+    assert metrics["is_weight_mean"] == pytest.approx(1.2)
+    loss.backward()
+    expected = torch.tensor([[-0.4 / 2, -0.4 / 2], [2.0 / 2, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, expected)
+
+
 @pytest.mark.parametrize("name", ["kimi_pmd", "grpo"])
 def test_micro_batches_with_global_normalizer_sum_to_full_batch(name):
     gen = torch.Generator().manual_seed(0)

@@ -31,16 +31,16 @@ def rl_cfg(tmp_path, model_dir, data_dir, *overrides):
         "rl.drop_zero_advantage_groups=false", "rl.dynamic_sampling_rounds=0", *overrides]))
 
 
-def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> list:
-    """One learner update on 3 samples per prompt, every other one rewarded; the trajectories."""
+def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> tuple[list, dict]:
+    """One learner update on 3 samples per prompt, every other one rewarded; the trajectories
+    and the learner's metrics."""
     import ray
 
     samples = generate(actors, cfg, requests, 3, 1.0, seed=0)
     trajectories = trajectories_from_samples(list(range(len(prompts))), [p.images for p in prompts], samples)
     for i, t in enumerate(trajectories):
         t.reward = float(i % 2)
-    ray.get(actors.learners[0].learn.remote(trajectories))
-    return trajectories
+    return trajectories, ray.get(actors.learners[0].learn.remote(trajectories))
 
 
 def assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests) -> None:
@@ -59,7 +59,7 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
                                                               ray_cluster):
     from transformers import AutoProcessor
 
-    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir)
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.truncated_is_cap=2.0")
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]  # includes an image prompt or a text one
     actors = RLActors.start(cfg, cfg.model.path)
@@ -67,7 +67,7 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
         import ray
 
         requests = generation_requests(prompts, processor)
-        trajectories = learn_from_alternate_rewards(actors, cfg, prompts, requests)
+        trajectories, fresh = learn_from_alternate_rewards(actors, cfg, prompts, requests)
         ObjectStoreTransport(cfg.cluster.call_timeout_s).push(actors.learners, actors.rollouts, 1)
         assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
         # The update moved the policy the right way: rewarded responses gained probability
@@ -76,6 +76,12 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
         after = [sum(lp) for lp in ray.get(actors.learners[0].sequence_logprobs.remote(trajectories))]
         gain = {r: [a - b for a, b, t in zip(after, before, trajectories) if t.reward == r] for r in (0.0, 1.0)}
         assert sum(gain[1.0]) / len(gain[1.0]) > sum(gain[0.0]) / len(gain[0.0]) + 1e-3
+        # The truncated importance weight is 1 for fresh samples (the sampler is the learner) and
+        # moves, within its cap, for the same samples one update later.
+        stale = ray.get(actors.learners[0].learn.remote(trajectories))
+        print(f"importance weight: fresh {fresh['is_weight_mean']:.6f}, stale {stale['is_weight_mean']:.6f}")
+        assert fresh["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+        assert abs(stale["is_weight_mean"] - 1.0) > 1e-4 and stale["is_weight_mean"] <= 2.0, stale
     finally:
         actors.stop()
 
@@ -157,6 +163,7 @@ def test_collecting_ahead_trains_one_version_behind(tmp_path, tiny_model_dir, sm
     trained = [r for r in records if "reward_mean" in r]
     assert [r["staleness_max"] for r in trained] == [0, 1, 1]
     assert [r["staleness_mean"] for r in trained] == [0.0, 1.0, 1.0]
+    assert [r["staleness_counts"] for r in trained] == [{"0": 16}, {"1": 16}, {"1": 16}]
     assert [r["learner_responses"] for r in trained] == [16, 16, 16]
     assert all(r["learner_idle_s"] >= 0 and r["rollout_idle_s"] >= 0 for r in trained)
     checkpoints = OutputLayout.of(cfg).rl_checkpoints

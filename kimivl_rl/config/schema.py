@@ -129,6 +129,10 @@ class RLConfig:
     # GRPO's dual clip (verl's and OpenRLHF's clip_ratio_c, their default 3): a negative-advantage
     # token whose ratio exceeds it gets no gradient, which matters once samples are stale. None: off.
     grpo_dual_clip: Optional[float] = bounded(3.0, gt=1.0)
+    # Truncated importance sampling (verl's tis_imp_ratio_cap): weight each token's loss (kimi_pmd:
+    # each response's) by min(pi_old / pi_rollout, cap), correcting for samples the engines drew
+    # with stale weights (max_staleness 1) or different numerics. None: off.
+    truncated_is_cap: Optional[float] = bounded(None, ge=1.0)
     lr: float = bounded(1e-4, gt=0.0)
     # Optimizer steps per iteration on the same rollouts (the first has log π = log π_old;
     # later ones are where the mirror-descent term τ holds the policy near π_old).

@@ -2,13 +2,16 @@
 
 All losses share one signature::
 
-    loss_fn(logprobs, old_logprobs, response_mask, advantages, normalizer, cfg)
-        -> (scalar loss, metrics)
+    loss_fn(logprobs, old_logprobs, response_mask, advantages, normalizer, cfg,
+            rollout_logprobs=None) -> (scalar loss, metrics)
 
 ``logprobs (B, T)`` are the log-probs of the sampled tokens under the current policy,
 ``old_logprobs (B, T)`` the same under the sampling policy (treated as constants),
 ``response_mask (B, T)`` marks response tokens (prompt and padding are 0; their values are
 ignored, even if -inf or NaN), ``advantages (B,)`` come from the loss's advantage estimator.
+``rollout_logprobs (B, T)``, the rollout engine's log-probs of the same tokens, give the truncated
+importance weight ``min(pi_old / pi_rollout, cfg.is_cap)`` when ``cfg.is_cap`` is set: the
+correction for samples drawn by an engine whose weights or numerics differ from the learner's.
 
 The loss is a SUM over the micro-batch divided by ``normalizer``, the number of responses
 (``normalize_by="responses"``) or response tokens (``"tokens"``) of the WHOLE global batch.
@@ -32,14 +35,15 @@ Normalization = Literal["responses", "tokens"]
 class LossConfig:
     """``tau``: weight of Kimi PMD's squared log-ratio regulariser (k1.5's tau, > 0).
     ``clip_eps``: GRPO's PPO clip range epsilon. ``dual_clip``: GRPO's bound c on the ratio of
-    a negative-advantage token (verl's and OpenRLHF's clip_ratio_c); None: off."""
+    a negative-advantage token (verl's and OpenRLHF's clip_ratio_c); None: off. ``is_cap``: the
+    bound C of the truncated importance weight min(pi_old / pi_rollout, C); None: off."""
     tau: float = 0.1
     clip_eps: float = 0.2
     dual_clip: Optional[float] = None
+    is_cap: Optional[float] = None
 
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, LossConfig],
-                  tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]  # the signature above
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {}
 # What the learner reports from every update, whichever loss runs (0 where a loss lacks one).
-LOSS_METRICS = ("loss", "logprob_diff_abs_mean", "clip_fraction")
+LOSS_METRICS = ("loss", "logprob_diff_abs_mean", "clip_fraction", "is_weight_mean")
 
 
 def register_loss(name: str, advantage: str = "group_mean",
@@ -117,6 +121,23 @@ def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: 
     return new, old, mask, advantages.detach().to(logprobs.dtype)
 
 
+def truncated_is_weight(old: torch.Tensor, rollout_logprobs: Optional[torch.Tensor],
+                        mask: torch.Tensor, cap: Optional[float]) -> Optional[torch.Tensor]:
+    """``min(exp(old - rollout), cap)`` per token (0 off the response), as verl's truncated
+    importance sampling; for a sequence-level loss pass summed (B, 1) log-probs. None when off."""
+    if cap is None or rollout_logprobs is None:
+        return None
+    rollout = torch.where(mask, rollout_logprobs.detach().to(old.dtype), torch.zeros_like(old))
+    return torch.where(mask, torch.exp(old - rollout).clamp(max=cap), torch.zeros_like(old))
+
+
+def _weight_mean(weight: Optional[torch.Tensor], mask: torch.Tensor) -> float:
+    """Mean importance weight over the masked entries (1.0 when no weight is applied)."""
+    if weight is None or not mask.any():
+        return 1.0
+    return (weight[mask].sum() / mask.sum()).item()
+
+
 def _seq_diff_abs_mean(new: torch.Tensor, old: torch.Tensor) -> float:
     """Mean over sequences of |log pi(y|x) - log pi_old(y|x)|: how far the policy has moved."""
     return (new.sum(-1) - old.sum(-1)).abs().mean().item() if new.shape[0] else 0.0
@@ -124,8 +145,8 @@ def _seq_diff_abs_mean(new: torch.Tensor, old: torch.Tensor) -> float:
 
 @register_loss("kimi_pmd", advantage="group_mean", normalize_by="responses")
 def kimi_pmd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
-             advantages: torch.Tensor, normalizer: float, cfg: LossConfig
-             ) -> tuple[torch.Tensor, dict[str, float]]:
+             advantages: torch.Tensor, normalizer: float, cfg: LossConfig,
+             rollout_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Kimi k1.5 policy mirror descent on SEQUENCE log-probs::
 
         loss = sum_j [ -A_j * log pi(y_j|x) + tau/2 * (log pi(y_j|x) - log pi_old(y_j|x))^2 ]
@@ -133,19 +154,27 @@ def kimi_pmd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: 
 
     with ``A_j = r_j - mean(group)`` (a constant). The squared term keeps the update close to
     pi_old, replacing a trust region; its gradient per response token is
-    ``(-A_j + tau * (seq_logp_j - seq_old_j)) / normalizer``.
+    ``(-A_j + tau * (seq_logp_j - seq_old_j)) / normalizer``. With ``cfg.is_cap`` each
+    response's loss is weighted by min(pi_old(y_j|x) / pi_rollout(y_j|x), cap), a sequence ratio.
     """
-    new, old, _, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
+    new, old, mask, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
     seq_new, seq_old = new.sum(-1), old.sum(-1)
     per_response = -adv * seq_new + 0.5 * cfg.tau * (seq_new - seq_old).square()
+    responses = mask.any(-1, keepdim=True)
+    rollout = None if rollout_logprobs is None else \
+        torch.where(mask, rollout_logprobs.to(old.dtype), torch.zeros_like(old)).sum(-1, keepdim=True)
+    weight = truncated_is_weight(seq_old.unsqueeze(-1), rollout, responses, cfg.is_cap)
+    if weight is not None:
+        per_response = per_response * weight.squeeze(-1)
     loss = per_response.sum() / normalizer
-    return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old)}
+    return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old),
+                  "is_weight_mean": _weight_mean(weight, responses)}
 
 
 @register_loss("grpo", advantage="group_norm", normalize_by="tokens")
 def grpo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torch.Tensor,
-         advantages: torch.Tensor, normalizer: float, cfg: LossConfig
-         ) -> tuple[torch.Tensor, dict[str, float]]:
+         advantages: torch.Tensor, normalizer: float, cfg: LossConfig,
+         rollout_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO: PPO-clip per token with the response's group-normalised advantage::
 
         ratio = exp(logp - logp_old)
@@ -155,7 +184,8 @@ def grpo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torc
     most -c * A: a stale sample whose ratio has grown past c cannot push its loss up without
     bound. ``clip_fraction`` is the share of response tokens whose clipped branch is active
     (ratio past 1+eps with A > 0, below 1-eps with A < 0, or past c with A < 0), i.e. tokens
-    that get no gradient.
+    that get no gradient. With ``cfg.is_cap`` each token's loss is weighted by
+    min(pi_old / pi_rollout, cap) of that token.
     """
     new, old, mask, adv = _prepare(logprobs, old_logprobs, response_mask, advantages, normalizer)
     ratio = torch.exp(new - old)
@@ -170,8 +200,11 @@ def grpo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, response_mask: torc
         per_token = torch.where(negative, torch.minimum(per_token, -cfg.dual_clip * adv_tok), per_token)
         is_clipped |= negative & (ratio > cfg.dual_clip)
     per_token = torch.where(mask, per_token, torch.zeros_like(ratio))
+    weight = truncated_is_weight(old, rollout_logprobs, mask, cfg.is_cap)
+    if weight is not None:
+        per_token = per_token * weight
     loss = per_token.sum() / normalizer
     tokens = int(mask.sum())
     clip_fraction = (is_clipped & mask).sum().item() / tokens if tokens else 0.0
     return loss, {"loss": loss.item(), "logprob_diff_abs_mean": _seq_diff_abs_mean(new, old),
-                  "clip_fraction": clip_fraction}
+                  "clip_fraction": clip_fraction, "is_weight_mean": _weight_mean(weight, mask)}

@@ -16,6 +16,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -153,14 +154,16 @@ def iteration_metrics(actors: RLActors, groups: Groups, batch: list[Trajectory],
     trajectories = groups.trajectories
     informative = informative_groups(trajectories)
     generated = sum(len(t.response_token_ids) for t in trajectories)
-    staleness = [iteration - t.policy_version for t in batch] or [0]
+    lags = [iteration - t.policy_version for t in batch]
+    staleness = lags or [0]
     return {**rollout_metrics(trajectories, weight), **learned, **groups.timings,
             "informative_group_fraction": len(informative) / len(trajectories),
             "sampling_rounds": groups.rounds, "sampled_groups": len(groups.chosen),
             "generated_tokens_per_s": generated / max(1e-9, groups.timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
             "sampled_prompts": groups.chosen,
-            "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness)}
+            "staleness_mean": sum(staleness) / len(staleness), "staleness_max": max(staleness),
+            "staleness_counts": {str(lag): count for lag, count in sorted(Counter(lags).items())}}
 
 
 def learn_and_sync(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int) -> dict:

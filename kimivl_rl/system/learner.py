@@ -126,7 +126,8 @@ class LearnerWorker:
         self.image_token_id = model.config.image_token_id
         self.loss = get_loss(self.cfg.rl.loss)
         self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip,
-                                  dual_clip=self.cfg.rl.grpo_dual_clip)
+                                  dual_clip=self.cfg.rl.grpo_dual_clip,
+                                  is_cap=self.cfg.rl.truncated_is_cap)
         self.engine = build_engine(model, lambda step: self.cfg.rl.lr, zero_stage=self.cfg.rl.zero_stage,
                                    bf16=self.cfg.cluster.use_gpu)
         return self.rank
@@ -166,13 +167,16 @@ class LearnerWorker:
         old = self._logprobs(batches)
         my_advantages = advantages[self.rank::self.world]
         mismatch = rollout_mismatch(mine, old)
+        sampled = [torch.tensor(t.rollout_logprobs) for t in mine]
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
-            metrics = self._update(batches, old, my_advantages, normalizer)
+            metrics = self._update(batches, old, sampled, my_advantages, normalizer)
         return {**metrics, "rollout_logprob_diff_abs_mean": mismatch}
 
-    def _update(self, batches, old: list[torch.Tensor], advantages: torch.Tensor,
-                normalizer: float) -> dict[str, float]:
+    def _update(self, batches, old: list[torch.Tensor], sampled: list[torch.Tensor],
+                advantages: torch.Tensor, normalizer: float) -> dict[str, float]:
+        """One optimizer step over the micro-batches; ``old`` are this rank's responses'
+        log-probs before the update, ``sampled`` the rollout engine's, in the same order."""
         sums = dict.fromkeys(LOSS_METRICS, 0.0)
         offset = 0
         for i, batch in enumerate(batches):
@@ -181,10 +185,12 @@ class LearnerWorker:
             weight = 1.0 if batch else 0.0
             n = len(sequences)
             new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.image_token_id))
-            old_lp, _ = pad_rows(old[offset:offset + n] if batch else old[:n])
-            adv = advantages[offset:offset + n] if batch else advantages[:n]
-            loss, parts = self.loss.fn(new_lp, old_lp.to(new_lp.device), mask, adv.to(new_lp.device),
-                                       normalizer, self.loss_cfg)
+            rows = slice(offset, offset + n) if batch else slice(0, n)
+            old_lp, _ = pad_rows(old[rows])
+            sampled_lp, _ = pad_rows(sampled[rows])
+            loss, parts = self.loss.fn(new_lp, old_lp.to(new_lp.device), mask,
+                                       advantages[rows].to(new_lp.device), normalizer, self.loss_cfg,
+                                       rollout_logprobs=sampled_lp.to(new_lp.device))
             # DeepSpeed averages gradients over ranks; the loss is already a global mean.
             self.engine.backward(loss * weight * self.world)
             self.engine.step()
