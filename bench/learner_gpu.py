@@ -4,9 +4,10 @@ r"""Learner throughput and MFU on one GPU for a realistic-size random model (no 
     torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm] [--seq 8192] [--doc 1024]
         [--attention flex_attention] [--variants plain,deepspeed,ds+chunked,ds+fused] [--accum 4]
         [--compile] [--grad-ckpt] [--steps 10] [--rl [--loss kimi_pmd]]
+        [--vision-attention loop,varlen]
     # smoke check of every path on CPU (tiny shapes, float32):
     torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --shape vlm --seq 256 --doc 128 \
-        --image 112 --steps 1
+        --image 112 --steps 1 --vision-attention loop,varlen
     torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --rl --seq 256 --doc 128 --steps 1
 
 Shapes, bf16, random init; a micro-batch is one packed sequence of --seq tokens made of documents
@@ -33,10 +34,16 @@ optimizer step, log π_old of every micro-batch without gradients, then the --lo
 --attention is the language model's: sdpa (a dense block-diagonal mask) or flex_attention
 (skips the blocks between documents). transformers declares no FlexAttention for Qwen2.5-VL, so
 kimivl_rl.models.loading falls back to SDPA there; this bench sets it on the language model
-after building (same loss as SDPA). The vision encoder runs SDPA over each window or image.
+after building (same loss as SDPA).
+--vision-attention (vlm), each measured with every variant, the ratio printed:
+  loop    transformers' vision attention without flash-attn: one SDPA call per window or image
+  varlen  kimivl_rl.models.vision_attention (what kimivl_rl.models.loading installs with
+          FlexAttention): one FlexAttention call per block over all windows or images (on CPU
+          one SDPA call with a block-diagonal mask)
 --compile compiles each decoder layer of the language model on its own (regional compilation,
-as torchtitan does): fused elementwise kernels for RMSNorm, SwiGLU and RoPE. --grad-ckpt
-recomputes each layer's activations in backward, as the production configs do.
+as torchtitan does): fused elementwise kernels for RMSNorm, SwiGLU and RoPE; with varlen, each
+vision block too (kimivl_rl.models.loading.compile_decoder_layers). --grad-ckpt recomputes each
+layer's activations in backward, as the production configs do.
 
 Model FLOPs of a micro-batch: 6·N_body per sequence token (N_body: the language model without
 its embedding) + 6·N_head per target token (the vocabulary projection; the variants with full
@@ -65,6 +72,7 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, causal_lm_target_logprobs,
                                            loss_position_hidden, target_rows)
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
+from kimivl_rl.models.vision_attention import use_varlen_vision_attention
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
 from kimivl_rl.rl.losses import LossConfig, get_loss, pad_rows
 
@@ -83,6 +91,7 @@ TINY_TOKEN_IDS = dict(vision_start_token_id=4092, vision_end_token_id=4093, imag
 LOSS_CHUNK = 2048
 RL_FLOPS = 4 / 3  # an RL update's model FLOPs per training step's (module docstring)
 SFT_VARIANTS, RL_VARIANTS = "plain,deepspeed,ds+chunked,ds+fused", "ds+fused,rl+full,rl+chunked"
+VISION_ATTENTION = ("loop", "varlen")
 
 
 @dataclass
@@ -112,7 +121,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype):
+def build_model(args, device: torch.device, dtype: torch.dtype, vision: str = "loop"):
     if args.shape == "lm":
         cls, config = Qwen2ForCausalLM, Qwen2Config(**(TINY_TEXT if args.tiny else LM_TEXT),
                                                     max_position_embeddings=32768,
@@ -123,6 +132,8 @@ def build_model(args, device: torch.device, dtype: torch.dtype):
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)
     use_language_model_attention(model, args.attention)  # as kimivl_rl's loader does
+    if vision == "varlen" and not use_varlen_vision_attention(model):
+        raise ValueError("--vision-attention varlen: the model has no Qwen2.5-VL vision encoder")
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -304,10 +315,11 @@ def timed(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def measure(args, variant: str, device: torch.device, dtype: torch.dtype,
+def measure(args, variant: str, vision: str | None, device: torch.device, dtype: torch.dtype,
             peak: float) -> tuple[float, float]:
-    """Tokens per second and MFU of one variant, printed; its model is freed on return."""
-    model = build_model(args, device, dtype)
+    """Tokens per second and MFU of one variant (with one vision attention), printed; its model
+    is freed on return."""
+    model = build_model(args, device, dtype, vision or "loop")
     packed = (lm_batch(args.seq, args.doc, model.config.vocab_size) if args.shape == "lm"
               else vlm_batch(model, args.seq, args.doc, args.image))
     batch = make_batch(packed, device)
@@ -324,9 +336,15 @@ def measure(args, variant: str, device: torch.device, dtype: torch.dtype,
            for context in (args.seq, args.doc)]
     memory = (f"  peak mem {torch.cuda.max_memory_allocated() / 2**30:5.1f} GiB"
               if device.type == "cuda" else "")
-    print(f"{variant:11s} {tokens_per_s:9.0f} tokens/s  MFU {mfu[0]:5.1f}% ({mfu[1]:4.1f}% "
+    print(f"{label(variant, vision, padded=True)} {tokens_per_s:9.0f} tokens/s  MFU {mfu[0]:5.1f}% ({mfu[1]:4.1f}% "
           f"attention within documents){memory}", flush=True)
     return tokens_per_s, mfu[0]
+
+
+def label(variant: str, vision: str | None, padded: bool = False) -> str:
+    """A result's name (``padded``: to the width of the printed rows)."""
+    name = f"{variant} {vision}" if vision else variant
+    return name.ljust(17 if vision else 11) if padded else name
 
 
 def release(device: torch.device) -> None:
@@ -354,7 +372,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile each decoder layer")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke check)")
+    parser.add_argument("--vision-attention", default="loop,varlen",
+                        help="vlm: loop and/or varlen, comma-separated (module docstring)")
     args = parser.parse_args()
+    visions = args.vision_attention.split(",") if args.shape == "vlm" else [None]
+    if args.shape == "vlm" and (not visions or set(visions) - set(VISION_ATTENTION)):
+        parser.error(f"--vision-attention: comma-separated {' and/or '.join(VISION_ATTENTION)}")
     if args.seq % args.doc:
         parser.error("--seq must be a multiple of --doc")
     if args.shape == "vlm" and (args.image % 28 or (args.image // 28) ** 2 + 2 >= args.doc):
@@ -366,18 +389,23 @@ def main() -> None:
     results = {}
     variants = (args.variants or (RL_VARIANTS if args.rl else SFT_VARIANTS)).split(",")
     for variant in variants:
-        try:
-            results[variant] = measure(args, variant, device, dtype, peak)
-        except torch.OutOfMemoryError:
-            print(f"{variant:11s} out of memory", flush=True)
-        release(device)
+        for vision in visions:
+            try:
+                results[label(variant, vision)] = measure(args, variant, vision, device, dtype, peak)
+            except torch.OutOfMemoryError:
+                print(f"{label(variant, vision, padded=True)} out of memory", flush=True)
+            release(device)
     print(f"{str(dtype).removeprefix('torch.')} matmul peak {peak:.4g} TFLOP/s; {args.shape}; "
           f"seq {args.seq}, docs of {args.doc}, attention {args.attention}, {args.accum} "
           f"micro-batch(es) per optimizer step, ZeRO-{args.zero}, compile {args.compile}, "
-          f"activation checkpointing {args.grad_ckpt}")
-    print_ratios(results, variants[0], variants[1:])
-    if args.rl:
-        print_ratios(results, "rl+full", ["rl+chunked"])
+          f"activation checkpointing {args.grad_ckpt}"
+          + (f", vision attention {args.vision_attention}" if args.shape == "vlm" else ""))
+    for vision in visions:
+        print_ratios(results, label(variants[0], vision), [label(v, vision) for v in variants[1:]])
+        if args.rl:
+            print_ratios(results, label("rl+full", vision), [label("rl+chunked", vision)])
+    for variant in variants:
+        print_ratios(results, label(variant, visions[0]), [label(variant, v) for v in visions[1:]])
 
 
 def print_ratios(results: dict[str, tuple[float, float]], base: str, others: list[str]) -> None:

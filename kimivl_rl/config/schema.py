@@ -100,7 +100,8 @@ class SFTConfig:
     # takes num_workers * grad_accum_steps packs.
     grad_accum_steps: int = bounded(1, ge=1)
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer of the language model (GPU; fused elementwise kernels).
+    # torch.compile each decoder layer of the language model, and each vision block where it runs
+    # one FlexAttention call per block (GPU; fused elementwise kernels).
     compile_layers: bool = False
     freeze_vision: bool = False
     freeze_projector: bool = False

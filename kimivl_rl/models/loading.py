@@ -12,6 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.packed_attention import PACKED_SDPA
+from kimivl_rl.models.vision_attention import (compile_vision_blocks, use_varlen_vision_attention,
+                                               uses_varlen_vision_attention)
 from kimivl_rl.training.packing import inner_model
 
 log = logging.getLogger(__name__)
@@ -74,9 +76,13 @@ def use_language_model_attention(model, attention: str) -> None:
 def compile_decoder_layers(model) -> None:
     """Regional compilation: each decoder layer of the language model compiled on its own, so
     RMSNorm, SwiGLU and RoPE run as fused kernels (bench/README.md, learner_gpu.py) while
-    compile time stays that of one layer."""
+    compile time stays that of one layer; so is each vision block when the vision encoder runs
+    one attention call per block (``vision_attention``; the loop over windows would break its
+    graph at every window)."""
     for layer in language_model(model).layers:
         layer.compile()
+    if uses_varlen_vision_attention(model):
+        compile_vision_blocks(model)
 
 
 def load_policy(path: str, cfg, training: bool = False):
@@ -89,6 +95,7 @@ def load_policy(path: str, cfg, training: bool = False):
     load = lambda attn: AutoModelForImageTextToText.from_pretrained(  # noqa: E731
         path, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
     model, attention = _load_with_attention(load, path, attention)
+    attention = _vision_attention(model, attention)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     model.train(training)
     log.info("loaded %s (%s, attention %s)", path, dtype, attention)
@@ -116,6 +123,17 @@ def _load_with_attention(load, path: str, attention: str):
 def _in_language_model(model, attention: str):
     use_language_model_attention(model, attention)
     return model, f"{attention} in the language model, sdpa in the vision encoder"
+
+
+def _vision_attention(model, attention: str) -> str:
+    """With FlexAttention (a GPU without flash-attn), Qwen2.5-VL's vision encoder runs each
+    block's attention as one FlexAttention call over all windows or images instead of
+    transformers' loop of SDPA calls, one per window (``vision_attention``: same outputs; the
+    3B learner's tokens/s in bench/README.md). flash-attn's vision path is variable-length
+    already; on CPU the loop stays (its windows are few and small there)."""
+    if not attention.startswith("flex_attention") or not use_varlen_vision_attention(model):
+        return attention
+    return f"{attention.split(',')[0]}; the vision encoder one FlexAttention call per block"
 
 
 def is_rl_checkpoint(path: str | Path) -> bool:
