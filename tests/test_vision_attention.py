@@ -11,7 +11,7 @@ from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel)
 
-from kimivl_rl.models.vision_attention import (SpanMasks, compile_vision_blocks, span_ids,
+from kimivl_rl.models.vision_attention import (SpanMasks, span_ids,
                                                use_varlen_vision_attention,
                                                uses_varlen_vision_attention)
 
@@ -119,17 +119,6 @@ def test_models_without_qwen2_5_vl_vision_are_left_alone():
     assert use_varlen_vision_attention(torch.nn.Linear(2, 2)) == 0
     with pytest.raises(ValueError, match="one of"):
         use_varlen_vision_attention(torch.nn.Linear(2, 2), kernel="flash")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
-def test_flex_kernel_matches_loop_on_cuda_compiled():
-    """The GPU path: compiled FlexAttention in compiled vision blocks, float32, gradients too."""
-    loop, varlen = encoder_pair("cuda")
-    use_varlen_vision_attention(varlen)  # auto: flex on CUDA
-    assert compile_vision_blocks(varlen) == VISION["depth"]
-    want = run(loop, pixels("cuda"))
-    for _ in range(2):  # the second call reuses the compiled blocks and a fresh mask
-        assert_same_run(run(varlen, pixels("cuda")), want, rtol=1e-4)
 
 
 def test_loader_installs_it_with_flex_attention_only():
