@@ -1,6 +1,13 @@
-"""CPU smoke runs of the GPU benchmarks' tiny paths: every variant runs and its ratios print."""
+"""CPU smoke runs of the GPU benchmarks' tiny paths: every variant runs and its ratios print.
+
+bench/weight_sync.py --transport ipc,host cannot run without CUDA (a ring of GPU buffers, or a host
+ring pinned with cudaHostRegister, into a receiver whose parameters are on the GPU); its CPU part,
+the Qwen2.5 weight tables and their bucket plans, is checked here, and the ring protocol it runs
+is exercised on CPU between two processes by tests/test_weight_sync.py."""
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -11,12 +18,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench_module(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_bench(*args: str) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+@pytest.mark.slow
+def test_learner_bench_sft_tiny():
+    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
+                    "--tiny", "--seq", "256", "--doc", "128", "--steps", "1")
+    for variant in ("plain", "deepspeed", "ds+chunked", "ds+fused"):
+        assert any(line.startswith(variant + " ") and "tokens/s" in line for line in out.splitlines())
+    assert "ds+fused / plain:" in out
 
 
 @pytest.mark.slow
@@ -36,3 +60,19 @@ def test_learner_bench_vlm_vision_attention_tiny():
     for row in ("ds+fused loop", "ds+fused varlen"):
         assert any(line.startswith(row) and "tokens/s" in line for line in out.splitlines())
     assert "ds+fused varlen / ds+fused loop:" in out
+
+
+def test_weight_sync_bench_colocated_weight_tables():
+    """The weights bench/weight_sync.py --transport ipc,host moves: parameter counts as in
+    bench/README.md, every bucket within --bucket-mb 512 unless one tensor alone exceeds it."""
+    bench = bench_module("weight_sync")
+    from kimivl_rl.infra.weight_sync import bucket_bytes
+
+    cap = 512 * 2**20
+    for size, params in {"1.5b": 1_543_714_304, "3b": 3_085_938_688, "7b": 7_614_699_008}.items():
+        specs = bench.qwen_weight_specs(size)
+        assert sum(math.prod(shape) for _, _, shape in specs) == params, size
+        plan = bench.plan_buckets(specs, cap)
+        assert [slot.name for bucket in plan for slot in bucket] == [name for name, _, _ in specs]
+        assert all(bucket_bytes(bucket) <= cap or len(bucket) == 1 for bucket in plan), size
+        assert sum(math.prod(slot.shape) * 2 for bucket in plan for slot in bucket) == 2 * params

@@ -13,6 +13,7 @@ import kimivl_rl.reward.pool as reward_pool
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.infra.remote import RemoteTimeout, wait_all
+from kimivl_rl.rl.partial_rollouts import PartialRollouts
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.system.actors import RLActors, generate, score
 from kimivl_rl.system.controller import CollectAhead, run_iteration
@@ -109,7 +110,7 @@ def rl_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
 def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_setup, monkeypatch):
     cfg, actors, processor, prompts = rl_setup
     sampler = PromptSampler(len(prompts), "uniform", seed=0)
-    run_iteration(actors, cfg, processor, prompts, sampler, 0)  # the engines now hold version 1
+    run_iteration(actors, cfg, processor, prompts, sampler, 0, PartialRollouts())  # engines: version 1
     synced = []
     real_sync = actors.sync_weights
     monkeypatch.setattr(actors, "sync_weights",
@@ -117,7 +118,7 @@ def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_s
                         real_sync(version, rollouts))
     killed = _kill_after_first_submit(monkeypatch, "generate", lambda: actors.rollouts[0])
 
-    metrics = run_iteration(actors, cfg, processor, prompts, sampler, 1)
+    metrics = run_iteration(actors, cfg, processor, prompts, sampler, 1, PartialRollouts())
 
     assert killed and _pid(actors.rollouts[0]) != killed[0]  # a new process
     assert metrics["restarts_rollout"] == 1 and metrics["restarts_reward"] == 0

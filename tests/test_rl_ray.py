@@ -171,3 +171,41 @@ def test_collecting_ahead_trains_one_version_behind(tmp_path, tiny_model_dir, sm
     assert {t["policy_version"] for t in ahead["trajectories"]} == {1}
     assert ahead["chosen"] == trained[2]["sampled_prompts"]
     assert not (checkpoints / "iter_000003" / "groups_ahead.json").exists()
+
+
+def test_partial_rollouts_continue_long_responses_in_the_next_iteration_and_resume(
+        tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
+    """rollout.token_budget=6 of max_new_tokens=12: every response of the random-init model runs
+    to the limit, so each group waits one iteration, is continued under newer weights and trains
+    there, two versions behind; a checkpoint keeps the waiting responses and a resumed run
+    continues them."""
+    partial = ["rl.checkpoint_every=1", "rl.eval_every=5", "rl.max_staleness=2",
+               "rollout.token_budget=6"]
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", *partial)
+    run_rl(cfg, cfg.model.path)
+    layout = OutputLayout.of(cfg)
+    trained = [json.loads(line) for line in layout.metrics("rl").read_text().splitlines()]
+    trained = [r for r in trained if "reward_mean" in r]
+    # Iteration 0 only fills the pipeline: its groups (and those collected ahead for 1) wait.
+    assert [r["learner_responses"] for r in trained] == [0, 16, 16]
+    assert [r["partial_groups"] for r in trained] == [0, 4, 4]
+    # at most 6 tokens from each of 4 x 4 responses (one may have stopped early)
+    assert trained[0]["carried_tokens"] == 0 and all(0 < r["carried_tokens"] <= 96 for r in trained[1:])
+    assert [r["staleness_counts"] for r in trained] == [{}, {"1": 16}, {"2": 16}]
+    assert [r["unfinished_groups"] for r in trained] == [4, 4, 4]
+    assert all(r["stale_groups"] == 0 and r["response_length_max"] <= 12 for r in trained)
+
+    saved = json.loads((layout.rl_checkpoint(3) / "partial_responses.json").read_text())
+    assert len(saved["groups"]) == 4
+    for group in saved["groups"]:
+        assert group["version"] == 1 and "budget" in {s["finish_reason"] for s in group["samples"]}
+        for s in group["samples"]:
+            assert len(s["logprobs"]) == len(s["token_ids"]) <= 6
+            assert (len(s["token_ids"]) == 6) == (s["finish_reason"] == "budget")
+
+    longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=4", *partial)
+    run_rl(longer, longer.model.path)
+    last = [json.loads(line) for line in layout.metrics("rl").read_text().splitlines()][-1]
+    assert last["step"] == 4 and last["partial_groups"] == 4 and last["learner_responses"] == 16
+    # Resumed at iteration 3: the waiting groups were sampled by version 1 (collected for 2).
+    assert last["staleness_counts"] == {"2": 16}

@@ -98,3 +98,51 @@ def test_reloaded_weights_change_what_the_engine_scores_and_log_no_warning(tiny_
     logprobs = lambda result: torch.tensor([g[0].logprobs[0] for g in result])  # noqa: E731
     assert not torch.allclose(logprobs(changed), logprobs(before), atol=1e-3)
     torch.testing.assert_close(logprobs(back), logprobs(before), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_a_continued_response_is_scored_as_if_generated_in_one_go(tiny_model_dir):
+    """Partial rollouts: a response cut after 6 tokens and continued in a second call (its tokens
+    going back in as token ids, images expanded again by vLLM) carries log-probabilities equal to
+    the whole sequence's teacher-forced ones. The model is made peaked (its output layer scaled
+    up) so that a wrong prefix or position would show."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+    from vllm import SamplingParams
+
+    requests = _requests(tiny_model_dir)
+    weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    peaked = {k: v * 12.0 if k.startswith("lm_head") else v for k, v in weights.items()}
+    threads_before = torch.get_num_threads()
+    engine = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32", in_process=True,
+                                      threads=1))
+    try:
+        engine.load_weights(peaked)
+        first = engine.generate(requests, n=1, temperature=1.0, max_new_tokens=6, seed=5)
+        rest = engine.generate([replace(r, continuation=f[0].token_ids, max_new_tokens=10)
+                                for r, f in zip(requests, first)], n=1, temperature=1.0, seed=9)
+        forced = []
+        for request, head, tail in zip(requests, first, rest):
+            head, tail = head[0], tail[0]
+            assert tail.prompt_token_ids == head.prompt_token_ids  # the prompt as first expanded
+            ids = head.prompt_token_ids + head.token_ids + tail.token_ids
+            prompt = {"prompt_token_ids": engine.llm.get_tokenizer().encode(request.prompt)
+                      + head.token_ids + tail.token_ids}
+            if request.images:
+                prompt["multi_modal_data"] = {"image": request.images}
+            out = engine.llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                      use_tqdm=False)[0]
+            assert out.prompt_token_ids == ids
+            start = len(head.prompt_token_ids) + len(head.token_ids)
+            forced.append(([out.prompt_logprobs[j][ids[j]].logprob for j in range(start, len(ids))],
+                           tail.logprobs))
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(threads_before)
+    # peaked: a flat model over 640 tokens would give about -6.5 everywhere
+    assert max(lp for _, continued in forced for lp in continued) > -2.0
+    for teacher_forced, continued in forced:
+        assert continued
+        torch.testing.assert_close(torch.tensor(continued), torch.tensor(teacher_forced),
+                                   atol=1e-4, rtol=0)

@@ -269,6 +269,14 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
                                   f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
     if cfg.model.think_open == cfg.model.think_close:
         raise where.error("model.think_close", "must differ from model.think_open")
+    budget = cfg.rollout.token_budget
+    if budget is not None and budget >= cfg.rollout.max_new_tokens:
+        raise where.error("rollout.token_budget", f"{budget} leaves nothing to carry over: set it "
+                          f"below rollout.max_new_tokens ({cfg.rollout.max_new_tokens}), or null")
+    if budget is not None and cfg.rl.max_staleness < 2:
+        raise where.error("rollout.token_budget", "partial rollouts need rl.max_staleness >= 2: "
+                          "responses are sampled one version behind the learner, and a continued "
+                          "one is a version older still")
     for role in ("learner", "rollout", "reward"):
         # Ray sets these from an actor's num_cpus and num_gpus and refuses them as custom resources.
         builtin = RAY_BUILTIN_RESOURCES & set(getattr(cfg.cluster, f"{role}_resources"))

@@ -147,11 +147,12 @@ class RLConfig:
     # differing task rewards, roll out prompts_per_iteration more prompts, at most this many
     # extra times (0: off). Counted in the metrics as sampling_rounds and sampled_groups.
     dynamic_sampling_rounds: int = bounded(0, ge=0)
-    # Policy versions a trained sample may lag the learner. 0: generate, score, learn, sync in
-    # turn. 1: the engines collect the next iteration's groups with the weights before this
-    # update while the learner trains (the learner and vLLM stop waiting for each other);
-    # deeper pipelines are not built.
-    max_staleness: int = bounded(0, ge=0, le=1)
+    # Policy versions a trained sample's oldest token may lag the learner. 0: generate, score,
+    # learn, sync in turn. 1 or more: the engines collect the next iteration's groups with the
+    # weights before this update while the learner trains (the learner and vLLM stop waiting
+    # for each other); above 1, partial responses (rollout.token_budget) may be continued until
+    # their oldest tokens are that old.
+    max_staleness: int = bounded(0, ge=0, le=8)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)
@@ -169,6 +170,17 @@ class RolloutConfig:
     temperature: float = bounded(1.0, ge=0.0)
     top_p: float = bounded(1.0, gt=0.0, le=1.0)
     max_new_tokens: int = bounded(256, ge=1)
+    # Partial rollouts (Kimi k1.5): tokens a response may grow by per iteration. A response not
+    # finished within it keeps its tokens and log-probabilities and is continued in the next
+    # iteration; its group trains once all its responses are done. Needs rl.max_staleness >= 2.
+    # None: every response is generated to the end in its own iteration.
+    token_budget: Optional[int] = bounded(None, ge=1)
+    # What happens to a partial response whose oldest tokens would lag the learner by more than
+    # rl.max_staleness: its group is sampled again from the prompt ("regenerate") or discarded.
+    stale_partial: Literal["regenerate", "drop"] = "regenerate"
+    # End a response whose last tokens are one n-gram (n <= 32) repeated this many times in a row,
+    # checked whenever a segment ends (finish reason "repeat"); 0: off.
+    stop_repeats: int = bounded(0, ge=0)
     # Tokens an engine holds per sequence, prompt and response (vLLM's max_model_len). None: the
     # prompt budget (max_prompt_text_tokens and the images) plus the longest generation the config
     # asks for (max_new_tokens, sft.eval_max_new_tokens); see kimivl_rl/rollout/limits.py.

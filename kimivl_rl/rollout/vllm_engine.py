@@ -31,6 +31,10 @@ class GenerationRequest:
     prompt: str                      # rendered chat prompt, generation header included
     images: list[Image.Image] = field(default_factory=list)
     request_id: str = ""
+    # A partial response to continue: the tokens sampled so far follow the prompt, and the
+    # samples hold only the new tokens (partial rollouts).
+    continuation: list[int] = field(default_factory=list)
+    max_new_tokens: Optional[int] = None  # this request's limit; None: the call's
 
 
 @dataclass
@@ -133,14 +137,24 @@ class VLLMEngine:
 
         # One seed per request: its samples depend on the call's seed and its place in the call,
         # not on the engine's history, so a resumed run samples what the uninterrupted one did.
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                 max_tokens=r.max_new_tokens or max_new_tokens,
                                  seed=None if seed is None else seed * 100_003 + i, logprobs=0,
-                                 logit_bias=self._banned or None) for i in range(len(requests))]
-        prompts = [{"prompt": r.prompt, "multi_modal_data": {"image": r.images}} if r.images
-                   else {"prompt": r.prompt} for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
-        return [[_sample(req.request_id, out.prompt_token_ids, completion) for completion in out.outputs]
+                                 logit_bias=self._banned or None) for i, r in enumerate(requests)]
+        outputs = self.llm.generate([self._prompt(r) for r in requests], params, use_tqdm=progress)
+        return [[_sample(req.request_id, out.prompt_token_ids[:len(out.prompt_token_ids) - len(req.continuation)],
+                         completion) for completion in out.outputs]
                 for req, out in zip(requests, outputs)]
+
+    def _prompt(self, request: GenerationRequest) -> dict:
+        """vLLM's input for a request. A continuation goes in as token ids: the prompt's own
+        (vLLM expands their image placeholders as it does for text) and the sampled ones."""
+        if request.continuation:
+            ids = self.llm.get_tokenizer().encode(request.prompt) + list(request.continuation)
+            prompt = {"prompt_token_ids": ids}
+        else:
+            prompt = {"prompt": request.prompt}
+        return {**prompt, "multi_modal_data": {"image": request.images}} if request.images else prompt
 
     def shutdown(self) -> None:
         """Stop the engine's processes and free its memory now, not at garbage collection."""

@@ -167,15 +167,17 @@ def _await_names_released(names: list[str], timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def generate(actors: RLActors, cfg: Config, requests, n: int, temperature: float, seed: int):
+def generate(actors: RLActors, cfg: Config, requests, n: int, temperature: float, seed: int,
+             max_new_tokens: Optional[int] = None):
     """Spread requests over the rollout workers; results come back in request order. A worker
-    that dies is restarted, given the current weights, and sent its share again."""
+    that dies is restarted, given the current weights, and sent its share again.
+    ``max_new_tokens``: the responses' limit, ``rollout.max_new_tokens`` by default."""
     workers = actors.rollouts
     shards = [list(range(i, len(requests), len(workers))) for i in range(len(workers))]
     busy = [w for w, shard in enumerate(shards) if shard]
     submits = [lambda w=w: workers[w].generate.remote(
         [requests[j] for j in shards[w]], n, temperature, cfg.rollout.top_p,
-        cfg.rollout.max_new_tokens, seed) for w in busy]
+        max_new_tokens or cfg.rollout.max_new_tokens, seed) for w in busy]
     results = call_all(submits, [f"rollout-{w}" for w in busy], "generate",
                        cfg.cluster.call_timeout_s, recover=lambda k: actors.recover_rollout(busy[k]),
                        retries=cfg.cluster.actor_max_restarts)

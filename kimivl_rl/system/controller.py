@@ -4,8 +4,9 @@
     (+ length penalty after its warm-up) -> learner update (policy mirror descent) -> weight
     sync -> metrics -> periodic held-out evaluation -> checkpoint
 
-With ``rl.max_staleness: 1`` (``CollectAhead``) the next iteration's groups are collected while
-the learner trains. The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
+With ``rl.max_staleness: 1`` or more (``CollectAhead``) the next iteration's groups are collected
+while the learner trains; with ``rollout.token_budget`` responses that outgrow it are continued
+in later iterations (``Groups.continue_partial``). The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
 from the last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor
 that no live node can host any more (its node left, and no other has its resources) stops the
 run with ``RunStopped``, which says where the rerun resumes.
@@ -18,7 +19,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,10 +36,12 @@ from kimivl_rl.infra.ray_runtime import init_ray
 from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
                                     wait_all, wait_one)
 from kimivl_rl.reward.service import count_reasons
+from kimivl_rl.rollout.vllm_engine import Sample
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.losses import LOSS_METRICS
+from kimivl_rl.rl.partial_rollouts import PartialGroup, PartialRollouts, extend, mark_segment
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.summary import rl_summary
 
@@ -70,17 +73,24 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
             "reward_reasons": count_reasons(t.reward_reason for t in trajectories)}
 
 
+PARTIAL_METRICS = ("partial_groups", "carried_tokens", "stale_groups")
+
+
 @dataclass
 class Groups:
-    """The scored groups of one iteration: prompt ids, trajectories (k per prompt, in order)."""
+    """The scored groups of one iteration: prompt ids, trajectories (k per prompt, in order),
+    and partial-rollout counts: groups finished from earlier iterations' responses, the tokens
+    those brought, and groups given up as too stale."""
     chosen: list[int] = field(default_factory=list)
     trajectories: list[Trajectory] = field(default_factory=list)
     rounds: int = 0
     timings: dict = field(default_factory=lambda: {"time_generate_s": 0.0, "time_reward_s": 0.0})
+    partial: dict = field(default_factory=lambda: dict.fromkeys(PARTIAL_METRICS, 0))
 
     def state_dict(self) -> dict:
         """JSON-ready; images are left out, the prompts give them back."""
         return {"chosen": self.chosen, "rounds": self.rounds, "timings": self.timings,
+                "partial": self.partial,
                 "trajectories": [{f.name: getattr(t, f.name) for f in fields(t) if f.name != "images"}
                                  for t in self.trajectories]}
 
@@ -88,38 +98,94 @@ class Groups:
     def from_state_dict(cls, state: dict, prompts: list[Example]) -> "Groups":
         trajectories = [Trajectory(**t, images=prompts[t["prompt_index"]].images)
                         for t in state["trajectories"]]
-        return cls(state["chosen"], trajectories, state["rounds"], state["timings"])
+        return cls(state["chosen"], trajectories, state["rounds"], state["timings"], state["partial"])
 
     def roll_out(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                 chosen: list[int], iteration: int) -> list[Trajectory]:
-        """Generate k samples for each chosen prompt, score them (task reward only), keep them."""
+                 chosen: list[int], iteration: int, partial: PartialRollouts
+                 ) -> tuple[list[int], list[Trajectory]]:
+        """Generate k samples for each chosen prompt, up to ``rollout.token_budget`` tokens; score
+        and keep the groups that finished, hold the others back in ``partial``. Returns the
+        prompts and trajectories kept."""
         started, version = time.perf_counter(), actors.weights_version
-        examples = [prompts[i] for i in chosen]
         seed = cfg.seed * 100_003 + iteration + self.rounds * 1_000_003
-        samples = generate(actors, cfg, generation_requests(examples, processor),
-                           cfg.rl.samples_per_prompt, cfg.rollout.temperature, seed=seed)
-        scored = time.perf_counter()
-        trajectories = trajectories_from_samples(chosen, [ex.images for ex in examples], samples,
-                                                 version)
-        assign_rewards(trajectories, score(actors, cfg, examples, samples), 0.0)
-        self.timings["time_generate_s"] += scored - started
-        self.timings["time_reward_s"] += time.perf_counter() - scored
+        samples = generate(actors, cfg, generation_requests([prompts[i] for i in chosen], processor),
+                           cfg.rl.samples_per_prompt, cfg.rollout.temperature, seed=seed,
+                           max_new_tokens=cfg.rollout.token_budget or cfg.rollout.max_new_tokens)
+        self.timings["time_generate_s"] += time.perf_counter() - started
+        self.rounds += 1
+        groups = [PartialGroup(index, [_marked(cfg, s) for s in group], version)
+                  for index, group in zip(chosen, samples)]
+        partial.groups += [g for g in groups if g.unfinished()]
+        return self._keep(actors, cfg, prompts, [g for g in groups if not g.unfinished()])
+
+    def continue_partial(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
+                         iteration: int, partial: PartialRollouts
+                         ) -> tuple[list[int], list[Trajectory], list[int]]:
+        """Continue every held-back response by one more segment under the current weights;
+        score and keep the groups that finish. Groups too stale to train at ``iteration`` are
+        given up first. Returns the prompts and trajectories kept, and the prompts to sample
+        again (``rollout.stale_partial: regenerate``)."""
+        stale = partial.take_stale(iteration, cfg.rl.max_staleness)
+        self.partial["stale_groups"] += len(stale)
+        again = [g.prompt_index for g in stale] if cfg.rollout.stale_partial == "regenerate" else []
+        waiting, partial.groups = partial.groups, []
+        if not waiting:
+            return [], [], again
+        started = time.perf_counter()
+        requests = [replace(generation_requests([prompts[g.prompt_index]], processor)[0],
+                            continuation=g.samples[i].token_ids,
+                            max_new_tokens=min(cfg.rollout.token_budget,
+                                               cfg.rollout.max_new_tokens - len(g.samples[i].token_ids)))
+                    for g in waiting for i in g.unfinished()]
+        segments = iter(generate(actors, cfg, requests, 1, cfg.rollout.temperature,
+                                 seed=cfg.seed * 100_003 + iteration + 7_000_001))
+        self.timings["time_generate_s"] += time.perf_counter() - started
+        for group in waiting:
+            self.partial["carried_tokens"] += group.tokens()
+            for i in group.unfinished():
+                group.samples[i] = _marked(cfg, extend(group.samples[i], next(segments)[0]))
+        partial.groups = [g for g in waiting if g.unfinished()]
+        done = [g for g in waiting if not g.unfinished()]
+        self.partial["partial_groups"] += len(done)
+        return (*self._keep(actors, cfg, prompts, done), again)
+
+    def _keep(self, actors: RLActors, cfg: Config, prompts: list[Example],
+              done: list[PartialGroup]) -> tuple[list[int], list[Trajectory]]:
+        """Score finished groups (task reward only) and add them; their prompts and trajectories."""
+        started = time.perf_counter()
+        chosen = [g.prompt_index for g in done]
+        examples = [prompts[i] for i in chosen]
+        trajectories = [t for g, ex in zip(done, examples)
+                        for t in trajectories_from_samples([g.prompt_index], [ex.images], [g.samples],
+                                                           g.version)]
+        if done:
+            assign_rewards(trajectories, score(actors, cfg, examples, [g.samples for g in done]), 0.0)
+        self.timings["time_reward_s"] += time.perf_counter() - started
         self.chosen += chosen
         self.trajectories += trajectories
-        self.rounds += 1
-        return trajectories
+        return chosen, trajectories
+
+
+def _marked(cfg: Config, sample: Sample) -> Sample:
+    """A response's finish reason once a segment of it is generated (``mark_segment``)."""
+    return mark_segment(sample, partial=cfg.rollout.token_budget is not None,
+                        max_new_tokens=cfg.rollout.max_new_tokens, stop_repeats=cfg.rollout.stop_repeats)
 
 
 def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                   sampler: PromptSampler, iteration: int) -> Groups:
-    """Dynamic sampling (DAPO): draw ``prompts_per_iteration`` prompts, and while fewer groups
-    than that have differing task rewards, draw as many again, up to
-    ``rl.dynamic_sampling_rounds`` more times. Every group updates the sampler."""
+                   sampler: PromptSampler, iteration: int, partial: PartialRollouts) -> Groups:
+    """Held-back partial responses are continued first. Then dynamic sampling (DAPO): draw
+    ``prompts_per_iteration`` prompts, and while fewer groups than that have differing task
+    rewards, draw as many again, up to ``rl.dynamic_sampling_rounds`` more times. Every group
+    updates the sampler once it has finished."""
     groups = Groups()
+    *kept, again = groups.continue_partial(actors, cfg, processor, prompts, iteration, partial)
+    _update_sampler(sampler, *kept)
     while True:
-        chosen = sampler.sample(iteration, cfg.rl.prompts_per_iteration)
-        _update_sampler(sampler, chosen,
-                        groups.roll_out(actors, cfg, processor, prompts, chosen, iteration))
+        chosen = again + sampler.sample(iteration, cfg.rl.prompts_per_iteration)
+        again = []
+        _update_sampler(sampler, *groups.roll_out(actors, cfg, processor, prompts, chosen, iteration,
+                                                  partial))
         informative = len({t.prompt_index for t in informative_groups(groups.trajectories)})
         if (informative >= cfg.rl.prompts_per_iteration
                 or groups.rounds > cfg.rl.dynamic_sampling_rounds):
@@ -127,9 +193,9 @@ def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Examp
 
 
 def run_iteration(actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                  sampler: PromptSampler, iteration: int) -> dict:
+                  sampler: PromptSampler, iteration: int, partial: PartialRollouts) -> dict:
     started = time.perf_counter()
-    groups = collect_groups(actors, cfg, processor, prompts, sampler, iteration)
+    groups = collect_groups(actors, cfg, processor, prompts, sampler, iteration, partial)
     batch, weight = training_batch(cfg, groups, iteration)
     learned = learn_and_sync(actors, cfg, batch, iteration)
     return {**iteration_metrics(actors, groups, batch, weight, learned, iteration),
@@ -156,8 +222,8 @@ def iteration_metrics(actors: RLActors, groups: Groups, batch: list[Trajectory],
     generated = sum(len(t.response_token_ids) for t in trajectories)
     lags = [iteration - t.policy_version for t in batch]
     staleness = lags or [0]
-    return {**rollout_metrics(trajectories, weight), **learned, **groups.timings,
-            "informative_group_fraction": len(informative) / len(trajectories),
+    return {**rollout_metrics(trajectories, weight), **learned, **groups.timings, **groups.partial,
+            "informative_group_fraction": len(informative) / max(1, len(trajectories)),
             "sampling_rounds": groups.rounds, "sampled_groups": len(groups.chosen),
             "generated_tokens_per_s": generated / max(1e-9, groups.timings["time_generate_s"]),
             **{f"restarts_{role}": count for role, count in actors.restarts.items()},
@@ -209,17 +275,27 @@ class Lockstep:
     prompts: list[Example]
     sampler: PromptSampler
     ahead: Optional[Groups] = None  # groups already collected for the next iteration
+    partial: PartialRollouts = field(default_factory=PartialRollouts)  # responses to continue
 
     def resume(self, iteration: int) -> None:
-        """Nothing is collected ahead in lockstep."""
+        """After ``restore`` to ``iteration``: the partial responses its checkpoint held."""
+        path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / PARTIAL_FILE
+        self.partial = (PartialRollouts.from_state_dict(json.loads(path.read_text()))
+                        if iteration and path.is_file() else PartialRollouts())
+
+    def state_files(self) -> dict[str, dict]:
+        """What a checkpoint keeps of the loop besides the learner and sampler: file -> JSON."""
+        files = {PARTIAL_FILE: self.partial.state_dict()} if self.partial.groups else {}
+        return {**files, AHEAD_FILE: self.ahead.state_dict()} if self.ahead else files
 
     def run_iteration(self, iteration: int) -> dict:
-        return run_iteration(self.actors, self.cfg, self.processor, self.prompts, self.sampler,
-                             iteration)
+        return {**run_iteration(self.actors, self.cfg, self.processor, self.prompts, self.sampler,
+                                iteration, self.partial),
+                "unfinished_groups": len(self.partial.groups)}
 
 
 class CollectAhead(Lockstep):
-    """``rl.max_staleness = 1``: while the learner trains on iteration t's groups, a driver thread
+    """``rl.max_staleness >= 1``: while the learner trains on iteration t's groups, a driver thread
     collects iteration t+1's (generation, scoring, dynamic-sampling rounds, sampler updates in
     the lockstep order, so a seed fixes the run) with the engines' weights, version t; version
     t+1 goes to the engines once both have finished. The groups collected ahead are saved with
@@ -230,7 +306,9 @@ class CollectAhead(Lockstep):
     are then fresher than the version they record)."""
 
     def resume(self, iteration: int) -> None:
-        """After ``restore`` to ``iteration``: the groups its checkpoint collected ahead."""
+        """After ``restore`` to ``iteration``: the groups its checkpoint collected ahead, and its
+        partial responses."""
+        super().resume(iteration)
         path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / AHEAD_FILE
         self.ahead = (Groups.from_state_dict(json.loads(path.read_text()), self.prompts)
                       if iteration and path.is_file() else None)
@@ -249,13 +327,14 @@ class CollectAhead(Lockstep):
         learned["time_sync_s"] = sync_update(self.actors, learned, iteration)
         ended = time.perf_counter()
         return {**iteration_metrics(self.actors, groups, batch, weight, learned, iteration),
+                "unfinished_groups": len(self.partial.groups),
                 "learner_idle_s": waited + max(0.0, collected_at - learned_at),
                 "rollout_idle_s": ended - max(collected_at, started + waited),
                 "time_iteration_s": ended - started}
 
     def _collect(self, iteration: int) -> tuple[Groups, float]:
         groups = collect_groups(self.actors, self.cfg, self.processor, self.prompts, self.sampler,
-                                iteration)
+                                iteration, self.partial)
         return groups, time.perf_counter()
 
 
@@ -303,14 +382,15 @@ def latest_checkpoint(cfg: Config) -> Optional[Path]:
     return None
 
 
-AHEAD_FILE = "groups_ahead.json"  # with max_staleness 1: the next iteration's groups, scored
+AHEAD_FILE = "groups_ahead.json"  # with max_staleness >= 1: the next iteration's groups, scored
+PARTIAL_FILE = "partial_responses.json"  # with rollout.token_budget: responses to continue
 
 
 def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: PromptSampler,
                     input_model: str, written: Callable[[float], None] = lambda seconds: None,
-                    ahead: Optional[Groups] = None) -> Path:
-    """Learner state, sampler state, the iteration and the groups collected ahead (which the
-    sampler state has seen), written atomically; ``input_model`` (the run's starting model)
+                    loop_state: Optional[dict[str, dict]] = None) -> Path:
+    """Learner state, sampler state, the iteration and the loop's state (groups collected ahead,
+    partial responses: ``Lockstep.state_files``, consistent with the sampler's), written atomically; ``input_model`` (the run's starting model)
     lets ``kimivl-rl eval`` turn the checkpoint into a model.
     ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
     layout = OutputLayout.of(cfg)
@@ -321,8 +401,8 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
                  f"save checkpoint {final.name}", cfg.cluster.call_timeout_s)
         (staging / "controller_state.json").write_text(json.dumps(
             {"iteration": iteration, "sampler": sampler.state_dict(), "input_model": input_model}))
-        if ahead is not None:
-            (staging / AHEAD_FILE).write_text(json.dumps(ahead.state_dict()))
+        for name, state in (loop_state or {}).items():
+            (staging / name).write_text(json.dumps(state))
     for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
     for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
@@ -440,7 +520,7 @@ def run_rl(cfg: Config, model_path: str) -> dict:
                     if iteration % cfg.rl.eval_every == 0 or iteration == cfg.rl.iterations:
                         metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
                     record_iteration(actors, cfg, sink, sampler, iteration, metrics, model_path,
-                                     loop.ahead)
+                                     loop.state_files())
                 except ActorFailed as exc:
                     iteration = recovery.recover(exc)
                     loop.resume(iteration)
@@ -460,7 +540,7 @@ def run_rl(cfg: Config, model_path: str) -> dict:
 
 def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: PromptSampler,
                      done: int, metrics: dict, input_model: str,
-                     ahead: Optional[Groups] = None) -> None:
+                     loop_state: Optional[dict[str, dict]] = None) -> None:
     """Log iteration ``done``'s metrics; every ``rl.checkpoint_every`` iterations and at the end,
     write a checkpoint and log its cost too, before it is published: a run killed in between
     redoes the iteration, so no checkpoint exists whose iteration has no metrics."""
@@ -470,5 +550,5 @@ def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: 
         sink.log(done, metrics)
         return
     save_checkpoint(actors, cfg, done, sampler, input_model,
-                    lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}), ahead)
+                    lambda seconds: sink.log(done, {**metrics, "time_checkpoint_s": seconds}), loop_state)
 
