@@ -1,14 +1,22 @@
-"""Rollouts overlapped with learning, measured: RL from one checkpoint synchronously
-(``rl.max_staleness=0``) and collecting one iteration ahead (``rl.max_staleness=1``), the same
-config otherwise, in one run. Prints per mode the wall time per iteration, samples per second and
-the learner's and rollouts' idle shares (time each waited for the other, of the iteration), and
-the async/sync ratios. On 2 CPUs give learner and rollout a core each so the overlap is real:
+"""Rollouts overlapped with learning, and partial rollouts, measured: RL from one checkpoint
+in four modes, the same config otherwise, in one run:
+
+- ``sync``: ``rl.max_staleness=0`` (generate, score, learn, sync in turn);
+- ``async``: ``rl.max_staleness=1`` (the next iteration's groups collected while the learner trains);
+- ``tail`` and ``tail+partial``: a long-tailed length distribution (``--tail-temperature``:
+  some responses ramble to ``rollout.max_new_tokens``), ``rl.max_staleness=2``, without and with
+  partial rollouts (``rollout.token_budget=--token-budget``).
+
+Prints per mode the wall time per iteration, finished samples per second, the learner's and
+rollouts' idle shares, mean staleness and the share of groups finished from carried responses,
+then the async/sync and partial/whole ratios. On 2 CPUs give learner and rollout a core each so
+the overlap is real:
 
     .venv/bin/python bench/rl_async.py --model runs/tiny/out/sft_long_cot/model \\
-        [--config configs/tiny.yaml] [--iterations 6] \\
+        [--config configs/tiny.yaml] [--iterations 6] [--modes sync,async,tail,tail+partial] \\
         cluster.learner_threads=1 cluster.rollout_threads=1 [KEY=VALUE ...]
 
-Each mode writes to <output.dir>/bench_async/staleness_<n>/; a finished mode is not run again.
+Each mode writes to <output.dir>/bench_async/<mode>/; a finished mode is not run again.
 Iteration times leave out held-out evaluation and checkpoints.
 """
 from __future__ import annotations
@@ -32,7 +40,15 @@ def iteration_figures(cfg) -> dict:
             * cfg.rl.samples_per_prompt / seconds,
             "learner_idle": sum(r["learner_idle_s"] for r in trains) / seconds,
             "rollout_idle": sum(r["rollout_idle_s"] for r in trains) / seconds,
-            "staleness": sum(r["staleness_mean"] for r in trains) / len(trains)}
+            "staleness": sum(r["staleness_mean"] for r in trains) / len(trains),
+            "partial_share": sum(r["partial_groups"] for r in trains)
+            / max(1, sum(len(r["sampled_prompts"]) for r in trains))}
+
+
+def mode_overrides(mode: str, tail_temperature: float, token_budget: int) -> list[str]:
+    tail = ["rl.max_staleness=2", f"rollout.temperature={tail_temperature}"]
+    return {"sync": ["rl.max_staleness=0"], "async": ["rl.max_staleness=1"], "tail": tail,
+            "tail+partial": [*tail, f"rollout.token_budget={token_budget}"]}[mode]
 
 
 def main() -> None:
@@ -40,25 +56,31 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--modes", default="sync,async,tail,tail+partial")
+    parser.add_argument("--tail-temperature", type=float, default=1.3)
+    parser.add_argument("--token-budget", type=int, default=96)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     base = with_absolute_paths(load_config(args.config, args.overrides))
     ensure_data(base, progress=False)
     model = str(Path(args.model).resolve())
     rows = {}
-    for staleness in (0, 1):
-        out = Path(base.output.dir) / "bench_async" / f"staleness_{staleness}"
+    for mode in args.modes.split(","):
+        out = Path(base.output.dir) / "bench_async" / mode
         cfg = with_absolute_paths(load_config(args.config, [
             *args.overrides, f"output.dir={out}", f"rl.iterations={args.iterations}",
-            f"rl.max_staleness={staleness}", f"rl.eval_every={args.iterations}"]))
+            f"rl.eval_every={args.iterations}",
+            *mode_overrides(mode, args.tail_temperature, args.token_budget)]))
         run_rl(cfg, model)
-        rows[staleness] = iteration_figures(cfg)
-    keys = list(rows[0])
-    print(f"\n{'max_staleness':<14}" + "".join(f"{k:>14}" for k in keys))
-    for staleness, row in rows.items():
-        print(f"{staleness:<14}" + "".join(f"{row[k]:>14.3f}" for k in keys))
-    print(f"{'async/sync':<14}" + "".join(f"{rows[1][k] / max(1e-9, rows[0][k]):>14.3f}"
-                                         for k in keys[:-1]))
+        rows[mode] = iteration_figures(cfg)
+    keys = list(next(iter(rows.values())))
+    print(f"\n{'mode':<14}" + "".join(f"{k:>14}" for k in keys))
+    for mode, row in rows.items():
+        print(f"{mode:<14}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+    for new, old in (("async", "sync"), ("tail+partial", "tail")):
+        if new in rows and old in rows:
+            print(f"{new + '/' + old:<14}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>14.3f}"
+                                                    for k in keys[:4]))
 
 
 if __name__ == "__main__":

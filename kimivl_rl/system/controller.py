@@ -98,7 +98,9 @@ class Groups:
     def from_state_dict(cls, state: dict, prompts: list[Example]) -> "Groups":
         trajectories = [Trajectory(**t, images=prompts[t["prompt_index"]].images)
                         for t in state["trajectories"]]
-        return cls(state["chosen"], trajectories, state["rounds"], state["timings"], state["partial"])
+        # checkpoints written before partial rollouts have no "partial" counts
+        partial = state.get("partial", dict.fromkeys(PARTIAL_METRICS, 0))
+        return cls(state["chosen"], trajectories, state["rounds"], state["timings"], partial)
 
     def roll_out(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
                  chosen: list[int], iteration: int, partial: PartialRollouts
