@@ -88,6 +88,16 @@ def test_cross_field_rule(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (["rollout.token_budget=256", "rl.max_staleness=2"], "leaves nothing to carry over"),
+    (["rollout.token_budget=64", "rl.max_staleness=1"], "need rl.max_staleness >= 2"),
+])
+def test_partial_rollouts_need_a_budget_below_the_limit_and_room_for_staleness(overrides, words):
+    with pytest.raises(ConfigError, match=f"rollout.token_budget: .*{words}"):
+        load_config(None, overrides)
+    assert load_config(None, ["rollout.token_budget=64", "rl.max_staleness=2"]).rollout.token_budget == 64
+
+
 @pytest.mark.parametrize("override, words", [
     ("rl.samples_per_promt=8", "did you mean 'samples_per_prompt'"),
     ("rl.samples_per_prompt=eight", "expected int"),

@@ -209,3 +209,20 @@ def test_partial_rollouts_continue_long_responses_in_the_next_iteration_and_resu
     assert last["step"] == 4 and last["partial_groups"] == 4 and last["learner_responses"] == 16
     # Resumed at iteration 3: the waiting groups were sampled by version 1 (collected for 2).
     assert last["staleness_counts"] == {"2": 16}
+
+
+def test_partial_responses_older_than_max_staleness_are_sampled_again_not_trained(
+        tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
+    """rollout.token_budget=4 of 12: a response needs 3 segments. Groups collected for iteration
+    1 (version 0) would be 3 versions old at iteration 3, past rl.max_staleness=2: they are sampled
+    again from their prompts; only the groups collected for iteration 0 train (at iteration 2)."""
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=4", "rl.checkpoint_every=4",
+                 "rl.eval_every=4", "rl.max_staleness=2", "rollout.token_budget=4")
+    run_rl(cfg, cfg.model.path)
+    trained = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
+    trained = [r for r in trained if "reward_mean" in r]
+    assert [r["learner_responses"] for r in trained] == [0, 0, 16, 0]
+    assert [r["staleness_counts"] for r in trained] == [{}, {}, {"2": 16}, {}]
+    assert [r["stale_groups"] for r in trained] == [0, 0, 0, 4]
+    # waiting after each iteration's collection; at the last, the 4 stale prompts rolled out again
+    assert [r["unfinished_groups"] for r in trained] == [8, 8, 12, 12]
