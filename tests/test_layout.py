@@ -27,3 +27,13 @@ def test_the_layout_imports_nothing_of_kimivl_rl():
             "print(sorted(m for m in sys.modules if m.startswith(('kimivl_rl.', 'sft'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['kimivl_rl.infra', 'kimivl_rl.infra.layout']"
+
+
+def test_rl_checkpoint_dirs_are_the_directories_it_names_oldest_first(tmp_path):
+    layout = OutputLayout.of(load_config(None, [f"output.dir={tmp_path}"]))
+    for iteration in (10, 2):
+        layout.rl_checkpoint(iteration).mkdir(parents=True)
+    (layout.rl_checkpoints / "iter_final").mkdir()            # a user's, not a name of ours
+    (layout.rl_checkpoints / "iter_000003").write_text("x")    # a file
+    (layout.rl_checkpoints / "iter_000004").symlink_to(tmp_path)  # a link elsewhere
+    assert layout.rl_checkpoint_dirs() == [layout.rl_checkpoint(2), layout.rl_checkpoint(10)]

@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from kimivl_rl.infra.ownership import NotOursError
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
 from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
 
@@ -33,6 +34,20 @@ def test_same_seed_same_files_other_seed_other_weights(tmp_path, tiny_model_dir)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     other = load_file(build_tiny_vlm(tmp_path / "other", TinyVLMSpec(seed=1)) / "model.safetensors")
     assert not all(torch.equal(ours[k], other[k]) for k in ours)
+
+
+def test_a_tiny_model_is_replaced_only_while_it_holds_nothing_else(tmp_path):
+    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0))
+    build_tiny_vlm(out, TinyVLMSpec(seed=1))  # only what the build wrote: replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(NotOursError, match="notes.txt"):
+        build_tiny_vlm(out, TinyVLMSpec(seed=2))
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    (out / "config.json").write_text("{}")  # a file of the build, changed by someone
+    with pytest.raises(NotOursError, match="config.json"):
+        build_tiny_vlm(out, TinyVLMSpec(seed=2))
+    assert (out / "config.json").read_text() == "{}"
 
 
 def test_architecture_fits_vllm_cpu_and_two_cores(tiny_model_dir):

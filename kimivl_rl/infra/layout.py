@@ -13,6 +13,7 @@ It imports nothing of kimivl-rl, so the controller, the pipeline and ``sft/`` ca
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,3 +73,9 @@ class OutputLayout:
 
     def rl_checkpoint(self, iteration: int) -> Path:
         return self.rl_checkpoints / f"iter_{iteration:06d}"
+
+    def rl_checkpoint_dirs(self) -> list[Path]:
+        """The directories named as ``rl_checkpoint`` names them, oldest first (anything else
+        under ``rl_checkpoints`` is not ours)."""
+        return sorted(p for p in self.rl_checkpoints.glob("iter_*")
+                      if re.fullmatch(r"iter_\d{6,}", p.name) and p.is_dir() and not p.is_symlink())

@@ -19,7 +19,7 @@ from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLC
                           Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
 from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
-from kimivl_rl.infra.ownership import is_empty, refusal, staging_dir
+from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -120,12 +120,12 @@ def _processor(tokenizer: PreTrainedTokenizerFast, spec: TinyVLMSpec) -> Qwen2_5
 def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
                    setting: str = "model.path") -> Path:
     """Write the tiny model to ``out_dir``; same spec, same files. An existing ``out_dir`` is
-    replaced only when it is empty or a tiny model of ours (holds ``kimivl_tiny.json``);
-    ``setting`` names where the path came from, for the refusal."""
+    replaced only when it is empty or a tiny model of ours holding no other file and no changed
+    one (its ``kimivl_tiny.json`` lists them); ``setting`` names where the path came from, for
+    the refusal."""
     out_dir = Path(out_dir)
-    if not is_empty(out_dir) and not (out_dir / BUILD_INFO).is_file():
-        raise refusal(setting, out_dir, f"is not empty and holds no {BUILD_INFO} (it is not a tiny "
-                      f"model kimivl-rl built)", "Choose a new or empty directory.")
+    check_replaceable_dir(out_dir, _recorded_files(out_dir), setting,
+                          "Choose a new or empty directory.")
     staging = staging_dir(out_dir)
     try:
         _save_model(spec, staging)
@@ -148,7 +148,8 @@ def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
         pad_token_id=config.text_config.pad_token_id, bos_token_id=config.text_config.bos_token_id)
     model.save_pretrained(directory)
     _processor(tokenizer, spec).save_pretrained(directory)
-    (directory / BUILD_INFO).write_text(json.dumps(_build_info(spec), indent=1, sort_keys=True))
+    info = {**_build_info(spec), "files": file_hashes(directory)}
+    (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 
 
 def _build_info(spec: TinyVLMSpec) -> dict:
@@ -156,6 +157,23 @@ def _build_info(spec: TinyVLMSpec) -> dict:
     return {**asdict(spec), "corpus_format_version": FORMAT_VERSION}
 
 
+def _read_info(out_dir: Path) -> dict:
+    """The build record of a tiny model of ours at ``out_dir``; {} when there is none."""
+    try:
+        info = json.loads((out_dir / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _recorded_files(out_dir: Path):
+    """The files a build of ours at ``out_dir`` wrote (the record included), with their sha256;
+    None when it holds no such record (an older build listed none)."""
+    files = _read_info(out_dir).get("files")
+    return {**files, BUILD_INFO: sha256_of(out_dir / BUILD_INFO)} if isinstance(files, dict) else None
+
+
 def tiny_vlm_is_current(out_dir: str | Path, spec: TinyVLMSpec) -> bool:
-    info = Path(out_dir) / BUILD_INFO
-    return info.is_file() and json.loads(info.read_text()) == _build_info(spec)
+    info = _read_info(Path(out_dir))
+    info.pop("files", None)
+    return info == _build_info(spec)

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from kimivl_rl.infra.checkpoint import CheckpointError, atomic_dir, verify_manifest
+from kimivl_rl.infra.checkpoint import MANIFEST, CheckpointError, atomic_dir, verify_manifest
 from kimivl_rl.system.actors import RLActors, generate, score
 from kimivl_rl.config import Config
 from kimivl_rl.data.rows import Example, RowLoader
@@ -375,7 +375,7 @@ def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: lis
 
 def latest_checkpoint(cfg: Config) -> Optional[Path]:
     """The newest checkpoint whose manifest checks out; broken ones are skipped with a warning."""
-    for directory in sorted(OutputLayout.of(cfg).rl_checkpoints.glob("iter_*"), reverse=True):
+    for directory in reversed(OutputLayout.of(cfg).rl_checkpoint_dirs()):
         try:
             verify_manifest(directory)
             return directory
@@ -405,7 +405,9 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
             {"iteration": iteration, "sampler": sampler.state_dict(), "input_model": input_model}))
         for name, state in (loop_state or {}).items():
             (staging / name).write_text(json.dumps(state))
-    for old in sorted(root.glob("iter_*"))[:-cfg.output.keep_last_checkpoints]:
+    # Only published checkpoints rotate out: a directory without a manifest was not written here.
+    published = [d for d in layout.rl_checkpoint_dirs() if (d / MANIFEST).is_file()]
+    for old in published[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
     for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
         shutil.rmtree(unfinished, ignore_errors=True)
