@@ -61,8 +61,9 @@ def call_all(submits: Sequence[Callable[[], Any]], names: Names, step: str, time
 
     A call whose actor died (``RayActorError``) is re-submitted after ``recover(i)`` has brought
     actor ``i`` back, or moved call ``i`` to another actor and returned that actor's name, at most
-    ``retries`` times per call; an exception raised inside the actor's method is never retried. Fails with ``RemoteTimeout`` naming the actors still busy when
-    ``timeout_s`` has passed since the last (re-)submission.
+    ``retries`` times per call; an exception raised inside the actor's method is never retried.
+    Fails with ``RemoteTimeout`` naming the actors still busy when ``timeout_s`` has passed since
+    the last (re-)submission.
     """
     import ray
 

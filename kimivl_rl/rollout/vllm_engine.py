@@ -142,9 +142,11 @@ class VLLMEngine:
                                  seed=None if seed is None else seed * 100_003 + i, logprobs=0,
                                  logit_bias=self._banned or None) for i, r in enumerate(requests)]
         outputs = self.llm.generate([self._prompt(r) for r in requests], params, use_tqdm=progress)
-        return [[_sample(req.request_id, out.prompt_token_ids[:len(out.prompt_token_ids) - len(req.continuation)],
-                         completion) for completion in out.outputs]
-                for req, out in zip(requests, outputs)]
+        # A continuation's samples keep the prompt alone: its earlier tokens are the caller's.
+        prompts = [out.prompt_token_ids[:len(out.prompt_token_ids) - len(req.continuation)]
+                   for req, out in zip(requests, outputs)]
+        return [[_sample(req.request_id, prompt, completion) for completion in out.outputs]
+                for req, prompt, out in zip(requests, prompts, outputs)]
 
     def _prompt(self, request: GenerationRequest) -> dict:
         """vLLM's input for a request. A continuation goes in as token ids: the prompt's own

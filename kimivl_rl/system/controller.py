@@ -6,8 +6,9 @@
 
 With ``rl.max_staleness: 1`` or more (``CollectAhead``) the next iteration's groups are collected
 while the learner trains; with ``rollout.token_budget`` responses that outgrow it are continued
-in later iterations (``Groups.continue_partial``). The actors themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt
-from the last complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor
+in later iterations (``Groups.continue_partial``). The actors themselves live in
+``kimivl_rl/system/actors.py``. A dead learner group is rebuilt from the last complete checkpoint
+(``LearnerRecovery``); a rerun continues from it too. An actor
 that no live node can host any more (its node left, and no other has its resources) stops the
 run with ``RunStopped``, which says where the rerun resumes.
 """
@@ -134,11 +135,11 @@ class Groups:
         if not waiting:
             return [], [], again
         started = time.perf_counter()
-        requests = [replace(generation_requests([prompts[g.prompt_index]], processor)[0],
-                            continuation=g.samples[i].token_ids,
+        rendered = generation_requests([prompts[g.prompt_index] for g in waiting], processor)
+        requests = [replace(request, continuation=g.samples[i].token_ids,
                             max_new_tokens=min(cfg.rollout.token_budget,
                                                cfg.rollout.max_new_tokens - len(g.samples[i].token_ids)))
-                    for g in waiting for i in g.unfinished()]
+                    for g, request in zip(waiting, rendered) for i in g.unfinished()]
         segments = iter(generate(actors, cfg, requests, 1, cfg.rollout.temperature,
                                  seed=cfg.seed * 100_003 + iteration + 7_000_001))
         self.timings["time_generate_s"] += time.perf_counter() - started
@@ -281,9 +282,13 @@ class Lockstep:
 
     def resume(self, iteration: int) -> None:
         """After ``restore`` to ``iteration``: the partial responses its checkpoint held."""
-        path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / PARTIAL_FILE
-        self.partial = (PartialRollouts.from_state_dict(json.loads(path.read_text()))
-                        if iteration and path.is_file() else PartialRollouts())
+        state = self._saved(iteration, PARTIAL_FILE)
+        self.partial = PartialRollouts.from_state_dict(state) if state else PartialRollouts()
+
+    def _saved(self, iteration: int, name: str) -> Optional[dict]:
+        """The loop state ``name`` that the checkpoint of ``iteration`` holds, if any."""
+        path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / name
+        return json.loads(path.read_text()) if iteration and path.is_file() else None
 
     def state_files(self) -> dict[str, dict]:
         """What a checkpoint keeps of the loop besides the learner and sampler: file -> JSON."""
@@ -311,9 +316,8 @@ class CollectAhead(Lockstep):
         """After ``restore`` to ``iteration``: the groups its checkpoint collected ahead, and its
         partial responses."""
         super().resume(iteration)
-        path = OutputLayout.of(self.cfg).rl_checkpoint(iteration) / AHEAD_FILE
-        self.ahead = (Groups.from_state_dict(json.loads(path.read_text()), self.prompts)
-                      if iteration and path.is_file() else None)
+        state = self._saved(iteration, AHEAD_FILE)
+        self.ahead = Groups.from_state_dict(state, self.prompts) if state else None
 
     def run_iteration(self, iteration: int) -> dict:
         started = time.perf_counter()
@@ -392,8 +396,9 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
                     input_model: str, written: Callable[[float], None] = lambda seconds: None,
                     loop_state: Optional[dict[str, dict]] = None) -> Path:
     """Learner state, sampler state, the iteration and the loop's state (groups collected ahead,
-    partial responses: ``Lockstep.state_files``, consistent with the sampler's), written atomically; ``input_model`` (the run's starting model)
-    lets ``kimivl-rl eval`` turn the checkpoint into a model.
+    partial responses: ``Lockstep.state_files``, consistent with the sampler's), written
+    atomically; ``input_model`` (the run's starting model) lets ``kimivl-rl eval`` turn the
+    checkpoint into a model.
     ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
     layout = OutputLayout.of(cfg)
     root, final = layout.rl_checkpoints, layout.rl_checkpoint(iteration)

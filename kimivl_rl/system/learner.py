@@ -2,9 +2,9 @@
 
 Each rank gets the whole iteration's trajectories (one object-store reference), takes its
 shard, and:
-  1. computes log π_old of the sampled tokens with the weights that generated them (the
-     learner is synced to the rollout engines after every update, so its current weights are
-     the rollout policy);
+  1. computes log π_old of the sampled tokens with its current weights (the rollout policy
+     when samples are fresh: the engines are synced after every update; with
+     ``rl.max_staleness`` they may be older, which ``rl.truncated_is_cap`` corrects for);
   2. computes advantages over the whole batch with the loss's registered estimator;
   3. takes ``rl.updates_per_iteration`` optimizer steps on the registered loss, over
      micro-batches packed up to ``rl.micro_batch_tokens`` tokens.
@@ -167,16 +167,18 @@ class LearnerWorker:
         old = self._logprobs(batches)
         my_advantages = advantages[self.rank::self.world]
         mismatch = rollout_mismatch(mine, old)
-        sampled = [torch.tensor(t.rollout_logprobs) for t in mine]
+        # the engines' log-probs, for the truncated importance weight only
+        sampled = [torch.tensor(t.rollout_logprobs) for t in mine] if self.loss_cfg.is_cap else None
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
             metrics = self._update(batches, old, sampled, my_advantages, normalizer)
         return {**metrics, "rollout_logprob_diff_abs_mean": mismatch}
 
-    def _update(self, batches, old: list[torch.Tensor], sampled: list[torch.Tensor],
+    def _update(self, batches, old: list[torch.Tensor], sampled: Optional[list[torch.Tensor]],
                 advantages: torch.Tensor, normalizer: float) -> dict[str, float]:
         """One optimizer step over the micro-batches; ``old`` are this rank's responses'
-        log-probs before the update, ``sampled`` the rollout engine's, in the same order."""
+        log-probs before the update, ``sampled`` the rollout engine's (None: not needed), in the
+        same order."""
         sums = dict.fromkeys(LOSS_METRICS, 0.0)
         offset = 0
         for i, batch in enumerate(batches):
@@ -187,10 +189,10 @@ class LearnerWorker:
             new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.image_token_id))
             rows = slice(offset, offset + n) if batch else slice(0, n)
             old_lp, _ = pad_rows(old[rows])
-            sampled_lp, _ = pad_rows(sampled[rows])
+            sampled_lp = pad_rows(sampled[rows])[0].to(new_lp.device) if sampled else None
             loss, parts = self.loss.fn(new_lp, old_lp.to(new_lp.device), mask,
                                        advantages[rows].to(new_lp.device), normalizer, self.loss_cfg,
-                                       rollout_logprobs=sampled_lp.to(new_lp.device))
+                                       rollout_logprobs=sampled_lp)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean.
             self.engine.backward(loss * weight * self.world)
             self.engine.step()
