@@ -37,7 +37,7 @@ kimivl_rl.models.loading falls back to SDPA there; this bench sets it on the lan
 after building (same loss as SDPA).
 --vision-attention (vlm), each measured with every variant, the ratio printed:
   loop    transformers' vision attention without flash-attn: one SDPA call per window or image
-  varlen  kimivl_rl.models.vision_attention (what kimivl_rl.models.loading installs with
+  varlen  kimivl_rl.models.families.qwen2_5_vl_vision (what kimivl_rl.models.loading installs with
           FlexAttention): one FlexAttention call per block over all windows or images (on CPU
           one SDPA call with a block-diagonal mask)
 --compile compiles each decoder layer of the language model on its own (regional compilation,
@@ -72,8 +72,9 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
 from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, causal_lm_target_logprobs,
                                            loss_position_hidden, target_rows)
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
-from kimivl_rl.models.vision_attention import use_varlen_vision_attention
-from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions, inner_model
+from kimivl_rl.models.families.qwen2_5_vl_vision import use_varlen_vision_attention
+from kimivl_rl.models.families import family_of, inner_model
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack
 from kimivl_rl.rl.losses import LossConfig, get_loss, pad_rows
 
 LM_TEXT = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -169,13 +170,13 @@ def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
     pixel_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     head = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * image_tokens
                         + [config.vision_end_token_id])
-    examples = []
+    examples, family = [], family_of(model)
     for _ in range(seq // doc):
         ids = torch.cat([head, torch.randint(0, config.vision_start_token_id, (doc - len(head),))])
         labels = torch.where(torch.arange(doc) < len(head), IGNORE_INDEX, ids)
         examples.append(Encoded(ids, labels, torch.randn(side * side, pixel_dim), grid,
-                                example_positions(model, ids, grid), "bench"))
-    return collate_pack(examples, config.image_token_id)
+                                family.positions(ids, grid), "bench"))
+    return collate_pack(examples, family)
 
 
 def make_batch(packed: dict[str, torch.Tensor], device: torch.device) -> Batch:

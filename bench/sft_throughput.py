@@ -32,11 +32,11 @@ def padded_batches(encoded, batch: int, pad_id: int):
         yield {"input_ids": ids, "attention_mask": mask}, labels, len(chunk) * width
 
 
-def packed_batches(encoded, pack_len: int, image_token_id: int):
+def packed_batches(encoded, pack_len: int, family):
     from kimivl_rl.training.packing import collate_pack, plan_packs
 
     for pack in plan_packs([len(e) for e in encoded], pack_len, seed=0):
-        batch = collate_pack([encoded[i] for i in pack], image_token_id)
+        batch = collate_pack([encoded[i] for i in pack], family)
         labels = batch.pop("labels")
         yield batch, labels, pack_len
 
@@ -66,6 +66,7 @@ def main() -> None:
 
     from kimivl_rl.config import load_config
     from kimivl_rl.data.rows import RowLoader
+    from kimivl_rl.models.families import family_of
     from kimivl_rl.models.loading import use_language_model_attention
     from kimivl_rl.models.packed_attention import PACKED_SDPA
     from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
@@ -86,12 +87,12 @@ def main() -> None:
     model = AutoModelForImageTextToText.from_pretrained(model_dir, attn_implementation="sdpa").to(device)
     # Text-only rows: padded batches of images would need per-row pixel bookkeeping.
     rows = [r for r in RowLoader(data_dir / "long_cot" / "train.jsonl").load_all() if not r.images]
-    encoded = [encode_example(r, processor, model) for r in rows[: args.examples]]
+    family = family_of(model)
+    encoded = [encode_example(r, processor, family) for r in rows[: args.examples]]
     pad_id = processor.tokenizer.pad_token_id
-    image_token_id = model.config.image_token_id
     variants = (("padded", "sdpa", padded_batches(encoded, args.batch, pad_id)),
-                ("packed, dense mask", "sdpa", packed_batches(encoded, args.pack_len, image_token_id)),
-                ("packed, packed_sdpa", PACKED_SDPA, packed_batches(encoded, args.pack_len, image_token_id)))
+                ("packed, dense mask", "sdpa", packed_batches(encoded, args.pack_len, family)),
+                ("packed, packed_sdpa", PACKED_SDPA, packed_batches(encoded, args.pack_len, family)))
     results = {}
     for name, attention, batches in variants:
         use_language_model_attention(model, attention)

@@ -17,6 +17,7 @@ from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.ownership import NotOursError
 from kimivl_rl.infra.ray_runtime import shutdown_ray
 from kimivl_rl.infra.remote import RunStopped
+from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
@@ -55,9 +56,10 @@ def cmd_config_check(args) -> None:
 def cmd_model_init(args) -> None:
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
 
-    spec = TinyVLMSpec(seed=args.seed, think_open=args.think_open, think_close=args.think_close)
+    spec = TinyVLMSpec(seed=args.seed, family=args.family, think_open=args.think_open,
+                       think_close=args.think_close)
     out = build_tiny_vlm(args.out, spec, setting="--out")
-    print(f"tiny VLM written to {out} (seed {args.seed})")
+    print(f"tiny {args.family} VLM written to {out} (seed {args.seed})")
 
 
 def cmd_data_build(args) -> None:
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True,
                       help="output directory (new, empty, or a tiny model it built before)")
     init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--family", choices=sorted(FAMILIES), default=DEFAULT_FAMILY,
+                      help="the architecture (default %(default)s)")
     init.add_argument("--think-open", default="<think>")
     init.add_argument("--think-close", default="</think>")
     init.set_defaults(func=cmd_model_init)

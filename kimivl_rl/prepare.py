@@ -27,18 +27,19 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 def ensure_model(cfg: Config) -> str:
     """The model path to load: the configured one, built as the tiny model when asked to."""
+    from kimivl_rl.models.families import configured_family, rebuilt_as_tiny
     from kimivl_rl.models.loading import check_remote_code
     # torch comes with these: imported here, so the checks before any build stay quick.
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
 
     path = Path(cfg.model.path)
-    tiny = cfg.model.init_if_missing and (not path.exists() or (path / "kimivl_tiny.json").is_file())
-    if not tiny:
+    family = configured_family(cfg).name  # refuses an unsupported or contradicted architecture
+    if not rebuilt_as_tiny(cfg, path):
         # A local directory or a hub name, loaded as given (a user's checkpoint is never
         # overwritten). Before Ray starts: one that needs custom code is refused unless allowed.
         check_remote_code(cfg.model.path, cfg.model.trust_remote_code)
         return cfg.model.path
-    spec = TinyVLMSpec(seed=cfg.model.init_seed, think_open=cfg.model.think_open,
+    spec = TinyVLMSpec(seed=cfg.model.init_seed, family=family, think_open=cfg.model.think_open,
                        think_close=cfg.model.think_close)
     if not tiny_vlm_is_current(path, spec):
         log.info("building the tiny model at %s (seed %d)", path, spec.seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kimivl_rl.data.rows import Example
-from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, example_positions
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded
 
 
 def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -49,18 +49,17 @@ def _shift(position: int, shifts: list[tuple[int, int]]) -> int:
     return position + sum(added for at, added in shifts if at < position)
 
 
-def encode_example(example: Example, processor, model) -> Encoded:
-    """Tokenize an example, label its answers and compute its (restarting) positions."""
+def encode_example(example: Example, processor, family) -> Encoded:
+    """Tokenize an example, label its answers and compute its (restarting) positions, for the
+    model ``family`` is bound to (``family_of``)."""
     text = _render(processor, example.messages)
     spans = answer_char_spans(processor, example.messages)
     pixel_values = grid = None
     counts: list[int] = []
     if example.images:
-        vision = processor.image_processor(images=example.images, return_tensors="pt")
-        pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]
-        merge = processor.image_processor.merge_size ** 2
-        counts = [int(g.prod()) // merge for g in grid]
-    text, shifts = _expand_image_tokens(text, processor.image_token, counts)
+        pixel_values, grid = family.encode_images(processor, example.images)
+        counts = family.vision_token_counts(processor, grid)
+    text, shifts = _expand_image_tokens(text, family.image_token(processor), counts)
     spans = [(_shift(s, shifts), _shift(e, shifts)) for s, e in spans]
     tokens = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = torch.tensor(tokens["input_ids"])
@@ -70,4 +69,4 @@ def encode_example(example: Example, processor, model) -> Encoded:
         in_answer |= (starts >= s) & (starts < e)
     labels = torch.where(in_answer, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return Encoded(input_ids, labels, pixel_values, grid,
-                   example_positions(model, input_ids, grid), example.source)
+                   family.positions(input_ids, grid), example.source)

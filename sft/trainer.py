@@ -25,6 +25,7 @@ from kimivl_rl.training.engine import (build_engine, load_engine_state, save_eng
 from kimivl_rl.evaluation import format_report
 from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
 from kimivl_rl.infra.metrics import MetricsSink, follow_progress
+from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.training.packing import collate_pack
 from kimivl_rl.infra.ray_runtime import init_ray
@@ -34,8 +35,6 @@ from sft.sources import ensure_solved_rows, stage_examples
 
 log = logging.getLogger(__name__)
 STAGES = ("joint", "long_cot")
-VISION_PREFIXES = ("model.visual.patch_embed", "model.visual.blocks")
-PROJECTOR_PREFIXES = ("model.visual.merger",)
 REPORT_EVERY = 10
 
 
@@ -66,12 +65,12 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def train_step(engine, plan: StagePlan, step: Step, rank: int, world: int, accum: int,
-               image_token_id: int) -> dict[str, float]:
+               family) -> dict[str, float]:
     """One optimizer step: this rank's packs, loss normalised by the global answer tokens."""
     started = time.perf_counter()
     local_sum = torch.zeros((), dtype=torch.float64)
     for index in range(rank * accum, (rank + 1) * accum):
-        loss_sum = answer_loss_sum(engine, collate_pack(plan.pack(step, index), image_token_id))
+        loss_sum = answer_loss_sum(engine, collate_pack(plan.pack(step, index), family))
         # DeepSpeed averages gradients over ranks and accumulation steps; scaling by
         # world * accum / global_tokens makes the result the exact global token mean.
         engine.backward(loss_sum * world * accum / max(1, step.label_tokens))
@@ -129,13 +128,12 @@ def train_loop(loop_config: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
-    examples = [encode_example(ex, processor, model)
-                for ex in stage_examples(cfg, stage)]
-    image_token_id = model.config.image_token_id
+    family = family_of(model)
+    examples = [encode_example(ex, processor, family) for ex in stage_examples(cfg, stage)]
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
-                      overlong=cfg.sft.overlong, image_token_id=image_token_id)
-    freeze = (VISION_PREFIXES if cfg.sft.freeze_vision else ()) + \
-             (PROJECTOR_PREFIXES if cfg.sft.freeze_projector else ())
+                      overlong=cfg.sft.overlong, image_token_id=family.image_token_id)
+    freeze = (family.vision_prefixes if cfg.sft.freeze_vision else ()) + \
+             (family.projector_prefixes if cfg.sft.freeze_projector else ())
     engine = build_engine(model, plan.lr, zero_stage=cfg.sft.zero_stage,
                           grad_accum_steps=cfg.sft.grad_accum_steps,
                           weight_decay=cfg.sft.weight_decay, bf16=cfg.cluster.use_gpu,
@@ -145,7 +143,7 @@ def train_loop(loop_config: dict) -> None:
     total = len(plan.steps)
     for step_index in range(start, total):
         metrics = train_step(engine, plan, plan.steps[step_index], rank, world,
-                             cfg.sft.grad_accum_steps, image_token_id)
+                             cfg.sft.grad_accum_steps, family)
         metrics.update(step=step_index + 1, total_steps=total)
         done = step_index + 1
         if sink:

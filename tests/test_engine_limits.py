@@ -99,6 +99,7 @@ def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(eng
     from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.models.loading import load_policy
     from kimivl_rl.rl.experience import trajectories_from_samples
+    from kimivl_rl.models.families import family_of
     from kimivl_rl.system.learner import encode_trajectory, response_logprobs
     from sft.encode import encode_example
 
@@ -111,13 +112,13 @@ def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(eng
     assert all(s.prompt_token_ids.count(image_id) == 2 * 16 for s in samples)  # 112 px: 16 each
 
     trajectories = trajectories_from_samples([0], [row.images], [samples])
-    sequences = [encode_trajectory(t, processor.image_processor, model) for t in trajectories]
+    sequences = [encode_trajectory(t, processor, family_of(model)) for t in trajectories]
     with torch.no_grad():
-        learner = response_logprobs(model, sequences, image_id)  # both samples in one pack
+        learner = response_logprobs(model, sequences, family_of(model))  # both samples in one pack
     for sample, logprobs in zip(samples, learner, strict=True):
         torch.testing.assert_close(logprobs, torch.tensor(sample.logprobs), atol=2e-3, rtol=0)
 
-    encoded = encode_example(row, processor, model)
+    encoded = encode_example(row, processor, family_of(model))
     assert encoded.image_grid_thw.tolist() == [[1, 8, 8]] * 2
     assert int((encoded.input_ids == image_id).sum()) == 2 * 16
     answer = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()

@@ -8,6 +8,7 @@ from PIL import Image
 
 from kimivl_rl.config import load_config
 from kimivl_rl.system.learner import encode_trajectory, response_logprobs
+from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack
 from kimivl_rl.rl.experience import Trajectory
@@ -17,9 +18,9 @@ TINY = "configs/tiny.yaml"
 IMAGE_TOKENS = 16  # a 112-pixel image: 8x8 patches, merged 2x2
 
 
-def full_logits_logprobs(model, sequences, image_token_id):
+def full_logits_logprobs(model, sequences, family):
     """The learner's former path: float logits over the vocabulary at every position."""
-    batch = collate_pack(sequences, image_token_id)
+    batch = collate_pack(sequences, family)
     batch.pop("labels")
     logits = model(**batch, use_cache=False).logits[0].float()
     out, start = [], 0
@@ -50,14 +51,14 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def test_response_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_dir):
     model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
     model.eval()  # no dropout: both passes see the same function
-    sequences = [encode_trajectory(t, processor.image_processor, model) for t in _trajectories(model.config)]
-    image_id = model.config.image_token_id
+    family = family_of(model)
+    sequences = [encode_trajectory(t, processor, family) for t in _trajectories(model.config)]
     weights = torch.randn(21, generator=torch.Generator().manual_seed(0))  # an arbitrary upstream gradient
 
-    chunked = response_logprobs(model, sequences, image_id)
+    chunked = response_logprobs(model, sequences, family)
     (torch.cat(chunked) * weights).sum().backward()
     chunked_grads = _grads(model)
-    full = full_logits_logprobs(model, sequences, image_id)
+    full = full_logits_logprobs(model, sequences, family)
     (torch.cat(full) * weights).sum().backward()
     full_grads = _grads(model)
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from kimivl_rl.config import load_config
 from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.data.rows import Example
+from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import language_model, load_policy, use_language_model_attention
 from kimivl_rl.models.packed_attention import PACKED_SDPA, example_lengths
 from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
@@ -64,7 +65,7 @@ def labelled_runs(encoded, tokenizer) -> list[str]:
 
 def test_loss_only_on_every_assistant_turn_and_its_closing_token(policy):
     model, processor = policy
-    encoded = encode_example(MULTI_TURN, processor, model)
+    encoded = encode_example(MULTI_TURN, processor, family_of(model))
     assert labelled_runs(encoded, processor.tokenizer) == [
         "\\boxed{red}<|im_end|>", "<think>First I will add. Wait, 5.</think>\\boxed{5}<|im_end|>"]
     image_id = model.config.image_token_id
@@ -81,16 +82,16 @@ def test_replayed_rows_get_the_replay_system_prompt_in_place_of_their_own(policy
     assert replayed.messages[0] == {"role": "system", "content": "Answer directly."}
     assert MULTI_TURN.messages[0]["content"] == "Be brief."  # the loaded row is not changed
     assert with_system_prompt(MULTI_TURN, "") is MULTI_TURN
-    encoded = encode_example(replayed, processor, model)
+    encoded = encode_example(replayed, processor, family_of(model))
     text = processor.tokenizer.decode(encoded.input_ids.tolist())
     assert text.startswith("<|im_start|>system\nAnswer directly.<|im_end|>") and "Be brief." not in text
     assert labelled_runs(encoded, processor.tokenizer) == labelled_runs(
-        encode_example(MULTI_TURN, processor, model), processor.tokenizer)
+        encode_example(MULTI_TURN, processor, family_of(model)), processor.tokenizer)
 
 
 def test_positions_restart_per_example_and_follow_mrope(policy):
     model, processor = policy
-    encoded = encode_example(MULTI_TURN, processor, model)
+    encoded = encode_example(MULTI_TURN, processor, family_of(model))
     text_row, mrope = encoded.position_ids[0], encoded.position_ids[1:]
     assert torch.equal(text_row, torch.arange(len(encoded)))
     image_at = (encoded.input_ids == model.config.image_token_id).nonzero()[:, 0]
@@ -105,9 +106,9 @@ def grads_of(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def loss_and_grads(model, packs, image_token_id):
+def loss_and_grads(model, packs):
     model.zero_grad()
-    total = sum(answer_loss_sum(model, collate_pack(pack, image_token_id)) for pack in packs)
+    total = sum(answer_loss_sum(model, collate_pack(pack, family_of(model))) for pack in packs)
     total.backward()
     return total.item(), grads_of(model)
 
@@ -152,17 +153,16 @@ def test_packed_batch_equals_examples_one_at_a_time(policy, attention):
                  {"role": "assistant", "reasoning_content": "Let me check.", "content": "\\boxed{1}"}],
                 [image((40, 70, 220))]),
     ]
-    encoded = [encode_example(ex, processor, model) for ex in examples]
-    image_token_id = model.config.image_token_id
-    packed_loss, packed_grads = loss_and_grads(model, [encoded], image_token_id)
-    single_loss, single_grads = loss_and_grads(model, [[e] for e in encoded], image_token_id)
+    encoded = [encode_example(ex, processor, family_of(model)) for ex in examples]
+    packed_loss, packed_grads = loss_and_grads(model, [encoded])
+    single_loss, single_grads = loss_and_grads(model, [[e] for e in encoded])
     assert packed_loss == pytest.approx(single_loss, rel=1e-5)
     assert packed_grads.keys() == single_grads.keys()
     for name in packed_grads:
         assert_close_after_reordering(packed_grads[name], single_grads[name],
                                       terms=sum(len(e) for e in encoded))
     # Without restarting positions the examples would see each other: the outputs change.
-    isolated = collate_pack(encoded, image_token_id)
+    isolated = collate_pack(encoded, family_of(model))
     leaky = dict(isolated, position_ids=torch.arange(isolated["input_ids"].shape[1]).expand(4, 1, -1))
     with torch.no_grad():
         first = len(encoded[0])
@@ -176,11 +176,11 @@ def test_pack_keeps_each_examples_images_in_order(policy):
     model, processor = policy
     red = encode_example(example([{"role": "user", "content": [{"type": "image"}]},
                                   {"role": "assistant", "content": "a"}], [image((220, 30, 30))]),
-                         processor, model)
+                         processor, family_of(model))
     blue = encode_example(example([{"role": "user", "content": [{"type": "image"}]},
                                    {"role": "assistant", "content": "b"}], [image((40, 70, 220))]),
-                          processor, model)
-    batch = collate_pack([red, blue, red], model.config.image_token_id)
+                          processor, family_of(model))
+    batch = collate_pack([red, blue, red], family_of(model))
     assert torch.equal(batch["pixel_values"], torch.cat([red.pixel_values, blue.pixel_values,
                                                          red.pixel_values]))
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
@@ -204,8 +204,8 @@ def test_overlong_examples_are_truncated_or_dropped(policy):
     image_id = model.config.image_token_id
     text = encode_example(example([{"role": "user", "content": "Say it."},
                                    {"role": "assistant", "content": "one two three four five"}]),
-                          processor, model)
-    with_image = encode_example(MULTI_TURN, processor, model)
+                          processor, family_of(model))
+    with_image = encode_example(MULTI_TURN, processor, family_of(model))
     first_answer = int((with_image.labels != IGNORE_INDEX).nonzero()[0])
     inside_image = int((with_image.input_ids == image_id).nonzero()[0]) + 5
 
@@ -237,7 +237,7 @@ def test_phase_schedule_values():
 
 def test_plan_is_shared_by_ranks_and_counts_global_tokens(policy):
     model, processor = policy
-    encoded = [encode_example(ex, processor, model) for ex in [MULTI_TURN] * 6]
+    encoded = [encode_example(ex, processor, family_of(model)) for ex in [MULTI_TURN] * 6]
     phases = [PhaseConfig(max_seq_len=2 * len(encoded[0]), epochs=1.5)]
     plan = build_plan(encoded, phases, packs_per_step=2, seed=3, overlong="drop",
                       image_token_id=model.config.image_token_id)

@@ -1,5 +1,5 @@
 """Qwen2.5-VL's vision encoder with one variable-length attention call per block
-(``kimivl_rl.models.vision_attention``) against transformers' loop over windows and images:
+(``kimivl_rl.models.families.qwen2_5_vl_vision``) against transformers' loop over windows and images:
 the same outputs and gradients, to float32 rounding."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel)
 
-from kimivl_rl.models.vision_attention import (SpanMasks, span_ids,
+from kimivl_rl.models.families.qwen2_5_vl_vision import (SpanMasks, span_ids,
                                                use_varlen_vision_attention,
                                                uses_varlen_vision_attention)
 

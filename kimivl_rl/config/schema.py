@@ -27,6 +27,9 @@ class ModelConfig:
     path: str = "runs/tiny/model"
     init_if_missing: bool = True
     init_seed: int = 0
+    # The architecture (kimivl_rl/models/families): auto reads a local model's config.json;
+    # it is also the architecture of a tiny model built here. A hub name needs it set.
+    family: Literal["auto", "qwen2_5_vl", "kimi_k25"] = "auto"
     trust_remote_code: bool = False
     # Thinking-section markers; Kimi's own checkpoints use "◁think▷" and "◁/think▷".
     think_open: str = "<think>"

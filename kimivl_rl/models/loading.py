@@ -12,9 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.packed_attention import PACKED_SDPA
-from kimivl_rl.models.vision_attention import (compile_vision_blocks, use_varlen_vision_attention,
-                                               uses_varlen_vision_attention)
-from kimivl_rl.training.packing import inner_model
+from kimivl_rl.models.families import family_of, inner_model
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +74,11 @@ def use_language_model_attention(model, attention: str) -> None:
 def compile_decoder_layers(model) -> None:
     """Regional compilation: each decoder layer of the language model compiled on its own, so
     RMSNorm, SwiGLU and RoPE run as fused kernels (bench/README.md, learner_gpu.py) while
-    compile time stays that of one layer; so is each vision block when the vision encoder runs
-    one attention call per block (``vision_attention``; the loop over windows would break its
-    graph at every window)."""
+    compile time stays that of one layer; so is each vision block where the family allows
+    (``ModelFamily.compile_vision_blocks``)."""
     for layer in language_model(model).layers:
         layer.compile()
-    if uses_varlen_vision_attention(model):
-        compile_vision_blocks(model)
+    family_of(model).compile_vision_blocks()
 
 
 def load_policy(path: str, cfg, training: bool = False):
@@ -126,12 +122,12 @@ def _in_language_model(model, attention: str):
 
 
 def _vision_attention(model, attention: str) -> str:
-    """With FlexAttention (a GPU without flash-attn), Qwen2.5-VL's vision encoder runs each
-    block's attention as one FlexAttention call over all windows or images instead of
-    transformers' loop of SDPA calls, one per window (``vision_attention``: same outputs; the
-    3B learner's tokens/s in bench/README.md). flash-attn's vision path is variable-length
-    already; on CPU the loop stays (its windows are few and small there)."""
-    if not attention.startswith("flex_attention") or not use_varlen_vision_attention(model):
+    """With FlexAttention (a GPU without flash-attn), a vision encoder that loops over windows
+    or images (Qwen2.5-VL's) runs each block's attention as one FlexAttention call instead
+    (``ModelFamily.use_fused_vision_attention``: same outputs; the 3B learner's tokens/s in
+    bench/README.md). flash-attn's vision path is variable-length already; on CPU the loop
+    stays (its windows are few and small there)."""
+    if not attention.startswith("flex_attention") or not family_of(model).use_fused_vision_attention():
         return attention
     return f"{attention.split(',')[0]}; the vision encoder one FlexAttention call per block"
 
@@ -154,6 +150,7 @@ def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model = AutoModelForImageTextToText.from_pretrained(base)
     model.load_state_dict(load_state(checkpoint / "weights"))
     model.save_pretrained(out_dir)
+    family_of(model).finish_checkpoint(out_dir)
     AutoProcessor.from_pretrained(base).save_pretrained(out_dir)
     return out_dir
 

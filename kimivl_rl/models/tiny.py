@@ -1,9 +1,10 @@
 """Build the tiny vision-language model offline, deterministically from a seed.
 
 The result is an ordinary Hugging Face directory (safetensors weights, config, tokenizer,
-processor, chat template) of the Qwen2.5-VL architecture, loadable with
-``AutoModelForImageTextToText`` / ``AutoProcessor`` and by vLLM. Sizes keep attention head
-size at 64 (vLLM's CPU attention rejects 16) and make one 112x112 image 16 vision tokens.
+processor, chat template) of the architecture ``TinyVLMSpec.family`` names (Qwen2.5-VL by
+default, or Kimi K2.5), loadable with ``AutoModelForImageTextToText`` / ``AutoProcessor`` and
+by vLLM. Each family's module under ``kimivl_rl.models.families`` writes its own model; the
+tokenizer, chat template and build record are shared here.
 """
 from __future__ import annotations
 
@@ -12,23 +13,21 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers import PreTrainedTokenizerFast
 
 from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
 from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
+from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES, TINY_BUILD_INFO
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-BUILD_INFO = "kimivl_tiny.json"
+TURN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BUILD_INFO = TINY_BUILD_INFO
 
 
 @dataclass(frozen=True)
 class TinyVLMSpec:
     seed: int = 0
+    family: str = DEFAULT_FAMILY    # kimivl_rl.models.families
     think_open: str = "<think>"
     think_close: str = "</think>"
     vocab_size: int = 1024          # BPE merges learnt on the built-in corpus
@@ -40,10 +39,23 @@ class TinyVLMSpec:
     vision_depth: int = 2
     vision_heads: int = 2           # head size 64
     max_position_embeddings: int = 4096
+    # Larger initial weights and output layer, so next-token distributions are far from
+    # uniform: a near-uniform model hides log-probability mismatches between engines.
+    peaked: bool = False
+
+    @property
+    def initializer_range(self) -> float:
+        return 0.1 if self.peaked else 0.02
+
+    @property
+    def head_scale(self) -> float:
+        """What the output layer's initial weights are multiplied by."""
+        return 4.0 if self.peaked else 1.0
 
 
-def chat_template(think_open: str, think_close: str) -> str:
-    """Qwen2-VL style turns; an assistant's ``reasoning_content`` goes in the thinking section."""
+def chat_template(think_open: str, think_close: str, image_markup: str) -> str:
+    """Qwen2-VL style turns, ``image_markup`` for each image; an assistant's
+    ``reasoning_content`` goes in the thinking section."""
     return (
         "{%- for message in messages -%}"
         "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
@@ -52,7 +64,7 @@ def chat_template(think_open: str, think_close: str) -> str:
         "{%- endif -%}"
         "{%- if message['content'] is string -%}{{- message['content'] -}}"
         "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{- '{image_markup}' -}}}}"
         "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{- '<|im_end|>\\n' -}}"
@@ -62,13 +74,16 @@ def chat_template(think_open: str, think_close: str) -> str:
 
 
 def _train_tokenizer(spec: TinyVLMSpec) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on the built-in corpus; digits are single tokens (arithmetic)."""
+    """Byte-level BPE on the built-in corpus with the family's media tokens; digits are single
+    tokens (arithmetic)."""
+    family = FAMILIES[spec.family]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size,
+                                  special_tokens=TURN_TOKENS + list(family.placeholder_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus_texts(spec.seed), trainer)
@@ -77,44 +92,8 @@ def _train_tokenizer(spec: TinyVLMSpec) -> PreTrainedTokenizerFast:
                                    model_max_length=spec.max_position_embeddings)
     # Not special: the markers must survive decoding so the reward can find the answer.
     fast.add_tokens([spec.think_open, spec.think_close])
-    fast.chat_template = chat_template(spec.think_open, spec.think_close)
+    fast.chat_template = chat_template(spec.think_open, spec.think_close, family.image_markup)
     return fast
-
-
-def _model_config(spec: TinyVLMSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    head_dim = spec.text_hidden // spec.text_heads
-    half = head_dim // 2  # mrope splits half the head's rotary frequencies over t, h, w
-    vocab = -(-len(tokenizer) // 64) * 64
-    return Qwen2_5_VLConfig(
-        vision_config=dict(depth=spec.vision_depth, hidden_size=spec.vision_hidden,
-                           num_heads=spec.vision_heads, intermediate_size=2 * spec.vision_hidden,
-                           out_hidden_size=spec.text_hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[spec.vision_depth - 1]),
-        text_config=dict(vocab_size=vocab, hidden_size=spec.text_hidden,
-                         intermediate_size=spec.text_intermediate,
-                         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                         num_key_value_heads=spec.text_heads,
-                         max_position_embeddings=spec.max_position_embeddings,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [half // 4, 3 * half // 8, 3 * half // 8]},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-
-
-def _processor(tokenizer: PreTrainedTokenizerFast, spec: TinyVLMSpec) -> Qwen2_5_VLProcessor:
-    size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
-    return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2,
-                                              temporal_patch_size=2),
-        video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2,
-                                              temporal_patch_size=2),
-        tokenizer=tokenizer, chat_template=chat_template(spec.think_open, spec.think_close))
 
 
 def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
@@ -138,16 +117,7 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
 
 
 def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
-    tokenizer = _train_tokenizer(spec)
-    config = _model_config(spec, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
-        pad_token_id=config.text_config.pad_token_id, bos_token_id=config.text_config.bos_token_id)
-    model.save_pretrained(directory)
-    _processor(tokenizer, spec).save_pretrained(directory)
+    FAMILIES[spec.family].save_tiny(spec, _train_tokenizer(spec), directory)
     info = {**_build_info(spec), "files": file_hashes(directory)}
     (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 

@@ -2,10 +2,10 @@
 
 The prompt budget is ``rollout.max_prompt_text_tokens`` plus, for each of
 ``rollout.max_images_per_prompt`` images, the vision tokens of an image at ``data.max_pixels``
-(Qwen2.5-VL and Kimi-VL: one token per 28x28 pixels, plus the image's start and end markers).
+plus the markers around them (both as the model's family counts them).
 ``rollout.max_model_len`` defaults to that budget plus the longest generation the config asks
 for, must hold them when it is set, and must fit a local model's ``max_position_embeddings``.
-Nothing here imports torch or vLLM: ``kimivl-rl config check`` uses it.
+Nothing here loads a model or imports vLLM: ``kimivl-rl config check`` uses it.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Optional
 
 from kimivl_rl.config import ConfigError
-
-PIXELS_PER_VISION_TOKEN = 28 * 28   # 14-pixel patches, merged 2x2 into one token
-IMAGE_MARKERS = 2                   # the start and end tokens around each image's tokens
+from kimivl_rl.models.families import configured_family
 
 
-def prompt_budget(cfg) -> int:
-    """Tokens the longest prompt may take: its text and its images at the pixel budget."""
-    per_image = -(-cfg.data.max_pixels // PIXELS_PER_VISION_TOKEN) + IMAGE_MARKERS
+def prompt_budget(cfg, model: Optional[str] = None) -> int:
+    """Tokens the longest prompt may take: its text and its images at the pixel budget, as
+    the family of ``model`` (default ``model.path``) counts them."""
+    family = configured_family(cfg, model)
+    per_image = -(-cfg.data.max_pixels // family.pixels_per_vision_token) + family.image_markers
     return cfg.rollout.max_prompt_text_tokens + cfg.rollout.max_images_per_prompt * per_image
 
 
@@ -49,12 +49,13 @@ def max_model_len(cfg, model: Optional[str] = None) -> int:
     cannot hold the prompt budget and the longest generation, or exceeds the positions of
     ``model`` (a local directory; a hub name is not checked)."""
     key, new_tokens = longest_generation(cfg)
-    needed = prompt_budget(cfg) + new_tokens
+    prompt = prompt_budget(cfg, model)
+    needed = prompt + new_tokens
     length = cfg.rollout.max_model_len or needed
     if length < needed:
         raise ConfigError(
             f"rollout.max_model_len: {length} tokens cannot hold a prompt of up to "
-            f"{prompt_budget(cfg)} (rollout.max_prompt_text_tokens and rollout.max_images_per_prompt "
+            f"{prompt} (rollout.max_prompt_text_tokens and rollout.max_images_per_prompt "
             f"images at data.max_pixels) plus {key}={new_tokens}; set it to at least {needed}, "
             f"or leave it unset")
     positions = model_positions(model)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -17,13 +18,11 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
+from kimivl_rl.config import ConfigError
+from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES, configured_family
 from kimivl_rl.rollout.limits import max_model_len
 
 log = logging.getLogger(__name__)
-
-# Vision placeholders are never valid output: a sampled one would be read as an image slot
-# when the learner re-scores the response.
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 
 
 @dataclass
@@ -57,6 +56,7 @@ class EngineOptions:
     trust_remote_code: bool = False
     dtype: str = "auto"
     max_images_per_prompt: int = 1
+    family: str = DEFAULT_FAMILY      # kimivl_rl.models.families: image input and media tokens
     in_process: bool = False          # engine core and worker in this process (rollout.in_process)
     threads: Optional[int] = None     # torch threads of an in-process engine; None: leave as is
 
@@ -66,16 +66,22 @@ def engine_options(cfg, model: str) -> EngineOptions:
     ``ConfigError`` when its context cannot hold its own prompts and generations
     (``kimivl_rl.rollout.limits``)."""
     tensor_parallel = cfg.rollout.tensor_parallel_size
+    family = configured_family(cfg, model)
     in_process = cfg.rollout.in_process
     if in_process is None:
-        in_process = not cfg.cluster.use_gpu and tensor_parallel == 1
+        in_process = family.vllm_in_process and not cfg.cluster.use_gpu and tensor_parallel == 1
+    elif in_process and not family.vllm_in_process:
+        raise ConfigError(f"rollout.in_process: vLLM cannot run a {family.name} engine in this "
+                          f"process (kimivl_rl/models/families/{family.name}.py says why); leave "
+                          f"it unset or set it to false")
     return EngineOptions(model=model, tensor_parallel_size=tensor_parallel,
                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, seed=cfg.seed,
                          trust_remote_code=cfg.model.trust_remote_code,
                          dtype="bfloat16" if cfg.cluster.use_gpu else "float32",
                          max_model_len=max_model_len(cfg, model),
                          max_images_per_prompt=cfg.rollout.max_images_per_prompt,
-                         in_process=in_process, threads=cfg.cluster.rollout_threads)
+                         family=family.name, in_process=in_process,
+                         threads=cfg.cluster.rollout_threads)
 
 
 @contextmanager
@@ -88,18 +94,39 @@ def _engine_placement(options: EngineOptions) -> Iterator[Optional[str]]:
     freezes its view of the environment, so the cache is reset first. vLLM's CPU worker swaps
     ``torch.set_num_threads`` for a no-op that warns (right for a process it owns, but an
     in-process worker's process is ours and outlives the engine) and would otherwise drop
-    serving to one thread."""
+    serving to one thread. An in-process worker also scans this process's modules
+    (``_llvmlite_out_of_sight``)."""
     from vllm import envs
 
     envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
     real_set_num_threads = torch.set_num_threads
     try:
-        yield "uni" if options.in_process else None
+        with _llvmlite_out_of_sight() if options.in_process else nullcontext():
+            yield "uni" if options.in_process else None
     finally:
         torch.set_num_threads = real_set_num_threads
         if options.in_process and options.threads:
             torch.set_num_threads(options.threads)
+
+
+@contextmanager
+def _llvmlite_out_of_sight() -> Iterator[None]:
+    """Hide llvmlite's library object from vLLM's CPU kernel-override scan while a worker starts
+    in this process. The scan (vllm/triton_utils/dispatcher.py) reads ``vars()`` of every module
+    global, and ``llvmlite.binding.ffi.lib`` answers any attribute, ``__dict__`` included, with
+    a function wrapper, so the worker dies at start once numba is loaded here (an engine for
+    Kimi K2.5, whose image processor imports numba, ran in this process before)."""
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    lib = getattr(ffi, "lib", None)
+    if lib is None:
+        yield
+        return
+    ffi.lib = None
+    try:
+        yield
+    finally:
+        ffi.lib = lib
 
 
 class VLLMEngine:
@@ -109,6 +136,7 @@ class VLLMEngine:
         from vllm import LLM
 
         self.options = options
+        self.family = FAMILIES[options.family]
         with _engine_placement(options) as executor:
             self.llm = LLM(
                 model=options.model, tensor_parallel_size=options.tensor_parallel_size,
@@ -117,7 +145,7 @@ class VLLMEngine:
                 max_model_len=options.max_model_len, seed=options.seed,
                 trust_remote_code=options.trust_remote_code, dtype=options.dtype,
                 enforce_eager=not torch.cuda.is_available(),
-                limit_mm_per_prompt={"image": options.max_images_per_prompt, "video": 0},
+                limit_mm_per_prompt=self.family.vllm_image_limits(options.max_images_per_prompt),
                 # vLLM 0.32: an image seen by an earlier generate() call fails the next call
                 # ("Encoder cache miss") unless both caches are off.
                 enable_prefix_caching=False, mm_processor_cache_gb=0,
@@ -125,9 +153,10 @@ class VLLMEngine:
                 # Generator does not use offset"): a large step budget keeps every prefill whole.
                 max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
                 worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
-        tokenizer = self.llm.get_tokenizer()
-        self._banned = {tokenizer.convert_tokens_to_ids(t): -100.0 for t in VISION_TOKENS
-                        if t in tokenizer.get_vocab()}
+        # Media placeholders are never valid output: a sampled one would be read as an image
+        # slot when the learner re-scores the response.
+        vocab = self.llm.get_tokenizer().get_vocab()
+        self._banned = {vocab[t]: -100.0 for t in self.family.placeholder_tokens if t in vocab}
 
     def generate(self, requests: list[GenerationRequest], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256, seed: Optional[int] = None,
@@ -156,7 +185,9 @@ class VLLMEngine:
             prompt = {"prompt_token_ids": ids}
         else:
             prompt = {"prompt": request.prompt}
-        return {**prompt, "multi_modal_data": {"image": request.images}} if request.images else prompt
+        if not request.images:
+            return prompt
+        return {**prompt, "multi_modal_data": self.family.vllm_images(request.images)}
 
     def shutdown(self) -> None:
         """Stop the engine's processes and free its memory now, not at garbage collection."""

@@ -47,14 +47,38 @@ def quiet_reload_log(model: torch.nn.Module) -> None:
     quiet.layers |= {type(m).__name__ for m in model.modules() if _buffers_only(m)}
 
 
+def prepack_cpu_experts(model: torch.nn.Module) -> int:
+    """Put every CPU mixture-of-experts layer's reloaded weights back in the packed layout its
+    kernel reads; returns how many layers were packed.
+
+    vLLM 0.32 prepacks them once, at load; an in-place reload copies the plain weights into the
+    packed tensors and skips the prepacking (``UnquantizedFusedMoEMethod._setup_kernel`` calls
+    the experts' ``process_weights_after_loading`` on the first load only), so a reloaded MoE
+    model computes garbage (tests/test_family_parity.py). kimivl-rl always reloads whole
+    models, so every MoE layer holds plain weights here."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    packed = 0
+    for layer in model.modules():
+        kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts):
+            experts.process_weights_after_loading(layer)
+            packed += 1
+    return packed
+
+
 class WorkerExtension:
     """Weight reload inside vLLM's worker processes."""
 
     def _reload(self, weights) -> None:
         # The CPU backend repacks linear layers at load time, so plain ``model.load_weights``
         # after start leaves empty parameters; ``reload_weights`` redoes the repacking.
-        quiet_reload_log(self.model_runner.get_model())
+        model = self.model_runner.get_model()
+        quiet_reload_log(model)
         self.model_runner.reload_weights(weights_iterator=weights)
+        if self.device.type == "cpu":
+            prepack_cpu_experts(model)
 
     def reload_weights_from_file(self, path: str) -> None:
         self._reload(iter(load_file(path).items()))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from kimivl_rl.config import Config, config_from_dict
 from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
+from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
@@ -29,23 +30,23 @@ from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
 from kimivl_rl.training.engine import (build_engine, full_state_dict, load_engine_state,
                                        reset_optimizer, save_engine_state, save_pretrained)
 from kimivl_rl.training.linear_cross_entropy import causal_lm_target_logprobs, target_rows
-from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack, example_positions
+from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- pure pieces
 
-def encode_trajectory(trajectory: Trajectory, image_processor, model) -> Encoded:
-    """Prompt + response ids as one sequence whose labels are the response tokens."""
+def encode_trajectory(trajectory: Trajectory, processor, family) -> Encoded:
+    """Prompt + response ids as one sequence whose labels are the response tokens, for the
+    model ``family`` is bound to."""
     prompt, response = trajectory.prompt_token_ids, trajectory.response_token_ids
     input_ids = torch.tensor(prompt + response)
     labels = torch.tensor([IGNORE_INDEX] * len(prompt) + response)
     pixel_values = grid = None
     if trajectory.images:
-        vision = image_processor(images=trajectory.images, return_tensors="pt")
-        pixel_values, grid = vision["pixel_values"], vision["image_grid_thw"]
-    return Encoded(input_ids, labels, pixel_values, grid, example_positions(model, input_ids, grid),
+        pixel_values, grid = family.encode_images(processor, trajectory.images)
+    return Encoded(input_ids, labels, pixel_values, grid, family.positions(input_ids, grid),
                    source=f"prompt {trajectory.prompt_index}")
 
 
@@ -63,10 +64,10 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-def response_logprobs(model, sequences: list[Encoded], image_token_id: int) -> list[torch.Tensor]:
+def response_logprobs(model, sequences: list[Encoded], family) -> list[torch.Tensor]:
     """log p(token | prefix) of each sequence's response tokens, from one packed forward whose
     vocabulary projection runs chunk by chunk (no full float logits)."""
-    batch = collate_pack(sequences, image_token_id)
+    batch = collate_pack(sequences, family)
     targets, rows = target_rows(batch.pop("labels"))
     inputs = {k: v.to(model.device) for k, v in batch.items()}
     logprobs = causal_lm_target_logprobs(model, inputs, targets.to(model.device), rows.to(model.device))
@@ -122,8 +123,7 @@ class LearnerWorker:
         dist.init_process_group(backend, rank=self.rank, world_size=self.world)
         torch.manual_seed(self.cfg.seed)
         model, self.processor = load_policy(self.model_path, self.cfg, training=True)
-        self.image_processor = self.processor.image_processor
-        self.image_token_id = model.config.image_token_id
+        self.family = family_of(model)
         self.loss = get_loss(self.cfg.rl.loss)
         self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip,
                                   dual_clip=self.cfg.rl.grpo_dual_clip,
@@ -135,7 +135,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ learning
 
     def _encode(self, trajectories: list[Trajectory]) -> list[Encoded]:
-        return [encode_trajectory(t, self.image_processor, self.engine.module) for t in trajectories]
+        return [encode_trajectory(t, self.processor, self.family) for t in trajectories]
 
     def _micro_batches(self, sequences: list[Encoded]) -> list[list[Encoded]]:
         """Token-budget micro-batches, the same count on every rank (collectives must match):
@@ -149,7 +149,7 @@ class LearnerWorker:
     @torch.no_grad()
     def _logprobs(self, batches) -> list[torch.Tensor]:
         self.engine.module.eval()
-        out = [lp for b in batches if b for lp in response_logprobs(self.engine.module, b, self.image_token_id)]
+        out = [lp for b in batches if b for lp in response_logprobs(self.engine.module, b, self.family)]
         self.engine.module.train()
         return out
 
@@ -186,7 +186,7 @@ class LearnerWorker:
             sequences = batch or next(b for b in batches if b)
             weight = 1.0 if batch else 0.0
             n = len(sequences)
-            new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.image_token_id))
+            new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.family))
             rows = slice(offset, offset + n) if batch else slice(0, n)
             old_lp, _ = pad_rows(old[rows])
             sampled_lp = pad_rows(sampled[rows])[0].to(new_lp.device) if sampled else None
@@ -217,7 +217,7 @@ class LearnerWorker:
             return None
         # Only views are copied: ZeRO-3's gathered tensors already own their storage.
         return {name: t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
-                for name, t in state.items()}
+                for name, t in self.family.checkpoint_layout(state).items()}
 
     def weight_group_address(self, single_node: bool) -> tuple[str, int]:
         """Rank 0: where the weight-update group meets (loopback when the whole cluster is this
@@ -241,14 +241,14 @@ class LearnerWorker:
         state = full_state_dict(self.engine)
         if self.rank != 0:
             return 0
-        return send_weights(self.weight_group, state, self.cfg.cluster.weight_bucket_bytes,
-                            self.engine.device)
+        return send_weights(self.weight_group, self.family.checkpoint_layout(state),
+                            self.cfg.cluster.weight_bucket_bytes, self.engine.device)
 
     def sequence_logprobs(self, trajectories: list[Trajectory]) -> list[list[float]]:
         """Per-token log-probabilities of whole responses (for checks and tests)."""
         with torch.no_grad():
             return [lp.tolist() for lp in response_logprobs(self.engine.module, self._encode(trajectories),
-                                                             self.image_token_id)]
+                                                             self.family)]
 
     def export(self, directory: str) -> None:
         """The policy as a Hugging Face checkpoint (rank 0 writes)."""

@@ -14,7 +14,9 @@ from typing import Callable
 
 import deepspeed
 import torch
+
 from kimivl_rl.infra.checkpoint import load_state, save_state
+from kimivl_rl.models.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ def save_pretrained(engine, out_dir: str | Path, processor=None) -> None:
     state = full_state_dict(engine)
     if engine.global_rank == 0:
         engine.module.save_pretrained(out_dir, state_dict=state)
+        family_of(engine.module).finish_checkpoint(out_dir)
         if processor is not None:
             processor.save_pretrained(out_dir)
 

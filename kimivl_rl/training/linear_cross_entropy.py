@@ -26,7 +26,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from kimivl_rl.training.packing import IGNORE_INDEX, inner_model
+from kimivl_rl.models.families import inner_model
+from kimivl_rl.training.packing import IGNORE_INDEX
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -26,7 +26,7 @@ class Encoded:
     labels: torch.Tensor             # (L,), IGNORE_INDEX outside answers
     pixel_values: Optional[torch.Tensor]   # (patches, dim) or None
     image_grid_thw: Optional[torch.Tensor]  # (images, 3) or None
-    position_ids: torch.Tensor       # (4, L): text positions, then the 3 mrope rows
+    position_ids: torch.Tensor       # (rows, L): text positions, then any the family adds
     source: str
 
     def __len__(self) -> int:
@@ -35,29 +35,6 @@ class Encoded:
     @property
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
-
-
-def example_positions(model, input_ids: torch.Tensor, image_grid_thw: Optional[torch.Tensor]) -> torch.Tensor:
-    """(4, L) positions of one example from 0: text positions, then Qwen2.5-VL's 3 mrope rows.
-
-    Packed examples each start from 0, which is also how the model tells them apart: a
-    restart in the text row makes its attention block-diagonal.
-    """
-    length = input_ids.shape[0]
-    text = torch.arange(length)
-    if image_grid_thw is None:
-        return text.expand(4, length).clone()
-    mm_types = (input_ids == model.config.image_token_id).int()[None]
-    with torch.no_grad():
-        rope, _ = inner_model(model).get_rope_index(input_ids[None], mm_token_type_ids=mm_types,
-                                                    image_grid_thw=image_grid_thw)
-    return torch.cat([text[None], rope[:, 0]], dim=0)
-
-
-def inner_model(model):
-    """The Qwen2.5-VL base model (``model.model``), also through a DeepSpeed wrapper."""
-    model = getattr(model, "module", model)
-    return model.model
 
 
 MAX_OPEN_BINS = 64  # first-fit over this many open packs keeps planning linear in the data
@@ -122,16 +99,13 @@ def truncate(ex: Encoded, max_len: int) -> Encoded:
                    ex.position_ids[:, :max_len], ex.source)
 
 
-def collate_pack(examples: list[Encoded], image_token_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs for one pack (batch of 1), plus ``labels`` aligned with ``input_ids``."""
+def collate_pack(examples: list[Encoded], family) -> dict[str, torch.Tensor]:
+    """Model inputs for one pack (batch of 1) of a model of ``family`` (a bound
+    ``ModelFamily``), plus ``labels`` aligned with ``input_ids``."""
     input_ids = torch.cat([e.input_ids for e in examples])[None]
     labels = torch.cat([_no_label_on_first(e.labels) for e in examples])[None]
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": torch.cat([e.position_ids for e in examples], dim=1)[:, None],
-        "mm_token_type_ids": (input_ids == image_token_id).int(),
-    }
+    positions = torch.cat([e.position_ids for e in examples], dim=1)
+    batch = {"input_ids": input_ids, "labels": labels, **family.batch_inputs(input_ids, positions)}
     with_images = [e for e in examples if e.pixel_values is not None]
     if with_images:
         batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
