@@ -1,14 +1,16 @@
 r"""Learner throughput and MFU on one GPU for a realistic-size random model (no download).
 
     export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
-    torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm] [--seq 8192] [--doc 1024]
+    torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm|kimi] [--seq 8192] [--doc 1024]
         [--attention flex_attention] [--variants plain,deepspeed,ds+chunked,ds+fused] [--accum 4]
         [--compile] [--grad-ckpt] [--steps 10] [--rl [--loss kimi_pmd]]
-        [--vision-attention loop,varlen]
+        [--vision-attention loop,varlen] [--experts eager,grouped_mm]
     # smoke check of every path on CPU (tiny shapes, float32):
     torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --shape vlm --seq 256 --doc 128 \
         --image 112 --steps 1 --vision-attention loop,varlen
     torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --rl --seq 256 --doc 128 --steps 1
+    torchrun --nproc_per_node 1 bench/learner_gpu.py --tiny --shape kimi --seq 256 --doc 128 \
+        --image 112 --steps 1 --variants deepspeed,ds+fused
 
 Shapes, bf16, random init; a micro-batch is one packed sequence of --seq tokens made of documents
 of --doc tokens, each with its own positions from 0 (block-diagonal attention):
@@ -19,6 +21,11 @@ of --doc tokens, each with its own positions from 0 (block-diagonal attention):
        (448: 1024 patches of 14x14, 256 tokens after the 2x2 merge; random pixel values shaped
        as the processor's) and then text, packed by kimivl_rl.training.packing with the model's
        multimodal rope positions; only text tokens are targets
+  kimi the Kimi K2.5 architecture at Kimi-VL-A3B's sizes, 8 of its 27 language layers (one
+       H200 holds the optimizer states of about 6B parameters): MoonViT (27 blocks, hidden
+       1152) and a DeepSeek-V3-style language model (hidden 2048, MLA with a 512-wide latent,
+       a dense first layer, then 64 routed experts of which 6 per token plus 2 shared, 164K
+       vocabulary); documents as for vlm, through kimivl_rl.models.families.kimi_k25
 Variants, measured in the same run:
   plain      torch, fused AdamW, full-vocabulary float logits (the baseline)
   deepspeed  kimivl_rl.training.engine (DeepSpeed ZeRO-2, bf16), same loss
@@ -40,6 +47,9 @@ after building (same loss as SDPA).
   varlen  kimivl_rl.models.families.qwen2_5_vl_vision (what kimivl_rl.models.loading installs with
           FlexAttention): one FlexAttention call per block over all windows or images (on CPU
           one SDPA call with a block-diagonal mask)
+--experts (kimi), each measured with every variant, the ratio printed: transformers' experts
+implementation, eager (a Python loop over the experts that received tokens) or grouped_mm (one
+grouped GEMM per projection).
 --compile compiles each decoder layer of the language model on its own (regional compilation,
 as torchtitan does): fused elementwise kernels for RMSNorm, SwiGLU and RoPE; with varlen, each
 vision block too (kimivl_rl.models.loading.compile_decoder_layers). --grad-ckpt recomputes each
@@ -50,7 +60,8 @@ its embedding) + 6·N_head per target token (the vocabulary projection; the vari
 logits also project the non-targets, uncounted) + 6·layers·hidden·context per sequence token
 (causal attention) + for vlm 6·N_vision per image patch, where the merger's MLP counts
 6·N_merger per merged token instead (vision attention, about 2% of the vision FLOPs at 448
-pixels, is not counted). Recomputation (--grad-ckpt) is not counted. An RL update
+pixels, is not counted). For kimi, N_body counts active parameters: of each layer's routed
+experts only the 6 of 64 a token goes through. Recomputation (--grad-ckpt) is not counted. An RL update
 counts 4/3 of that: its old log-probs pass is a forward (2 of the 6 FLOPs per parameter). MFU divides by a bf16
 8192³ matmul rate measured in this run; it is printed with context = --seq (the issue's
 formula) and, in parentheses, context = --doc (the attention the block-diagonal mask leaves to
@@ -66,8 +77,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (Kimi_K25Config, Kimi_K25ForConditionalGeneration, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM)
 
 from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, causal_lm_target_logprobs,
                                            loss_position_hidden, target_rows)
@@ -89,6 +100,21 @@ TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, o
                    fullatt_block_indexes=[1])
 TINY_TOKEN_IDS = dict(vision_start_token_id=4092, vision_end_token_id=4093, image_token_id=4094,
                       video_token_id=4095)
+KIMI_TEXT = dict(vocab_size=163840, hidden_size=2048, intermediate_size=11264, num_hidden_layers=8,
+                 num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                 kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                 first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=6,
+                 n_shared_experts=2, moe_intermediate_size=1408)
+KIMI_VISION = dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16,
+                   intermediate_size=4304)
+TINY_KIMI_TEXT = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None,
+                      kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                      first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                      n_shared_experts=1, moe_intermediate_size=32)
+TINY_KIMI_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128)
+EXPERTS = ("eager", "grouped_mm")
 LOSS_CHUNK = 2048
 RL_FLOPS = 4 / 3  # an RL update's model FLOPs per training step's (module docstring)
 SFT_VARIANTS, RL_VARIANTS = "plain,deepspeed,ds+chunked,ds+fused", "ds+fused,rl+full,rl+chunked"
@@ -122,18 +148,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(args, device: torch.device, dtype: torch.dtype, vision: str = "loop"):
+def build_model(args, device: torch.device, dtype: torch.dtype, option: str | None = None):
+    """The shape's model; ``option`` is its vision attention (vlm) or experts (kimi)."""
     if args.shape == "lm":
         cls, config = Qwen2ForCausalLM, Qwen2Config(**(TINY_TEXT if args.tiny else LM_TEXT),
                                                     max_position_embeddings=32768,
                                                     tie_word_embeddings=True)
+    elif args.shape == "kimi":
+        cls, config = Kimi_K25ForConditionalGeneration, kimi_config(args.tiny)
     else:
         cls, config = Qwen2_5_VLForConditionalGeneration, vlm_config(args.tiny)
     torch.manual_seed(0)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)
     use_language_model_attention(model, args.attention)  # as kimivl_rl's loader does
-    if vision == "varlen" and not use_varlen_vision_attention(model):
+    if args.shape == "kimi":
+        # Kimi K2.5's wrapper declares none; its DeepSeek-V3 language model reads this per call.
+        language_model(model).config._experts_implementation = option
+    elif option == "varlen" and not use_varlen_vision_attention(model):
         raise ValueError("--vision-attention varlen: the model has no Qwen2.5-VL vision encoder")
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -153,6 +185,21 @@ def vlm_config(tiny: bool) -> Qwen2_5_VLConfig:
         vision_config=vision, tie_word_embeddings=True, **(TINY_TOKEN_IDS if tiny else {}))
 
 
+def kimi_config(tiny: bool) -> Kimi_K25Config:
+    """The kimi shape (module docstring), with the tiny Kimi model's rope and routing."""
+    from kimivl_rl.models.families.kimi_k25_tiny import ROPE
+
+    text = dict(TINY_KIMI_TEXT if tiny else KIMI_TEXT, model_type="deepseek_v3",
+                rope_interleave=True, rope_parameters=ROPE, max_position_embeddings=131072,
+                n_group=1, topk_group=1, norm_topk_prob=True, topk_method="noaux_tc",
+                scoring_func="sigmoid", tie_word_embeddings=False)
+    vision = dict(TINY_KIMI_VISION if tiny else KIMI_VISION, patch_size=14,
+                  merge_kernel_size=[2, 2])
+    return Kimi_K25Config(text_config=text, vision_config=vision,
+                          projection_hidden_size=vision["hidden_size"], tie_word_embeddings=False,
+                          **(TINY_TOKEN_IDS if tiny else {}))
+
+
 def lm_batch(seq: int, doc: int, vocab: int) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (1, seq))
     labels = ids.clone()
@@ -166,15 +213,16 @@ def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
     config, vision = model.config, model.config.vision_config
     side = image // vision.patch_size
     grid = torch.tensor([[1, side, side]])
-    image_tokens = side * side // vision.spatial_merge_size**2
-    pixel_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    image_tokens = side * side // 4  # merged 2x2
+    pixel_shape = ((3, vision.patch_size, vision.patch_size) if config.model_type == "kimi_k25"
+                   else (vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,))
     head = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * image_tokens
                         + [config.vision_end_token_id])
     examples, family = [], family_of(model)
     for _ in range(seq // doc):
         ids = torch.cat([head, torch.randint(0, config.vision_start_token_id, (doc - len(head),))])
         labels = torch.where(torch.arange(doc) < len(head), IGNORE_INDEX, ids)
-        examples.append(Encoded(ids, labels, torch.randn(side * side, pixel_dim), grid,
+        examples.append(Encoded(ids, labels, torch.randn(side * side, *pixel_shape), grid,
                                 family.positions(ids, grid), "bench"))
     return collate_pack(examples, family)
 
@@ -196,13 +244,27 @@ def step_flops(model, batch: Batch, context: int) -> float:
     core, lm = inner_model(model), language_model(model)
     seq, cfg = batch.targets.numel() + 1, lm.config
     embed = lm.embed_tokens.weight.numel()
-    flops = 6 * (_count(lm) - embed) * seq + 6 * model.lm_head.weight.numel() * batch.rows.numel()
+    body = _count(lm) - embed - _inactive_experts(lm)
+    flops = 6 * body * seq + 6 * model.lm_head.weight.numel() * batch.rows.numel()
     flops += 6 * cfg.num_hidden_layers * cfg.hidden_size * context * seq
-    if batch.patches:
+    if batch.patches and model.config.model_type == "kimi_k25":
+        projector = _count(core.mm_projector)
+        flops += 6 * _count(core.vision_tower) * batch.patches + 6 * projector * batch.patches // 4
+    elif batch.patches:
         merger = _count(core.visual.merger.mlp)
         merged = batch.patches // core.visual.spatial_merge_unit
         flops += 6 * (_count(core.visual) - merger) * batch.patches + 6 * merger * merged
     return flops
+
+
+def _inactive_experts(lm) -> int:
+    """Routed-expert parameters a token does not go through (0 without experts)."""
+    cfg = lm.config
+    experts = [m for name, m in lm.named_modules() if name.endswith("mlp.experts")]
+    if not experts:
+        return 0
+    unused = 1 - cfg.num_experts_per_tok / cfg.n_routed_experts
+    return int(sum(_count(m) for m in experts) * unused)
 
 
 def full_loss(model, batch: Batch) -> torch.Tensor:
@@ -320,7 +382,7 @@ def measure(args, variant: str, vision: str | None, device: torch.device, dtype:
             peak: float) -> tuple[float, float]:
     """Tokens per second and MFU of one variant (with one vision attention), printed; its model
     is freed on return."""
-    model = build_model(args, device, dtype, vision or "loop")
+    model = build_model(args, device, dtype, vision)
     packed = (lm_batch(args.seq, args.doc, model.config.vocab_size) if args.shape == "lm"
               else vlm_batch(model, args.seq, args.doc, args.image))
     batch = make_batch(packed, device)
@@ -357,7 +419,7 @@ def release(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["lm", "vlm"], default="lm")
+    parser.add_argument("--shape", choices=["lm", "vlm", "kimi"], default="lm")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--doc", type=int, default=1024)
     parser.add_argument("--image", type=int, default=448, help="vlm: image side in pixels")
@@ -375,13 +437,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke check)")
     parser.add_argument("--vision-attention", default="loop,varlen",
                         help="vlm: loop and/or varlen, comma-separated (module docstring)")
+    parser.add_argument("--experts", default="grouped_mm",
+                        help="kimi: eager and/or grouped_mm, comma-separated (module docstring)")
     args = parser.parse_args()
-    visions = args.vision_attention.split(",") if args.shape == "vlm" else [None]
-    if args.shape == "vlm" and (not visions or set(visions) - set(VISION_ATTENTION)):
-        parser.error(f"--vision-attention: comma-separated {' and/or '.join(VISION_ATTENTION)}")
+    # The second axis measured with every variant: vision attention (vlm) or experts (kimi).
+    options = {"vlm": ("--vision-attention", args.vision_attention, VISION_ATTENTION),
+               "kimi": ("--experts", args.experts, EXPERTS)}.get(args.shape)
+    visions = options[1].split(",") if options else [None]
+    if options and (not visions or set(visions) - set(options[2])):
+        parser.error(f"{options[0]}: comma-separated {' and/or '.join(options[2])}")
     if args.seq % args.doc:
         parser.error("--seq must be a multiple of --doc")
-    if args.shape == "vlm" and (args.image % 28 or (args.image // 28) ** 2 + 2 >= args.doc):
+    if args.shape != "lm" and (args.image % 28 or (args.image // 28) ** 2 + 2 >= args.doc):
         parser.error("--image must be a multiple of 28 (14-pixel patches, merged 2x2) whose "
                      "tokens leave room for text in a document")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -400,7 +467,7 @@ def main() -> None:
           f"seq {args.seq}, docs of {args.doc}, attention {args.attention}, {args.accum} "
           f"micro-batch(es) per optimizer step, ZeRO-{args.zero}, compile {args.compile}, "
           f"activation checkpointing {args.grad_ckpt}"
-          + (f", vision attention {args.vision_attention}" if args.shape == "vlm" else ""))
+          + (f", {options[0].removeprefix('--')} {options[1]}" if options else ""))
     for vision in visions:
         print_ratios(results, label(variants[0], vision), [label(v, vision) for v in variants[1:]])
         if args.rl:

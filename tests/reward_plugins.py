@@ -15,6 +15,11 @@ def half(item: RewardInput) -> RewardOutput:
     return RewardOutput(0.5, "half credit", item.response)
 
 
+def mentions_a_digit(item: RewardInput) -> RewardOutput:
+    """Any model's samples disagree on this, so every group is informative."""
+    return RewardOutput(float(any(c.isdigit() for c in item.response)), "digit")
+
+
 def raises(item: RewardInput) -> RewardOutput:
     raise ValueError("bad reference")
 

@@ -22,6 +22,7 @@ def bench_module(name: str):
     """A bench/ script imported as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -60,6 +61,27 @@ def test_learner_bench_vlm_vision_attention_tiny():
     for row in ("ds+fused loop", "ds+fused varlen"):
         assert any(line.startswith(row) and "tokens/s" in line for line in out.splitlines())
     assert "ds+fused varlen / ds+fused loop:" in out
+
+
+@pytest.mark.slow
+def test_learner_bench_kimi_experts_tiny():
+    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
+                    "--tiny", "--shape", "kimi", "--seq", "256", "--doc", "128", "--image", "112",
+                    "--steps", "1", "--variants", "ds+fused", "--experts", "eager,grouped_mm")
+    for row in ("ds+fused eager", "ds+fused grouped_mm"):
+        assert any(line.startswith(row) and "tokens/s" in line for line in out.splitlines())
+    assert "ds+fused grouped_mm / ds+fused eager:" in out
+
+
+def test_learner_bench_counts_only_the_experts_a_token_goes_through():
+    """MFU of the kimi shape: of each layer's routed experts, 2 of 4 (tiny) count."""
+    bench = bench_module("learner_gpu")
+    from transformers import Kimi_K25ForConditionalGeneration
+
+    model = Kimi_K25ForConditionalGeneration._from_config(bench.kimi_config(tiny=True))
+    lm = bench.language_model(model)
+    experts = sum(p.numel() for name, p in lm.named_parameters() if ".mlp.experts." in name)
+    assert experts > 0 and bench._inactive_experts(lm) == experts // 2
 
 
 def test_weight_sync_bench_colocated_weight_tables():

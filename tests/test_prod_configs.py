@@ -14,9 +14,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PROD = {
     "qwen2_5_vl_3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2_5_vl_7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "kimi_vl_a3b_thinking": "moonshotai/Kimi-VL-A3B-Instruct",
 }
-REMOTE_CODE = {"kimi_vl_a3b_thinking"}
 
 
 def prod_config(name: str):
@@ -42,7 +40,7 @@ def test_engine_options_hold_each_configs_prompts_and_longest_generation(path):
     cfg = load_config(path)
     options = engine_options(cfg, cfg.model.path)  # a hub name or a missing directory: not read
     longest = max(cfg.rollout.max_new_tokens, cfg.sft.eval_max_new_tokens)
-    image_tokens = cfg.data.max_pixels // (28 * 28)  # Qwen2.5-VL, Kimi-VL: 28x28 px a token
+    image_tokens = cfg.data.max_pixels // (28 * 28)  # both families: 28x28 px a token
     prompt_room = options.max_model_len - longest
     assert prompt_room >= cfg.rollout.max_prompt_text_tokens + options.max_images_per_prompt * image_tokens
     assert options.max_images_per_prompt == cfg.rollout.max_images_per_prompt >= 1
@@ -86,29 +84,32 @@ def test_prod_config_has_production_rl_settings(name):
     assert 0 < cfg.rl.length_penalty_start_iteration < cfg.rl.iterations
     assert cfg.sampler.mode == "prioritized"
     assert cfg.cluster.call_timeout_s >= 600 and cfg.reward.timeout_s > 0
-    # Rollouts and learners run at once: an 8-GPU node (3B) or two of them (7B, Kimi-VL).
+    # Rollouts and learners run at once: an 8-GPU node (3B) or two of them (7B).
     gpus = cfg.cluster.num_learners + cfg.rollout.num_workers * cfg.rollout.tensor_parallel_size
     assert gpus in (8, 16) and cfg.sft.num_workers == gpus
 
 
-def test_the_7b_and_moe_models_shard_everything_with_zero_3():
-    for name in ("qwen2_5_vl_7b", "kimi_vl_a3b_thinking"):
-        cfg = prod_config(name)
-        assert (cfg.sft.zero_stage, cfg.rl.zero_stage) == (3, 3), name
+def test_the_7b_model_shards_everything_with_zero_3():
+    cfg = prod_config("qwen2_5_vl_7b")
+    assert (cfg.sft.zero_stage, cfg.rl.zero_stage) == (3, 3)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_only_the_kimi_vl_config_runs_remote_code(path):
+def test_every_config_names_a_supported_family_and_runs_no_remote_code(path):
+    from kimivl_rl.models.families import FAMILIES, configured_family
+
     cfg = load_config(path)
-    assert cfg.model.trust_remote_code is (path.stem in REMOTE_CODE)
-    if cfg.model.trust_remote_code:
-        head = "".join(path.read_text().splitlines(keepends=True)[:5])
-        assert head.startswith("#") and "REMOTE CODE" in head and "EXECUTES" in head
+    assert configured_family(cfg).name in FAMILIES
+    assert cfg.model.trust_remote_code is False
 
 
-def test_kimi_vl_config_uses_kimis_thinking_markers():
-    cfg = prod_config("kimi_vl_a3b_thinking")
-    assert (cfg.model.think_open, cfg.model.think_close) == ("◁think▷", "◁/think▷")
+def test_config_check_refuses_a_model_of_an_unsupported_architecture(tmp_path, capsys):
+    model = tmp_path / "kimi-vl"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "kimi_vl"}')
+    assert main(["config", "check", "configs/tiny.yaml", f"model.path={model}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}/config.json: model type 'kimi_vl' is not supported" in err
 
 
 def test_a_typo_in_a_prod_config_fails_with_exit_code_2_naming_the_key(tmp_path, capsys):
