@@ -190,7 +190,7 @@ def kimi_config(tiny: bool) -> Kimi_K25Config:
     from kimivl_rl.models.families.kimi_k25_tiny import ROPE
 
     text = dict(TINY_KIMI_TEXT if tiny else KIMI_TEXT, model_type="deepseek_v3",
-                rope_interleave=True, rope_parameters=ROPE, max_position_embeddings=131072,
+                rope_interleave=True, rope_parameters=ROPE, max_position_embeddings=4096,
                 n_group=1, topk_group=1, norm_topk_prob=True, topk_method="noaux_tc",
                 scoring_func="sigmoid", tie_word_embeddings=False)
     vision = dict(TINY_KIMI_VISION if tiny else KIMI_VISION, patch_size=14,
@@ -222,7 +222,8 @@ def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
     for _ in range(seq // doc):
         ids = torch.cat([head, torch.randint(0, config.vision_start_token_id, (doc - len(head),))])
         labels = torch.where(torch.arange(doc) < len(head), IGNORE_INDEX, ids)
-        examples.append(Encoded(ids, labels, torch.randn(side * side, *pixel_shape), grid,
+        pixels = torch.randn(side * side, *pixel_shape, dtype=model.dtype)
+        examples.append(Encoded(ids, labels, pixels, grid,
                                 family.positions(ids, grid), "bench"))
     return collate_pack(examples, family)
 

@@ -44,6 +44,11 @@ class KimiK25(ModelFamily):
     # (triton_utils/dispatcher.py) crashes on llvmlite's library in that process.
     vllm_in_process = False
 
+    def encode_images(self, processor, images: list):
+        # MoonViT's patch embedding does not cast its input as Qwen2.5-VL's does.
+        pixel_values, grid = super().encode_images(processor, images)
+        return pixel_values.to(self.model.dtype), grid
+
     @classmethod
     def vllm_images(cls, images: list) -> dict:
         return {cls.vllm_image_field: [{"type": "image", "image": image} for image in images]}
