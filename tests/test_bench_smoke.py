@@ -54,23 +54,16 @@ def test_learner_bench_rl_update_tiny():
 
 
 @pytest.mark.slow
-def test_learner_bench_vlm_vision_attention_tiny():
+@pytest.mark.parametrize("shape, axis, options", [("vlm", "--vision-attention", ("loop", "varlen")),
+                                                  ("kimi", "--experts", ("eager", "grouped_mm"))])
+def test_learner_bench_multimodal_shapes_tiny(shape, axis, options):
     out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
-                    "--tiny", "--shape", "vlm", "--seq", "256", "--doc", "128", "--image", "112",
-                    "--steps", "1", "--variants", "ds+fused", "--vision-attention", "loop,varlen")
-    for row in ("ds+fused loop", "ds+fused varlen"):
-        assert any(line.startswith(row) and "tokens/s" in line for line in out.splitlines())
-    assert "ds+fused varlen / ds+fused loop:" in out
-
-
-@pytest.mark.slow
-def test_learner_bench_kimi_experts_tiny():
-    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
-                    "--tiny", "--shape", "kimi", "--seq", "256", "--doc", "128", "--image", "112",
-                    "--steps", "1", "--variants", "ds+fused", "--experts", "eager,grouped_mm")
-    for row in ("ds+fused eager", "ds+fused grouped_mm"):
-        assert any(line.startswith(row) and "tokens/s" in line for line in out.splitlines())
-    assert "ds+fused grouped_mm / ds+fused eager:" in out
+                    "--tiny", "--shape", shape, "--seq", "256", "--doc", "128", "--image", "112",
+                    "--steps", "1", "--variants", "ds+fused", axis, ",".join(options))
+    for option in options:
+        assert any(line.startswith(f"ds+fused {option}") and "tokens/s" in line
+                   for line in out.splitlines())
+    assert f"ds+fused {options[1]} / ds+fused {options[0]}:" in out
 
 
 def test_learner_bench_counts_only_the_experts_a_token_goes_through():

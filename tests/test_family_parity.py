@@ -73,6 +73,8 @@ def test_engine_and_learner_agree_before_and_after_a_weight_sync(peaked):
         image_prompt = processor(text=[requests[1].prompt], images=ROWS[1].images)["input_ids"][0]
         assert samples[1][0].prompt_token_ids == list(image_prompt)
         assert list(image_prompt).count(family.image_token_id) == 16  # 112 px: 8 x 8 patches, 2 x 2 merged
+        markup = processor.tokenizer(family.image_markup, add_special_tokens=False)["input_ids"]
+        assert len(markup) - 1 <= family.image_markers  # the prompt budget's count holds
         placeholders = {processor.tokenizer.convert_tokens_to_ids(t) for t in family.placeholder_tokens}
         assert not placeholders & {t for group in samples for s in group for t in s.token_ids}
         _assert_same(samples, _learner_logprobs(model, processor, samples))

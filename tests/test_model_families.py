@@ -45,10 +45,10 @@ def test_a_hub_name_needs_the_family_set_and_a_tiny_model_takes_the_configured_o
 
 
 def test_the_prompt_budget_counts_each_familys_image_markers():
-    # 112 x 112 pixels: 16 vision tokens; Qwen2.5-VL adds 2 markers, Kimi K2.5 4.
+    # 112 x 112 pixels: 16 vision tokens; Qwen2.5-VL adds 2 markers, Kimi K2.5 up to 5.
     base = ["data.max_pixels=12544", "rollout.max_prompt_text_tokens=100", "model.path=/nonexistent/m"]
     assert prompt_budget(load_config(TINY, base)) == 100 + 16 + 2
-    assert prompt_budget(load_config(TINY, [*base, "model.family=kimi_k25"])) == 100 + 16 + 4
+    assert prompt_budget(load_config(TINY, [*base, "model.family=kimi_k25"])) == 100 + 16 + 5
 
 
 def test_the_tiny_model_is_qwen2_5_vl_and_its_family_counts_its_vision_tokens(tiny_model_dir):

@@ -13,8 +13,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
 from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
@@ -117,7 +118,21 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
 
 
 def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
-    FAMILIES[spec.family].save_tiny(spec, _train_tokenizer(spec), directory)
+    family = FAMILIES[spec.family]
+    parts = family.tiny_parts()
+    tokenizer = _train_tokenizer(spec)
+    config = parts.model_config(spec, tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = parts.MODEL_CLASS(config).to(torch.float32)
+    model.lm_head.weight.data.mul_(spec.head_scale)
+    text = config.text_config
+    model.generation_config = GenerationConfig(eos_token_id=[text.eos_token_id, text.pad_token_id],
+                                               pad_token_id=text.pad_token_id,
+                                               bos_token_id=text.bos_token_id)
+    model.save_pretrained(directory)
+    family.finish_checkpoint(directory)
+    parts.save_processor(tokenizer, directory)
     info = {**_build_info(spec), "files": file_hashes(directory)}
     (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 

@@ -66,8 +66,9 @@ class ModelFamily:
         return {"position_ids": positions}
 
     @classmethod
-    def save_tiny(cls, spec, tokenizer, directory) -> None:
-        """Write the tiny model of this family (``kimivl_rl.models.tiny``) to ``directory``."""
+    def tiny_parts(cls):
+        """The module that describes this family's tiny model (``kimivl_rl.models.tiny``):
+        ``MODEL_CLASS``, ``model_config(spec, tokenizer)``, ``save_processor(tokenizer, dir)``."""
         raise NotImplementedError
 
     def checkpoint_layout(self, state: dict) -> dict:

@@ -54,11 +54,10 @@ class KimiK25(ModelFamily):
         return {cls.vllm_image_field: [{"type": "image", "image": image} for image in images]}
 
     @classmethod
-    def save_tiny(cls, spec, tokenizer, directory) -> None:
-        from kimivl_rl.models.families.kimi_k25_tiny import save_tiny
+    def tiny_parts(cls):
+        import kimivl_rl.models.families.kimi_k25_tiny as parts  # loads transformers' model code
 
-        save_tiny(spec, tokenizer, directory)
-        cls.finish_checkpoint(directory)
+        return parts
 
     def checkpoint_layout(self, state: dict) -> dict:
         from transformers.core_model_loading import revert_weight_conversion

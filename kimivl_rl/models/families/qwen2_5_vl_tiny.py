@@ -5,27 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+MODEL_CLASS = Qwen2_5_VLForConditionalGeneration
 
 
-def save_tiny(spec, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
-    """Write a random-init model of ``spec`` (a ``TinyVLMSpec``) and its processor."""
-    config = _model_config(spec, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
-    model.lm_head.weight.data.mul_(spec.head_scale)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
-        pad_token_id=config.text_config.pad_token_id, bos_token_id=config.text_config.bos_token_id)
-    model.save_pretrained(directory)
-    _processor(tokenizer).save_pretrained(directory)
-
-
-def _model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    """The architecture of ``spec`` (a ``TinyVLMSpec``)."""
     ids = tokenizer.convert_tokens_to_ids
     head_dim = spec.text_hidden // spec.text_heads
     half = head_dim // 2  # mrope splits half the head's rotary frequencies over t, h, w
@@ -52,11 +39,11 @@ def _model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
     )
 
 
-def _processor(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLProcessor:
+def save_processor(tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:
     size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
-    return Qwen2_5_VLProcessor(
+    Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(size=size, patch_size=14, merge_size=2,
                                               temporal_patch_size=2),
         video_processor=Qwen2VLVideoProcessor(size=size, patch_size=14, merge_size=2,
                                               temporal_patch_size=2),
-        tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template).save_pretrained(directory)
