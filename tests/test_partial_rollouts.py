@@ -66,3 +66,12 @@ def test_state_round_trips_through_json():
     again = PartialRollouts.from_state_dict(json.loads(json.dumps(partial.state_dict())))
     assert again == partial
     assert again.groups[0].unfinished() == [0] and again.groups[0].tokens() == 3
+
+
+def test_an_iterations_metrics_count_responses_cut_at_the_limit_and_ended_as_loops():
+    from kimivl_rl.rl.experience import Trajectory
+    from kimivl_rl.system.controller import rollout_metrics
+
+    finishes = ["stop", "length", REPEAT, REPEAT]
+    metrics = rollout_metrics([Trajectory(0, [1], [2, 3], [-0.1, -0.1], f) for f in finishes], 0.0)
+    assert (metrics["truncated_fraction"], metrics["repeat_fraction"]) == (0.25, 0.5)

@@ -42,7 +42,8 @@ from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewa
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.losses import LOSS_METRICS
-from kimivl_rl.rl.partial_rollouts import PartialGroup, PartialRollouts, extend, mark_segment
+from kimivl_rl.rl.partial_rollouts import (REPEAT, PartialGroup, PartialRollouts, extend,
+                                           mark_segment)
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.summary import rl_summary
 
@@ -61,8 +62,9 @@ def rl_input_model(cfg: Config, base_model: str, override: Optional[str] = None)
 # ----------------------------------------------------------------------------- one iteration
 
 def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
-    """Reward, length and length-penalty figures of an iteration's samples, and how many got
-    each reward reason ("correct", "wrong answer", "timeout after 5.0s", ...)."""
+    """Reward, length and length-penalty figures of an iteration's samples, the shares cut at
+    ``max_new_tokens`` and ended by repeat detection, and how many got each reward reason
+    ("correct", "wrong answer", "timeout after 5.0s", ...)."""
     n = max(1, len(trajectories))
     lengths = [len(t.response_token_ids) for t in trajectories]
     return {"reward_mean": sum(t.reward for t in trajectories) / n,
@@ -71,6 +73,7 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
             "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
             "length_penalty_weight": weight,
             "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n,
+            "repeat_fraction": sum(t.finish_reason == REPEAT for t in trajectories) / n,
             "reward_reasons": count_reasons(t.reward_reason for t in trajectories)}
 
 
