@@ -49,6 +49,20 @@ def test_a_tiny_model_is_replaced_only_while_it_holds_nothing_else(tmp_path):
     assert (out / "config.json").read_text() == "{}"
 
 
+def test_a_tiny_model_recorded_before_builds_listed_their_files_is_replaced_by_its_names(tmp_path):
+    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0))
+    older = json.loads((out / "kimivl_tiny.json").read_text())
+    del older["files"], older["family"]
+    (out / "kimivl_tiny.json").write_text(json.dumps(older))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(NotOursError, match="notes.txt"):
+        build_tiny_vlm(out, TinyVLMSpec(seed=1))
+    (out / "notes.txt").unlink()
+    build_tiny_vlm(out, TinyVLMSpec(seed=1))  # only a build's file names: replaced
+    assert json.loads((out / "kimivl_tiny.json").read_text())["seed"] == 1
+    assert not list(tmp_path.glob("*.partial"))  # no staging left behind, refused or not
+
+
 def test_architecture_fits_vllm_cpu_and_two_cores(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]

@@ -101,14 +101,13 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
                    setting: str = "model.path") -> Path:
     """Write the tiny model to ``out_dir``; same spec, same files. An existing ``out_dir`` is
     replaced only when it is empty or a tiny model of ours holding no other file and no changed
-    one (its ``kimivl_tiny.json`` lists them); ``setting`` names where the path came from, for
-    the refusal."""
+    one (``_recorded_files``); ``setting`` names where the path came from, for the refusal."""
     out_dir = Path(out_dir)
-    check_replaceable_dir(out_dir, _recorded_files(out_dir), setting,
-                          "Choose a new or empty directory.")
     staging = staging_dir(out_dir)
     try:
         _save_model(spec, staging)
+        check_replaceable_dir(out_dir, _recorded_files(out_dir, staging), setting,
+                              "Choose a new or empty directory.")
         # Swap in the finished model only now, so an interrupted build never looks complete.
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
@@ -151,11 +150,18 @@ def _read_info(out_dir: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _recorded_files(out_dir: Path):
+def _recorded_files(out_dir: Path, fresh: Path):
     """The files a build of ours at ``out_dir`` wrote (the record included), with their sha256;
-    None when it holds no such record (an older build listed none)."""
-    files = _read_info(out_dir).get("files")
-    return {**files, BUILD_INFO: sha256_of(out_dir / BUILD_INFO)} if isinstance(files, dict) else None
+    None when it holds no build record. A record written before builds listed their files
+    vouches for the names a build writes (those in ``fresh``, a new build), whatever they hold."""
+    info = _read_info(out_dir)
+    files = info.get("files")
+    if not isinstance(files, dict):
+        if not info:
+            return None
+        files = {p.name: sha256_of(out_dir / p.name) for p in fresh.iterdir()
+                 if (out_dir / p.name).is_file()}
+    return {**files, BUILD_INFO: sha256_of(out_dir / BUILD_INFO)}
 
 
 def tiny_vlm_is_current(out_dir: str | Path, spec: TinyVLMSpec) -> bool:
