@@ -33,12 +33,14 @@ def ensure_model(cfg: Config) -> str:
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm, tiny_vlm_is_current
 
     path = Path(cfg.model.path)
-    family = configured_family(cfg).name  # refuses an unsupported or contradicted architecture
     if not rebuilt_as_tiny(cfg, path):
         # A local directory or a hub name, loaded as given (a user's checkpoint is never
-        # overwritten). Before Ray starts: one that needs custom code is refused unless allowed.
+        # overwritten). Before Ray starts: one that needs custom code is refused unless allowed,
+        # and so is an architecture no family handles.
         check_remote_code(cfg.model.path, cfg.model.trust_remote_code)
+        configured_family(cfg)
         return cfg.model.path
+    family = configured_family(cfg).name
     spec = TinyVLMSpec(seed=cfg.model.init_seed, family=family, think_open=cfg.model.think_open,
                        think_close=cfg.model.think_close)
     if not tiny_vlm_is_current(path, spec):

@@ -64,7 +64,7 @@ def test_prepare_builds_model_and_data_once(tmp_path):
 def test_prepare_never_overwrites_a_users_checkpoint(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
-    (mine / "config.json").write_text("{}")
+    (mine / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     result = kimivl("prepare", "configs/tiny.yaml", f"model.path={mine}", f"data.dir={tmp_path}/d",
                     "data.joint_sft_examples=2", "data.long_cot_examples=2", "data.rl_prompts=2",
                     "data.eval_examples=2")

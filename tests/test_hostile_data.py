@@ -353,6 +353,7 @@ def no_ray(monkeypatch):
 def cli_config(tmp_path: Path, data: Path, out: Path) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(f"model:\n  path: {tmp_path}/no-model\n  init_if_missing: false\n"
+                    f"  family: qwen2_5_vl\n"
                     f"data:\n  dir: {data}\n  build_if_missing: false\n"
                     f"output:\n  dir: {out}\nrl:\n  iterations: 5\n")
     return path

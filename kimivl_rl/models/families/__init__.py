@@ -35,9 +35,12 @@ def local_model_type(path: str | Path):
     if not config_file.is_file():
         return None
     try:
-        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError) as exc:
         raise ConfigError(f"{config_file}: not a readable JSON model config ({exc})") from None
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{config_file}: no model_type, so not a Hugging Face model config")
+    return model_type
 
 
 def configured_family(cfg, path: str | Path | None = None) -> type[ModelFamily]:
