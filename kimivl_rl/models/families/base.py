@@ -6,13 +6,14 @@ read without torch (the CLI, ``config check``): methods that compute import it t
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
     import torch
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One architecture family: how its processor turns images into model inputs, how many
     tokens an image becomes, its positions, its parameter groups and its special tokens.
     Class attributes need no model (``config check`` reads them); an instance is bound to one
@@ -66,10 +67,10 @@ class ModelFamily:
         return {"position_ids": positions}
 
     @classmethod
+    @abstractmethod
     def tiny_parts(cls):
         """The module that describes this family's tiny model (``kimivl_rl.models.tiny``):
         ``MODEL_CLASS``, ``model_config(spec, tokenizer)``, ``save_processor(tokenizer, dir)``."""
-        raise NotImplementedError
 
     def checkpoint_layout(self, state: dict) -> dict:
         """The model's weights (``state_dict`` names and tensors) under the names and shapes a
