@@ -3,9 +3,15 @@ in four modes, the same config otherwise, in one run:
 
 - ``sync``: ``rl.max_staleness=0`` (generate, score, learn, sync in turn);
 - ``async``: ``rl.max_staleness=1`` (the next iteration's groups collected while the learner trains);
-- ``tail`` and ``tail+partial``: a long-tailed length distribution (``--tail-temperature``:
-  some responses ramble to ``rollout.max_new_tokens``), ``rl.max_staleness=2``, without and with
-  partial rollouts (``rollout.token_budget=--token-budget``).
+- ``tail`` and ``tail+partial``: a long-tailed length distribution, without and with partial
+  rollouts (``rollout.token_budget=--token-budget``). The RL prompts get a share
+  (``--tail-share``) of additions of ten-digit numbers, far outside the tiny model's training;
+  on some samples it answers them with digits up to ``rollout.max_new_tokens=--tail-max-tokens``
+  while the rest stop after about 100 tokens. Uniform prompt sampling keeps the share fixed,
+  ``rl.max_staleness`` leaves room for a response to be carried to the limit.
+
+``--sampling-rounds N`` sets ``rl.dynamic_sampling_rounds`` in every mode (0: one round of
+prompts per iteration, so that iterations generate equal amounts whatever the rewards).
 
 Prints per mode the wall time per iteration, finished samples per second, the learner's and
 rollouts' idle shares, mean staleness and the share of groups finished from carried responses,
@@ -13,15 +19,19 @@ then the async/sync and partial/whole ratios. On 2 CPUs give learner and rollout
 the overlap is real:
 
     .venv/bin/python bench/rl_async.py --model runs/tiny/out/sft_long_cot/model \\
-        [--config configs/tiny.yaml] [--iterations 6] [--modes sync,async,tail,tail+partial] \\
+        [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial] \\
         cluster.learner_threads=1 cluster.rollout_threads=1 [KEY=VALUE ...]
 
-Each mode writes to <output.dir>/bench_async/<mode>/; a finished mode is not run again.
+Each mode writes to <output.dir>/bench_async/<mode>/ (the long-tailed prompts to
+<output.dir>/bench_async/long_tail/); a finished mode is not run again.
 Iteration times leave out held-out evaluation and checkpoints.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import shutil
 from pathlib import Path
 
 from kimivl_rl.config import load_config
@@ -45,32 +55,56 @@ def iteration_figures(cfg) -> dict:
             / max(1, sum(len(r["sampled_prompts"]) for r in trains))}
 
 
-def mode_overrides(mode: str, tail_temperature: float, token_budget: int) -> list[str]:
-    tail = ["rl.max_staleness=2", f"rollout.temperature={tail_temperature}"]
+def long_tail_prompts(cfg, share: float, directory: Path) -> Path:
+    """The RL training prompts with ``share`` of them replaced by additions of two ten-digit
+    numbers (seeded), written with the prompts' images under ``directory``; the file's path."""
+    source = Path(cfg.data.dir) / cfg.rl.train_file
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
+    rng = random.Random(cfg.seed)
+    for i in rng.sample(range(len(rows)), round(share * len(rows))):
+        a, b = rng.randrange(10**9, 10**10), rng.randrange(10**9, 10**10)
+        rows[i] = {"messages": [{"role": "user", "content": f"What is {a} + {b}?"}], "images": [],
+                   "answer": str(a + b), "difficulty": 3, "task": "arith"}
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / "images").is_dir():
+        shutil.copytree(source.parent / "images", directory / "images")
+    target = directory / "train.jsonl"
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return target
+
+
+def mode_overrides(mode: str, args, tail_file: Path) -> list[str]:
+    tail = [f"rl.train_file={tail_file}", "sampler.mode=uniform",
+            f"rollout.max_new_tokens={args.tail_max_tokens}",
+            f"rl.max_staleness={-(-args.tail_max_tokens // args.token_budget) + 1}"]
     return {"sync": ["rl.max_staleness=0"], "async": ["rl.max_staleness=1"], "tail": tail,
-            "tail+partial": [*tail, f"rollout.token_budget={token_budget}"]}[mode]
+            "tail+partial": [*tail, f"rollout.token_budget={args.token_budget}"]}[mode]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--modes", default="sync,async,tail,tail+partial")
-    parser.add_argument("--tail-temperature", type=float, default=1.3)
-    parser.add_argument("--token-budget", type=int, default=96)
+    parser.add_argument("--sampling-rounds", type=int, default=None)
+    parser.add_argument("--tail-share", type=float, default=0.2)
+    parser.add_argument("--tail-max-tokens", type=int, default=1024)
+    parser.add_argument("--token-budget", type=int, default=256)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     base = with_absolute_paths(load_config(args.config, args.overrides))
     ensure_data(base, progress=False)
     model = str(Path(args.model).resolve())
+    tail_file = long_tail_prompts(base, args.tail_share, Path(base.output.dir) / "bench_async" / "long_tail")
     rows = {}
     for mode in args.modes.split(","):
         out = Path(base.output.dir) / "bench_async" / mode
         cfg = with_absolute_paths(load_config(args.config, [
             *args.overrides, f"output.dir={out}", f"rl.iterations={args.iterations}",
             f"rl.eval_every={args.iterations}",
-            *mode_overrides(mode, args.tail_temperature, args.token_budget)]))
+            *([] if args.sampling_rounds is None else [f"rl.dynamic_sampling_rounds={args.sampling_rounds}"]),
+            *mode_overrides(mode, args, tail_file)]))
         run_rl(cfg, model)
         rows[mode] = iteration_figures(cfg)
     keys = list(next(iter(rows.values())))

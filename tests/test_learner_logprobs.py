@@ -73,3 +73,22 @@ def test_response_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_d
         terms = text_config.vocab_size + text_config.hidden_size
         torch.testing.assert_close(chunked_grads[name], want, rtol=0, atol=float32_tolerance(want, terms),
                                    msg=name)
+
+
+def test_the_first_steps_forward_pass_gives_log_pi_old_as_a_separate_no_grad_pass_would(tiny_model_dir):
+    """The learner takes log π_old from its first optimizer step's forward passes (training mode,
+    autograd on) instead of a separate pass before it (evaluation mode, no autograd): the two
+    agree, because the step is taken only after the last micro-batch and no layer of a
+    supported family behaves differently in training."""
+    model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
+    family = family_of(model)
+    sequences = [encode_trajectory(t, processor, family) for t in _trajectories(model.config)]
+    model.train()
+    first_step = response_logprobs(model, sequences, family)
+    assert all(lp.requires_grad for lp in first_step)
+    model.eval()
+    with torch.no_grad():
+        separate = response_logprobs(model, sequences, family)
+    vocab = model.config.text_config.vocab_size
+    for got, want in zip(first_step, separate, strict=True):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=float32_tolerance(want, vocab))

@@ -75,3 +75,29 @@ def test_an_iterations_metrics_count_responses_cut_at_the_limit_and_ended_as_loo
     finishes = ["stop", "length", REPEAT, REPEAT]
     metrics = rollout_metrics([Trajectory(0, [1], [2, 3], [-0.1, -0.1], f) for f in finishes], 0.0)
     assert (metrics["truncated_fraction"], metrics["repeat_fraction"]) == (0.25, 0.5)
+
+
+class Rendered:
+    """The one call of a processor that ``generation_requests`` makes: the chat's last text."""
+
+    @staticmethod
+    def apply_chat_template(messages, tokenize: bool, add_generation_prompt: bool) -> str:
+        return messages[-1]["content"]
+
+
+def test_continuations_ask_one_more_segment_of_each_unfinished_response_within_the_limit():
+    """``rollout.token_budget=4`` of ``max_new_tokens=10``: a response 4 tokens long may grow by 4,
+    one 8 long only by the 2 left; finished responses ask nothing. One sample each, whatever
+    the call's n, behind the prompt's own text."""
+    from kimivl_rl.config import load_config
+    from kimivl_rl.data.rows import Example
+    from kimivl_rl.system.controller import continuation_requests
+
+    cfg = load_config(None, ["rollout.token_budget=4", "rollout.max_new_tokens=10", "rl.max_staleness=2"])
+    prompts = [Example([{"role": "user", "content": f"q{i}"}], [], "1", None, None, f"f:{i}")
+               for i in range(3)]
+    waiting = [PartialGroup(2, [sample([1, 2, 3, 4], UNFINISHED), sample([5], "stop")], version=0),
+               PartialGroup(0, [sample([6] * 8, UNFINISHED), sample([7] * 4, UNFINISHED)], version=1)]
+    requests = continuation_requests(cfg, Rendered(), prompts, waiting)
+    assert [(r.prompt, r.continuation, r.max_new_tokens, r.n) for r in requests] == [
+        ("q2", [1, 2, 3, 4], 4, 1), ("q0", [6] * 8, 2, 1), ("q0", [7] * 4, 4, 1)]

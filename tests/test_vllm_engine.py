@@ -103,8 +103,9 @@ def test_reloaded_weights_change_what_the_engine_scores_and_log_no_warning(tiny_
 @pytest.mark.slow
 def test_a_continued_response_is_scored_as_if_generated_in_one_go(tiny_model_dir):
     """Partial rollouts: a response cut after 6 tokens and continued in a second call (its tokens
-    going back in as token ids, images expanded again by vLLM) carries log-probabilities equal to
-    the whole sequence's teacher-forced ones. The model is made peaked (its output layer scaled
+    going back in as token ids, images expanded again by vLLM), one sample beside fresh requests
+    of 3 samples each as the RL loop batches them, carries log-probabilities equal to the whole
+    sequence's teacher-forced ones. The model is made peaked (its output layer scaled
     up) so that a wrong prefix or position would show."""
     from dataclasses import replace
 
@@ -120,8 +121,12 @@ def test_a_continued_response_is_scored_as_if_generated_in_one_go(tiny_model_dir
     try:
         engine.load_weights(peaked)
         first = engine.generate(requests, n=1, temperature=1.0, max_new_tokens=6, seed=5)
-        rest = engine.generate([replace(r, continuation=f[0].token_ids, max_new_tokens=10)
-                                for r, f in zip(requests, first)], n=1, temperature=1.0, seed=9)
+        mixed = engine.generate([*(replace(r, continuation=f[0].token_ids, max_new_tokens=10, n=1)
+                                   for r, f in zip(requests, first)), *requests],
+                                n=3, temperature=1.0, seed=9)
+        rest, fresh = mixed[:len(requests)], mixed[len(requests):]
+        assert [len(g) for g in rest] == [1] * len(requests)
+        assert [len(g) for g in fresh] == [3] * len(requests)
         forced = []
         for request, head, tail in zip(requests, first, rest):
             head, tail = head[0], tail[0]

@@ -34,6 +34,7 @@ class GenerationRequest:
     # samples hold only the new tokens (partial rollouts).
     continuation: list[int] = field(default_factory=list)
     max_new_tokens: Optional[int] = None  # this request's limit; None: the call's
+    n: Optional[int] = None               # this request's number of samples; None: the call's
 
 
 @dataclass
@@ -161,12 +162,12 @@ class VLLMEngine:
     def generate(self, requests: list[GenerationRequest], *, n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_new_tokens: int = 256, seed: Optional[int] = None,
                  progress: bool = False) -> list[list[Sample]]:
-        """``n`` samples for each request, in request order."""
+        """``n`` samples for each request (or the request's own ``n``), in request order."""
         from vllm import SamplingParams
 
         # One seed per request: its samples depend on the call's seed and its place in the call,
         # not on the engine's history, so a resumed run samples what the uninterrupted one did.
-        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
+        params = [SamplingParams(n=r.n or n, temperature=temperature, top_p=top_p,
                                  max_tokens=r.max_new_tokens or max_new_tokens,
                                  seed=None if seed is None else seed * 100_003 + i, logprobs=0,
                                  logit_bias=self._banned or None) for i, r in enumerate(requests)]

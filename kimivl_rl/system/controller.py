@@ -6,9 +6,9 @@
 
 With ``rl.max_staleness: 1`` or more (``CollectAhead``) the next iteration's groups are collected
 while the learner trains; with ``rollout.token_budget`` responses that outgrow it are continued
-in later iterations (``Groups.continue_partial``). The actors themselves live in
-``kimivl_rl/system/actors.py``. A dead learner group is rebuilt from the last complete checkpoint
-(``LearnerRecovery``); a rerun continues from it too. An actor
+in later iterations, beside new responses in one engine call (``Groups.roll_out``). The actors
+themselves live in ``kimivl_rl/system/actors.py``. A dead learner group is rebuilt from the last
+complete checkpoint (``LearnerRecovery``); a rerun continues from it too. An actor
 that no live node can host any more (its node left, and no other has its resources) stops the
 run with ``RunStopped``, which says where the rerun resumes.
 """
@@ -22,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -37,7 +37,7 @@ from kimivl_rl.infra.ray_runtime import init_ray
 from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
                                     wait_all, wait_one)
 from kimivl_rl.reward.service import count_reasons
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
@@ -107,53 +107,42 @@ class Groups:
         return cls(state["chosen"], trajectories, state["rounds"], state["timings"], partial)
 
     def roll_out(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                 chosen: list[int], iteration: int, partial: PartialRollouts
-                 ) -> tuple[list[int], list[Trajectory]]:
-        """Generate k samples for each chosen prompt, up to ``rollout.token_budget`` tokens; score
-        and keep the groups that finished, hold the others back in ``partial``. Returns the
-        prompts and trajectories kept."""
+                 chosen: list[int], iteration: int, partial: PartialRollouts,
+                 waiting: Sequence[PartialGroup] = ()) -> tuple[list[int], list[Trajectory]]:
+        """Generate k samples for each chosen prompt, and continue the ``waiting`` groups' partial
+        responses by one more segment, in one engine call: the continuations fill the batch beside
+        the new responses instead of running as a tail of their own. Every response grows by at
+        most ``rollout.token_budget`` tokens. Score and keep the groups that finished, hold the
+        others back in ``partial``. Returns the prompts and trajectories kept."""
         started, version = time.perf_counter(), actors.weights_version
         seed = cfg.seed * 100_003 + iteration + self.rounds * 1_000_003
-        samples = generate(actors, cfg, generation_requests([prompts[i] for i in chosen], processor),
-                           cfg.rl.samples_per_prompt, cfg.rollout.temperature, seed=seed,
-                           max_new_tokens=cfg.rollout.token_budget or cfg.rollout.max_new_tokens)
+        requests = [*generation_requests([prompts[i] for i in chosen], processor),
+                    *continuation_requests(cfg, processor, prompts, waiting)]
+        outputs = generate(actors, cfg, requests, cfg.rl.samples_per_prompt, cfg.rollout.temperature,
+                           seed=seed, max_new_tokens=cfg.rollout.token_budget or cfg.rollout.max_new_tokens)
         self.timings["time_generate_s"] += time.perf_counter() - started
         self.rounds += 1
         groups = [PartialGroup(index, [_marked(cfg, s) for s in group], version)
-                  for index, group in zip(chosen, samples)]
-        partial.groups += [g for g in groups if g.unfinished()]
-        return self._keep(actors, cfg, prompts, [g for g in groups if not g.unfinished()])
-
-    def continue_partial(self, actors: RLActors, cfg: Config, processor, prompts: list[Example],
-                         iteration: int, partial: PartialRollouts
-                         ) -> tuple[list[int], list[Trajectory], list[int]]:
-        """Continue every held-back response by one more segment under the current weights;
-        score and keep the groups that finish. Groups too stale to train at ``iteration`` are
-        given up first. Returns the prompts and trajectories kept, and the prompts to sample
-        again (``rollout.stale_partial: regenerate``)."""
-        stale = partial.take_stale(iteration, cfg.rl.max_staleness)
-        self.partial["stale_groups"] += len(stale)
-        again = [g.prompt_index for g in stale] if cfg.rollout.stale_partial == "regenerate" else []
-        waiting, partial.groups = partial.groups, []
-        if not waiting:
-            return [], [], again
-        started = time.perf_counter()
-        rendered = generation_requests([prompts[g.prompt_index] for g in waiting], processor)
-        requests = [replace(request, continuation=g.samples[i].token_ids,
-                            max_new_tokens=min(cfg.rollout.token_budget,
-                                               cfg.rollout.max_new_tokens - len(g.samples[i].token_ids)))
-                    for g, request in zip(waiting, rendered) for i in g.unfinished()]
-        segments = iter(generate(actors, cfg, requests, 1, cfg.rollout.temperature,
-                                 seed=cfg.seed * 100_003 + iteration + 7_000_001))
-        self.timings["time_generate_s"] += time.perf_counter() - started
+                  for index, group in zip(chosen, outputs)]
+        segments = iter(outputs[len(chosen):])
         for group in waiting:
             self.partial["carried_tokens"] += group.tokens()
             for i in group.unfinished():
                 group.samples[i] = _marked(cfg, extend(group.samples[i], next(segments)[0]))
-        partial.groups = [g for g in waiting if g.unfinished()]
-        done = [g for g in waiting if not g.unfinished()]
-        self.partial["partial_groups"] += len(done)
-        return (*self._keep(actors, cfg, prompts, done), again)
+        self.partial["partial_groups"] += sum(not g.unfinished() for g in waiting)
+        partial.groups += [g for g in [*waiting, *groups] if g.unfinished()]
+        return self._keep(actors, cfg, prompts, [g for g in [*waiting, *groups] if not g.unfinished()])
+
+    def take_waiting(self, cfg: Config, iteration: int, partial: PartialRollouts
+                     ) -> tuple[list[PartialGroup], list[int]]:
+        """The held-back groups to continue at ``iteration``, and the prompts to sample again:
+        groups too stale to train there are given up first (sampled again under
+        ``rollout.stale_partial: regenerate``)."""
+        stale = partial.take_stale(iteration, cfg.rl.max_staleness)
+        self.partial["stale_groups"] += len(stale)
+        again = [g.prompt_index for g in stale] if cfg.rollout.stale_partial == "regenerate" else []
+        waiting, partial.groups = partial.groups, []
+        return waiting, again
 
     def _keep(self, actors: RLActors, cfg: Config, prompts: list[Example],
               done: list[PartialGroup]) -> tuple[list[int], list[Trajectory]]:
@@ -178,20 +167,30 @@ def _marked(cfg: Config, sample: Sample) -> Sample:
                         max_new_tokens=cfg.rollout.max_new_tokens, stop_repeats=cfg.rollout.stop_repeats)
 
 
+def continuation_requests(cfg: Config, processor, prompts: list[Example],
+                          waiting: Sequence[PartialGroup]) -> list[GenerationRequest]:
+    """One request per unfinished response of the ``waiting`` groups: its prompt, the tokens so
+    far, and room for one more segment within ``rollout.max_new_tokens``."""
+    rendered = generation_requests([prompts[g.prompt_index] for g in waiting], processor)
+    return [replace(request, continuation=g.samples[i].token_ids, n=1,
+                    max_new_tokens=min(cfg.rollout.token_budget,
+                                       cfg.rollout.max_new_tokens - len(g.samples[i].token_ids)))
+            for g, request in zip(waiting, rendered) for i in g.unfinished()]
+
+
 def collect_groups(actors: RLActors, cfg: Config, processor, prompts: list[Example],
                    sampler: PromptSampler, iteration: int, partial: PartialRollouts) -> Groups:
-    """Held-back partial responses are continued first. Then dynamic sampling (DAPO): draw
-    ``prompts_per_iteration`` prompts, and while fewer groups than that have differing task
-    rewards, draw as many again, up to ``rl.dynamic_sampling_rounds`` more times. Every group
-    updates the sampler once it has finished."""
+    """Dynamic sampling (DAPO): draw ``prompts_per_iteration`` prompts, and while fewer groups
+    than that have differing task rewards, draw as many again, up to
+    ``rl.dynamic_sampling_rounds`` more times. Held-back partial responses are continued in the
+    first round. Every group updates the sampler once it has finished."""
     groups = Groups()
-    *kept, again = groups.continue_partial(actors, cfg, processor, prompts, iteration, partial)
-    _update_sampler(sampler, *kept)
+    waiting, again = groups.take_waiting(cfg, iteration, partial)
     while True:
         chosen = again + sampler.sample(iteration, cfg.rl.prompts_per_iteration)
-        again = []
         _update_sampler(sampler, *groups.roll_out(actors, cfg, processor, prompts, chosen, iteration,
-                                                  partial))
+                                                  partial, waiting))
+        again, waiting = [], ()
         informative = len({t.prompt_index for t in informative_groups(groups.trajectories)})
         if (informative >= cfg.rl.prompts_per_iteration
                 or groups.rounds > cfg.rl.dynamic_sampling_rounds):

@@ -2,12 +2,14 @@
 
 Each rank gets the whole iteration's trajectories (one object-store reference), takes its
 shard, and:
-  1. computes log π_old of the sampled tokens with its current weights (the rollout policy
-     when samples are fresh: the engines are synced after every update; with
-     ``rl.max_staleness`` they may be older, which ``rl.truncated_is_cap`` corrects for);
-  2. computes advantages over the whole batch with the loss's registered estimator;
-  3. takes ``rl.updates_per_iteration`` optimizer steps on the registered loss, over
-     micro-batches packed up to ``rl.micro_batch_tokens`` tokens.
+  1. computes advantages over the whole batch with the loss's registered estimator;
+  2. takes ``rl.updates_per_iteration`` optimizer steps on the registered loss, over
+     micro-batches packed up to ``rl.micro_batch_tokens`` tokens. log π_old of the sampled
+     tokens (its weights before the iteration: the rollout policy when samples are fresh, as
+     the engines are synced after every update; with ``rl.max_staleness`` the samples may be
+     older, which ``rl.truncated_is_cap`` corrects for) comes from the first step's forward
+     passes, which all run under those weights (the step is taken after the last micro-batch),
+     as verl does on-policy: no extra forward pass.
 Only response tokens carry loss. The loss is normalised by the global count of responses or
 tokens, so the update does not depend on how the batch is split over ranks and micro-batches.
 """
@@ -146,13 +148,6 @@ class LearnerWorker:
         batches = [[sequences[i] for i in g] for g in groups]
         return batches + [None] * (int(count) - len(batches))
 
-    @torch.no_grad()
-    def _logprobs(self, batches) -> list[torch.Tensor]:
-        self.engine.module.eval()
-        out = [lp for b in batches if b for lp in response_logprobs(self.engine.module, b, self.family)]
-        self.engine.module.train()
-        return out
-
     def learn(self, trajectories: list[Trajectory]) -> dict[str, float]:
         """One RL iteration's update; returns metrics averaged over ranks."""
         if self.cfg.rl.reset_optimizer_each_iteration:
@@ -164,35 +159,40 @@ class LearnerWorker:
                                           sum(len(t.response_token_ids) for t in trajectories))
         mine = [trajectories[i] for i in range(self.rank, len(trajectories), self.world)]
         batches = self._micro_batches(self._encode(mine))
-        old = self._logprobs(batches)
         my_advantages = advantages[self.rank::self.world]
-        mismatch = rollout_mismatch(mine, old)
         # the engines' log-probs, for the truncated importance weight only
         sampled = [torch.tensor(t.rollout_logprobs) for t in mine] if self.loss_cfg.is_cap else None
+        old: Optional[list[torch.Tensor]] = None
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
-            metrics = self._update(batches, old, sampled, my_advantages, normalizer)
-        return {**metrics, "rollout_logprob_diff_abs_mean": mismatch}
+            metrics, old = self._update(batches, old, sampled, my_advantages, normalizer)
+        return {**metrics, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old)}
 
-    def _update(self, batches, old: list[torch.Tensor], sampled: Optional[list[torch.Tensor]],
-                advantages: torch.Tensor, normalizer: float) -> dict[str, float]:
+    def _update(self, batches, old: Optional[list[torch.Tensor]], sampled: Optional[list[torch.Tensor]],
+                advantages: torch.Tensor, normalizer: float
+                ) -> tuple[dict[str, float], list[torch.Tensor]]:
         """One optimizer step over the micro-batches; ``old`` are this rank's responses'
-        log-probs before the update, ``sampled`` the rollout engine's (None: not needed), in the
-        same order."""
+        log-probs before the iteration's first step (None: this is that step, and its forward
+        passes give them), ``sampled`` the rollout engine's (None: not needed), in the same
+        order. Returns the metrics and ``old``."""
         sums = dict.fromkeys(LOSS_METRICS, 0.0)
-        offset = 0
+        offset, first_pass = 0, []
         for i, batch in enumerate(batches):
             self.engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             sequences = batch or next(b for b in batches if b)
             weight = 1.0 if batch else 0.0
             n = len(sequences)
-            new_lp, mask = pad_rows(response_logprobs(self.engine, sequences, self.family))
+            logprobs = response_logprobs(self.engine, sequences, self.family)
+            new_lp, mask = pad_rows(logprobs)
             rows = slice(offset, offset + n) if batch else slice(0, n)
-            old_lp, _ = pad_rows(old[rows])
+            if old is None:
+                old_lp = new_lp.detach()
+                first_pass += [lp.detach() for lp in logprobs] if batch else []
+            else:
+                old_lp = pad_rows(old[rows])[0].to(new_lp.device)
             sampled_lp = pad_rows(sampled[rows])[0].to(new_lp.device) if sampled else None
-            loss, parts = self.loss.fn(new_lp, old_lp.to(new_lp.device), mask,
-                                       advantages[rows].to(new_lp.device), normalizer, self.loss_cfg,
-                                       rollout_logprobs=sampled_lp)
+            loss, parts = self.loss.fn(new_lp, old_lp, mask, advantages[rows].to(new_lp.device),
+                                       normalizer, self.loss_cfg, rollout_logprobs=sampled_lp)
             # DeepSpeed averages gradients over ranks; the loss is already a global mean.
             self.engine.backward(loss * weight * self.world)
             self.engine.step()
@@ -203,8 +203,8 @@ class LearnerWorker:
         dist.all_reduce(totals)
         *summed, responses = totals.tolist()
         # the loss is already a global mean; the others are per-response means
-        return {key: value if key == "loss" else value / max(1.0, responses)
-                for key, value in zip(sums, summed)}
+        return ({key: value if key == "loss" else value / max(1.0, responses)
+                 for key, value in zip(sums, summed)}, first_pass if old is None else old)
 
     # ------------------------------------------------------------------ weights and state
 
