@@ -1,5 +1,5 @@
 """Rollouts overlapped with learning, and partial rollouts, measured: RL from one checkpoint
-in four modes, the same config otherwise, in one run:
+in five modes, the same config otherwise, in one run:
 
 - ``sync``: ``rl.max_staleness=0`` (generate, score, learn, sync in turn);
 - ``async``: ``rl.max_staleness=1`` (the next iteration's groups collected while the learner trains);
@@ -9,6 +9,8 @@ in four modes, the same config otherwise, in one run:
   on some samples it answers them with digits up to ``rollout.max_new_tokens=--tail-max-tokens``
   while the rest stop after about 100 tokens. Uniform prompt sampling keeps the share fixed,
   ``rl.max_staleness`` leaves room for a response to be carried to the limit.
+- ``tail+partial+repeats``: as ``tail+partial``, with repeat detection (``rollout.stop_repeats=3``:
+  a response whose segment ends in one n-gram three times over is ended there, k1.5's rule).
 
 ``--sampling-rounds N`` sets ``rl.dynamic_sampling_rounds`` in every mode (0: one round of
 prompts per iteration, so that iterations generate equal amounts whatever the rewards).
@@ -19,7 +21,7 @@ then the async/sync and partial/whole ratios. On 2 CPUs give learner and rollout
 the overlap is real:
 
     .venv/bin/python bench/rl_async.py --model runs/tiny/out/sft_long_cot/model \\
-        [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial] \\
+        [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial,tail+partial+repeats] \\
         cluster.learner_threads=1 cluster.rollout_threads=1 [KEY=VALUE ...]
 
 Each mode writes to <output.dir>/bench_async/<mode>/ (the long-tailed prompts to
@@ -52,7 +54,8 @@ def iteration_figures(cfg) -> dict:
             "rollout_idle": sum(r["rollout_idle_s"] for r in trains) / seconds,
             "staleness": sum(r["staleness_mean"] for r in trains) / len(trains),
             "partial_share": sum(r["partial_groups"] for r in trains)
-            / max(1, sum(len(r["sampled_prompts"]) for r in trains))}
+            / max(1, sum(len(r["sampled_prompts"]) for r in trains)),
+            "repeat_share": sum(r["repeat_fraction"] for r in trains) / len(trains)}
 
 
 def long_tail_prompts(cfg, share: float, directory: Path) -> Path:
@@ -78,7 +81,12 @@ def mode_overrides(mode: str, args, tail_file: Path) -> list[str]:
             f"rollout.max_new_tokens={args.tail_max_tokens}",
             f"rl.max_staleness={-(-args.tail_max_tokens // args.token_budget) + 1}"]
     return {"sync": ["rl.max_staleness=0"], "async": ["rl.max_staleness=1"], "tail": tail,
-            "tail+partial": [*tail, f"rollout.token_budget={args.token_budget}"]}[mode]
+            "tail+partial": [*tail, f"rollout.token_budget={args.token_budget}"],
+            "tail+partial+repeats": [*tail, f"rollout.token_budget={args.token_budget}",
+                                     "rollout.stop_repeats=3"]}[mode]
+
+
+RATIOS = (("async", "sync"), ("tail+partial", "tail"), ("tail+partial+repeats", "tail+partial"))
 
 
 def main() -> None:
@@ -86,7 +94,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--config", default="configs/tiny.yaml")
     parser.add_argument("--iterations", type=int, default=12)
-    parser.add_argument("--modes", default="sync,async,tail,tail+partial")
+    parser.add_argument("--modes", default="sync,async,tail,tail+partial,tail+partial+repeats")
     parser.add_argument("--sampling-rounds", type=int, default=None)
     parser.add_argument("--tail-share", type=float, default=0.2)
     parser.add_argument("--tail-max-tokens", type=int, default=1024)
@@ -108,13 +116,14 @@ def main() -> None:
         run_rl(cfg, model)
         rows[mode] = iteration_figures(cfg)
     keys = list(next(iter(rows.values())))
-    print(f"\n{'mode':<14}" + "".join(f"{k:>14}" for k in keys))
+    ratios = [(new, old) for new, old in RATIOS if new in rows and old in rows]
+    width = max(len(label) for label in [*rows, *(f"{new}/{old}" for new, old in ratios)]) + 2
+    print(f"\n{'mode':<{width}}" + "".join(f"{k:>14}" for k in keys))
     for mode, row in rows.items():
-        print(f"{mode:<14}" + "".join(f"{row[k]:>14.3f}" for k in keys))
-    for new, old in (("async", "sync"), ("tail+partial", "tail")):
-        if new in rows and old in rows:
-            print(f"{new + '/' + old:<14}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>14.3f}"
-                                                    for k in keys[:4]))
+        print(f"{mode:<{width}}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+    for new, old in ratios:
+        print(f"{new + '/' + old:<{width}}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>14.3f}"
+                                                      for k in keys[:4]))
 
 
 if __name__ == "__main__":
