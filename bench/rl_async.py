@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -79,7 +80,8 @@ def long_tail_prompts(cfg, share: float, directory: Path) -> Path:
 def mode_overrides(mode: str, args, tail_file: Path) -> list[str]:
     tail = [f"rl.train_file={tail_file}", "sampler.mode=uniform",
             f"rollout.max_new_tokens={args.tail_max_tokens}",
-            f"rl.max_staleness={-(-args.tail_max_tokens // args.token_budget) + 1}"]
+            # a response may need ceil(limit / budget) segments, one iteration each
+            f"rl.max_staleness={math.ceil(args.tail_max_tokens / args.token_budget) + 1}"]
     return {"sync": ["rl.max_staleness=0"], "async": ["rl.max_staleness=1"], "tail": tail,
             "tail+partial": [*tail, f"rollout.token_budget={args.token_budget}"],
             "tail+partial+repeats": [*tail, f"rollout.token_budget={args.token_budget}",

@@ -37,3 +37,17 @@ def test_rl_checkpoint_dirs_are_the_directories_it_names_oldest_first(tmp_path):
     (layout.rl_checkpoints / "iter_000003").write_text("x")    # a file
     (layout.rl_checkpoints / "iter_000004").symlink_to(tmp_path)  # a link elsewhere
     assert layout.rl_checkpoint_dirs() == [layout.rl_checkpoint(2), layout.rl_checkpoint(10)]
+
+
+def test_unfinished_rl_checkpoints_are_only_the_staging_directories_atomic_dir_names(tmp_path):
+    """What a killed run left half-written is removed on the next save; a user's directory that
+    merely looks similar is not among it."""
+    from kimivl_rl.infra.checkpoint import atomic_dir
+
+    layout = OutputLayout.of(load_config(None, [f"output.dir={tmp_path}"]))
+    with atomic_dir(layout.rl_checkpoint(7)) as staging:
+        assert layout.unfinished_rl_checkpoints() == [staging]
+        (layout.rl_checkpoints / ".iter_notes.tmp-backup").mkdir()       # a user's
+        (layout.rl_checkpoints / ".iter_000008.tmp-12").write_text("x")   # a file
+        assert layout.unfinished_rl_checkpoints() == [staging]
+    assert layout.unfinished_rl_checkpoints() == []

@@ -79,3 +79,9 @@ class OutputLayout:
         under ``rl_checkpoints`` is not ours)."""
         return sorted(p for p in self.rl_checkpoints.glob("iter_*")
                       if re.fullmatch(r"iter_\d{6,}", p.name) and p.is_dir() and not p.is_symlink())
+
+    def unfinished_rl_checkpoints(self) -> list[Path]:
+        """Checkpoints a killed run left half-written: directories named as ``atomic_dir`` names
+        its staging (``.iter_000012.tmp-<pid>``); anything else under ``rl_checkpoints`` is not ours."""
+        return [p for p in self.rl_checkpoints.glob(".iter_*.tmp-*")
+                if re.fullmatch(r"\.iter_\d{6,}\.tmp-\d+", p.name) and p.is_dir() and not p.is_symlink()]

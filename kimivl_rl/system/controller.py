@@ -403,7 +403,7 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
     checkpoint into a model.
     ``written(seconds)`` runs once every file is on disk, before the checkpoint is published."""
     layout = OutputLayout.of(cfg)
-    root, final = layout.rl_checkpoints, layout.rl_checkpoint(iteration)
+    final = layout.rl_checkpoint(iteration)
     started = time.perf_counter()
     with atomic_dir(final, lambda: written(time.perf_counter() - started)) as staging:
         wait_all([l.save.remote(str(staging)) for l in actors.learners], "learner",
@@ -416,7 +416,7 @@ def save_checkpoint(actors: RLActors, cfg: Config, iteration: int, sampler: Prom
     published = [d for d in layout.rl_checkpoint_dirs() if (d / MANIFEST).is_file()]
     for old in published[:-cfg.output.keep_last_checkpoints]:
         shutil.rmtree(old)
-    for unfinished in root.glob(".iter_*.tmp-*"):  # left by a run killed while writing
+    for unfinished in layout.unfinished_rl_checkpoints():
         shutil.rmtree(unfinished, ignore_errors=True)
     return final
 
