@@ -15,10 +15,11 @@ in five modes, the same config otherwise, in one run:
 ``--sampling-rounds N`` sets ``rl.dynamic_sampling_rounds`` in every mode (0: one round of
 prompts per iteration, so that iterations generate equal amounts whatever the rewards).
 
-Prints per mode the wall time per iteration, finished samples per second, the learner's and
-rollouts' idle shares, mean staleness and the share of groups finished from carried responses,
-then the async/sync and partial/whole ratios. On 2 CPUs give learner and rollout a core each so
-the overlap is real:
+Prints per mode the wall time per iteration (also without the first), finished samples per second, the learner's and
+rollouts' idle shares, seconds per sampling round and per trained response, mean staleness and
+the share of groups finished from carried responses, then the async/sync and partial/whole
+ratios, and the async/sync ratio that perfect overlap of the sync run's own phase times would
+give (``overlap_bound``). On 2 CPUs give learner and rollout a core each so the overlap is real:
 
     .venv/bin/python bench/rl_async.py --model runs/tiny/out/sft_long_cot/model \\
         [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial,tail+partial+repeats] \\
@@ -45,18 +46,41 @@ from kimivl_rl.system.controller import run_rl
 
 
 def iteration_figures(cfg) -> dict:
-    """Means over the run's iterations: seconds, samples per second, idle shares."""
-    trains = [r for r in read_jsonl(OutputLayout.of(cfg).metrics("rl")) if "time_iteration_s" in r]
+    """Means over the run's iterations: seconds, samples per second, idle shares, and the unit
+    costs of both sides (seconds per sampling round, per trained response), which show how much
+    rollout and learner slow each other when they run at once."""
+    trains = training_rows(cfg)
     seconds = sum(r["time_iteration_s"] for r in trains)
     return {"s_per_iter": seconds / len(trains),
+            # the first iteration of rl.max_staleness=1 collects alone: the pipeline filling
+            "s_per_iter_2+": (seconds - trains[0]["time_iteration_s"]) / max(1, len(trains) - 1),
             "samples_per_s": sum(len(r["sampled_prompts"]) for r in trains)
             * cfg.rl.samples_per_prompt / seconds,
             "learner_idle": sum(r["learner_idle_s"] for r in trains) / seconds,
             "rollout_idle": sum(r["rollout_idle_s"] for r in trains) / seconds,
+            "s_per_round": sum(r["time_generate_s"] for r in trains)
+            / sum(r["sampling_rounds"] for r in trains),
+            "s_per_response": sum(r["time_learn_s"] for r in trains)
+            / max(1, sum(r["learner_responses"] for r in trains)),
             "staleness": sum(r["staleness_mean"] for r in trains) / len(trains),
             "partial_share": sum(r["partial_groups"] for r in trains)
             / max(1, sum(len(r["sampled_prompts"]) for r in trains)),
             "repeat_share": sum(r["repeat_fraction"] for r in trains) / len(trains)}
+
+
+def training_rows(cfg) -> list[dict]:
+    return [r for r in read_jsonl(OutputLayout.of(cfg).metrics("rl")) if "time_iteration_s" in r]
+
+
+def overlap_bound(cfg) -> float:
+    """The wall time ``rl.max_staleness=1`` would take for this synchronous run's work on cores
+    that do not slow each other, over the time it took: the first collection alone, then each
+    update overlapped with the next iteration's collection, then the weight sync."""
+    trains = training_rows(cfg)
+    collect = [r["time_generate_s"] + r["time_reward_s"] for r in trains] + [0.0]
+    ideal = collect[0] + sum(max(collect[i + 1], r["time_learn_s"]) + r["time_sync_s"]
+                             for i, r in enumerate(trains))
+    return ideal / sum(r["time_iteration_s"] for r in trains)
 
 
 def long_tail_prompts(cfg, share: float, directory: Path) -> Path:
@@ -88,6 +112,7 @@ def mode_overrides(mode: str, args, tail_file: Path) -> list[str]:
                                      "rollout.stop_repeats=3"]}[mode]
 
 
+RATIO_COLUMNS = 7  # time and rates; the rest are shares
 RATIOS = (("async", "sync"), ("tail+partial", "tail"), ("tail+partial+repeats", "tail+partial"))
 
 
@@ -107,7 +132,7 @@ def main() -> None:
     ensure_data(base, progress=False)
     model = str(Path(args.model).resolve())
     tail_file = long_tail_prompts(base, args.tail_share, Path(base.output.dir) / "bench_async" / "long_tail")
-    rows = {}
+    rows, configs = {}, {}
     for mode in args.modes.split(","):
         out = Path(base.output.dir) / "bench_async" / mode
         cfg = with_absolute_paths(load_config(args.config, [
@@ -116,16 +141,19 @@ def main() -> None:
             *([] if args.sampling_rounds is None else [f"rl.dynamic_sampling_rounds={args.sampling_rounds}"]),
             *mode_overrides(mode, args, tail_file)]))
         run_rl(cfg, model)
-        rows[mode] = iteration_figures(cfg)
+        rows[mode], configs[mode] = iteration_figures(cfg), cfg
     keys = list(next(iter(rows.values())))
     ratios = [(new, old) for new, old in RATIOS if new in rows and old in rows]
     width = max(len(label) for label in [*rows, *(f"{new}/{old}" for new, old in ratios)]) + 2
-    print(f"\n{'mode':<{width}}" + "".join(f"{k:>14}" for k in keys))
+    print(f"\n{'mode':<{width}}" + "".join(f"{k:>16}" for k in keys))
     for mode, row in rows.items():
-        print(f"{mode:<{width}}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+        print(f"{mode:<{width}}" + "".join(f"{row[k]:>16.3f}" for k in keys))
     for new, old in ratios:
-        print(f"{new + '/' + old:<{width}}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>14.3f}"
-                                                      for k in keys[:4]))
+        print(f"{new + '/' + old:<{width}}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>16.3f}"
+                                                      for k in keys[:RATIO_COLUMNS]))
+    if "sync" in rows:
+        print(f"\nasync/sync bound for the sync run's phase times on independent cores: "
+              f"{overlap_bound(configs['sync']):.3f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ is exercised on CPU between two processes by tests/test_weight_sync.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -91,3 +92,19 @@ def test_weight_sync_bench_colocated_weight_tables():
         assert [slot.name for bucket in plan for slot in bucket] == [name for name, _, _ in specs]
         assert all(bucket_bytes(bucket) <= cap or len(bucket) == 1 for bucket in plan), size
         assert sum(math.prod(slot.shape) * 2 for bucket in plan for slot in bucket) == 2 * params
+
+
+def test_rl_async_overlap_bound_by_hand(tmp_path):
+    """Collections 4, 2, 3 s, updates 3, 3, 1 s, syncs 0.5 s: in turn 17.5 s; overlapped, the
+    first collection alone, then max(2, 3), max(3, 3), max(0, 1), each plus its sync: 12.5 s."""
+    from kimivl_rl.config import load_config
+    from kimivl_rl.infra.layout import OutputLayout
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output.dir={tmp_path}"])
+    rows = [{"step": step, "time_generate_s": c - 0.25, "time_reward_s": 0.25, "time_learn_s": l,
+             "time_sync_s": 0.5, "time_iteration_s": c + l + 0.5}
+            for step, (c, l) in enumerate([(4.0, 3.0), (2.0, 3.0), (3.0, 1.0)])]
+    path = OutputLayout.of(cfg).metrics("rl")
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, {"step": 3, "eval_reward": 0.5}]))
+    assert bench_module("rl_async").overlap_bound(cfg) == pytest.approx(12.5 / 17.5, rel=1e-12)
