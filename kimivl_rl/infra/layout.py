@@ -77,11 +77,14 @@ class OutputLayout:
     def rl_checkpoint_dirs(self) -> list[Path]:
         """The directories named as ``rl_checkpoint`` names them, oldest first (anything else
         under ``rl_checkpoints`` is not ours)."""
-        return sorted(p for p in self.rl_checkpoints.glob("iter_*")
-                      if re.fullmatch(r"iter_\d{6,}", p.name) and p.is_dir() and not p.is_symlink())
+        return sorted(self._own_dirs("iter_*", r"iter_\d{6,}"))
 
     def unfinished_rl_checkpoints(self) -> list[Path]:
         """Checkpoints a killed run left half-written: directories named as ``atomic_dir`` names
         its staging (``.iter_000012.tmp-<pid>``); anything else under ``rl_checkpoints`` is not ours."""
-        return [p for p in self.rl_checkpoints.glob(".iter_*.tmp-*")
-                if re.fullmatch(r"\.iter_\d{6,}\.tmp-\d+", p.name) and p.is_dir() and not p.is_symlink()]
+        return self._own_dirs(".iter_*.tmp-*", r"\.iter_\d{6,}\.tmp-\d+")
+
+    def _own_dirs(self, pattern: str, name: str) -> list[Path]:
+        """Real directories (no symlinks) under ``rl_checkpoints`` whose whole name matches ``name``."""
+        return [p for p in self.rl_checkpoints.glob(pattern)
+                if re.fullmatch(name, p.name) and p.is_dir() and not p.is_symlink()]

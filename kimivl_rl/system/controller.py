@@ -130,8 +130,9 @@ class Groups:
             for i in group.unfinished():
                 group.samples[i] = _marked(cfg, extend(group.samples[i], next(segments)[0]))
         self.partial["partial_groups"] += sum(not g.unfinished() for g in waiting)
-        partial.groups += [g for g in [*waiting, *groups] if g.unfinished()]
-        return self._keep(actors, cfg, prompts, [g for g in [*waiting, *groups] if not g.unfinished()])
+        grown = [*waiting, *groups]
+        partial.groups += [g for g in grown if g.unfinished()]
+        return self._keep(actors, cfg, prompts, [g for g in grown if not g.unfinished()])
 
     def take_waiting(self, cfg: Config, iteration: int, partial: PartialRollouts
                      ) -> tuple[list[PartialGroup], list[int]]:
