@@ -15,11 +15,12 @@ in five modes, the same config otherwise, in one run:
 ``--sampling-rounds N`` sets ``rl.dynamic_sampling_rounds`` in every mode (0: one round of
 prompts per iteration, so that iterations generate equal amounts whatever the rewards).
 
-Prints per mode the wall time per iteration (also without the first), finished samples per second, the learner's and
-rollouts' idle shares, seconds per sampling round and per trained response, mean staleness and
-the share of groups finished from carried responses, then the async/sync and partial/whole
-ratios, and the async/sync ratio that perfect overlap of the sync run's own phase times would
-give (``overlap_bound``). On 2 CPUs give learner and rollout a core each so the overlap is real:
+Prints per mode the wall time per iteration (also without the first), finished samples per
+second, the learner's and rollouts' idle shares, seconds per sampling round and per trained
+response, generated tokens per second of collection, mean staleness and the share of groups
+finished from carried responses, then the async/sync and partial/whole ratios, and the
+async/sync ratio that perfect overlap of the sync run's own phase times would give
+(``overlap_bound``). On 2 CPUs give learner and rollout a core each so the overlap is real:
 
     .venv/bin/python bench/rl_async.py --model runs/tiny/out/sft_long_cot/model \\
         [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial,tail+partial+repeats] \\
@@ -47,8 +48,9 @@ from kimivl_rl.system.controller import run_rl
 
 def iteration_figures(cfg) -> dict:
     """Means over the run's iterations: seconds, samples per second, idle shares, and the unit
-    costs of both sides (seconds per sampling round, per trained response), which show how much
-    rollout and learner slow each other when they run at once."""
+    costs of both sides (seconds per sampling round, per trained response, generated tokens per
+    second of collection), which show how much rollout and learner slow each other when they
+    run at once."""
     trains = training_rows(cfg)
     seconds = sum(r["time_iteration_s"] for r in trains)
     return {"s_per_iter": seconds / len(trains),
@@ -62,6 +64,9 @@ def iteration_figures(cfg) -> dict:
             / sum(r["sampling_rounds"] for r in trains),
             "s_per_response": sum(r["time_learn_s"] for r in trains)
             / max(1, sum(r["learner_responses"] for r in trains)),
+            # per generated token, unlike s_per_round, whatever the responses' lengths
+            "gen_tokens_per_s": sum(r["generated_tokens_per_s"] * r["time_generate_s"] for r in trains)
+            / sum(r["time_generate_s"] for r in trains),
             "staleness": sum(r["staleness_mean"] for r in trains) / len(trains),
             "partial_share": sum(r["partial_groups"] for r in trains)
             / max(1, sum(len(r["sampled_prompts"]) for r in trains)),
@@ -112,7 +117,7 @@ def mode_overrides(mode: str, args, tail_file: Path) -> list[str]:
                                      "rollout.stop_repeats=3"]}[mode]
 
 
-RATIO_COLUMNS = 7  # time and rates; the rest are shares
+RATIO_COLUMNS = 8  # time and rates; the rest are shares
 RATIOS = (("async", "sync"), ("tail+partial", "tail"), ("tail+partial+repeats", "tail+partial"))
 
 
@@ -145,12 +150,13 @@ def main() -> None:
     keys = list(next(iter(rows.values())))
     ratios = [(new, old) for new, old in RATIOS if new in rows and old in rows]
     width = max(len(label) for label in [*rows, *(f"{new}/{old}" for new, old in ratios)]) + 2
-    print(f"\n{'mode':<{width}}" + "".join(f"{k:>16}" for k in keys))
+    column = max(len(k) for k in keys) + 2
+    print(f"\n{'mode':<{width}}" + "".join(f"{k:>{column}}" for k in keys))
     for mode, row in rows.items():
-        print(f"{mode:<{width}}" + "".join(f"{row[k]:>16.3f}" for k in keys))
+        print(f"{mode:<{width}}" + "".join(f"{row[k]:>{column}.3f}" for k in keys))
     for new, old in ratios:
-        print(f"{new + '/' + old:<{width}}" + "".join(f"{rows[new][k] / max(1e-9, rows[old][k]):>16.3f}"
-                                                      for k in keys[:RATIO_COLUMNS]))
+        print(f"{new + '/' + old:<{width}}" + "".join(
+            f"{rows[new][k] / max(1e-9, rows[old][k]):>{column}.3f}" for k in keys[:RATIO_COLUMNS]))
     if "sync" in rows:
         print(f"\nasync/sync bound for the sync run's phase times on independent cores: "
               f"{overlap_bound(configs['sync']):.3f}")

@@ -94,17 +94,41 @@ def test_weight_sync_bench_colocated_weight_tables():
         assert sum(math.prod(slot.shape) * 2 for bucket in plan for slot in bucket) == 2 * params
 
 
-def test_rl_async_overlap_bound_by_hand(tmp_path):
-    """Collections 4, 2, 3 s, updates 3, 3, 1 s, syncs 0.5 s: in turn 17.5 s; overlapped, the
-    first collection alone, then max(2, 3), max(3, 3), max(0, 1), each plus its sync: 12.5 s."""
+def _rl_metrics(tmp_path, rows: list[dict]):
+    """A tiny config whose output.dir holds ``rows`` as its RL metrics, after an eval-only row."""
     from kimivl_rl.config import load_config
     from kimivl_rl.infra.layout import OutputLayout
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"output.dir={tmp_path}"])
-    rows = [{"step": step, "time_generate_s": c - 0.25, "time_reward_s": 0.25, "time_learn_s": l,
-             "time_sync_s": 0.5, "time_iteration_s": c + l + 0.5}
-            for step, (c, l) in enumerate([(4.0, 3.0), (2.0, 3.0), (3.0, 1.0)])]
     path = OutputLayout.of(cfg).metrics("rl")
     path.parent.mkdir(parents=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in [*rows, {"step": 3, "eval_reward": 0.5}]))
+    path.write_text("".join(json.dumps(row) + "\n" for row in [{"step": 0, "eval_reward": 0.5}, *rows]))
+    return cfg
+
+
+def test_rl_async_overlap_bound_by_hand(tmp_path):
+    """Collections 4, 2, 3 s, updates 3, 3, 1 s, syncs 0.5 s: in turn 17.5 s; overlapped, the
+    first collection alone, then max(2, 3), max(3, 3), max(0, 1), each plus its sync: 12.5 s."""
+    rows = [{"step": step, "time_generate_s": c - 0.25, "time_reward_s": 0.25, "time_learn_s": l,
+             "time_sync_s": 0.5, "time_iteration_s": c + l + 0.5}
+            for step, (c, l) in enumerate([(4.0, 3.0), (2.0, 3.0), (3.0, 1.0)], start=1)]
+    cfg = _rl_metrics(tmp_path, rows)
     assert bench_module("rl_async").overlap_bound(cfg) == pytest.approx(12.5 / 17.5, rel=1e-12)
+
+
+def test_rl_async_unit_costs_by_hand(tmp_path):
+    """Two iterations: 3 rounds in 6 s generating 600 tokens (100/s), then 1 round in 2 s
+    generating 400 (200/s): 2 s a round and 125 tokens/s; 48 responses learned in 4.8 s, 0.1 s
+    each; 10 prompts of 8 samples in 16 s of iterations, 5 samples/s."""
+    rows = [{"step": step, "time_iteration_s": 8.0, "time_generate_s": gen, "sampling_rounds": rounds,
+             "generated_tokens_per_s": rate, "time_learn_s": learn, "learner_responses": responses,
+             "sampled_prompts": list(range(prompts)), "learner_idle_s": 1.0, "rollout_idle_s": 2.0,
+             "staleness_mean": 1.0, "partial_groups": 0, "repeat_fraction": 0.0}
+            for step, (gen, rounds, rate, learn, responses, prompts)
+            in enumerate([(6.0, 3, 100.0, 2.4, 24, 6), (2.0, 1, 200.0, 2.4, 24, 4)], start=1)]
+    figures = bench_module("rl_async").iteration_figures(_rl_metrics(tmp_path, rows))
+    assert figures["s_per_round"] == pytest.approx(2.0, rel=1e-12)
+    assert figures["gen_tokens_per_s"] == pytest.approx(125.0, rel=1e-12)
+    assert figures["s_per_response"] == pytest.approx(0.1, rel=1e-12)
+    assert figures["samples_per_s"] == pytest.approx(5.0, rel=1e-12)
+    assert figures["s_per_iter"] == figures["s_per_iter_2+"] == 8.0
