@@ -64,7 +64,8 @@ def iteration_figures(cfg) -> dict:
             / sum(r["sampling_rounds"] for r in trains),
             "s_per_response": sum(r["time_learn_s"] for r in trains)
             / max(1, sum(r["learner_responses"] for r in trains)),
-            # per generated token, unlike s_per_round, whatever the responses' lengths
+            # unlike s_per_round, whatever the responses' lengths (with partial rollouts a carried
+            # response's tokens count in the iteration it finishes)
             "gen_tokens_per_s": sum(r["generated_tokens_per_s"] * r["time_generate_s"] for r in trains)
             / sum(r["time_generate_s"] for r in trains),
             "staleness": sum(r["staleness_mean"] for r in trains) / len(trains),
