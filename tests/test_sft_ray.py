@@ -14,7 +14,7 @@ import pytest
 
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
-from kimivl_rl.infra.layout import OutputLayout
+from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
 from sft.trainer import run_stage, train_stage
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,15 @@ def test_joint_then_long_cot_write_checkpoints_vllm_loads(tmp_path, tiny_model_d
     assert again == json.loads((OutputLayout.of(cfg).stage_summary("joint")).read_text())
 
 
+def _recorded_checkpoint(snapshot: Path) -> bool:
+    """Whether Ray Train's checkpoint manager snapshot names a latest checkpoint (a snapshot
+    being rewritten reads as not yet)."""
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir, small_data_dir):
     """Kill the whole run (driver and its local Ray cluster) part-way, rerun the same command."""
     overrides = [f"model.path={tiny_model_dir}", "model.init_if_missing=false",
@@ -85,8 +94,12 @@ def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     metrics = OutputLayout.of(cfg).metrics("joint")
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
+    snapshot = OutputLayout.of(cfg).ray_train("joint") / STAGE_DIRS["joint"] / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 400
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+    # Kill once Ray Train's controller has recorded a checkpoint: one a worker uploaded but the
+    # controller had not yet registered is, by Ray Train's rule, not resumed from.
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3
+                                          and _recorded_checkpoint(snapshot)):
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
     first.wait()
@@ -99,7 +112,7 @@ def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     resumed = records[len(steps_before):]
     total = records[0]["total_steps"]
     # It continued after a checkpoint (every 2 steps; the newest one may not have been
-    # persisted when the kill came) instead of starting over...
+    # recorded when the kill came) instead of starting over...
     first = resumed[0]["step"]
     assert 1 < first <= max(steps_before) + 1 and (first - 1) % 2 == 0
     # ...with the same losses the first run had for the steps it repeats...
