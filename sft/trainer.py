@@ -23,7 +23,7 @@ from kimivl_rl.training.linear_cross_entropy import causal_lm_loss_sum, target_r
 from kimivl_rl.training.engine import (build_engine, load_engine_state, save_engine_state,
                                        save_pretrained)
 from kimivl_rl.evaluation import format_report
-from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import MetricsSink, follow_progress
 from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
@@ -241,13 +241,14 @@ def _fit(cfg: Config, stage: str, input_model: str, layout: OutputLayout):
 
     log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, layout.model(stage),
              attention_implementation(cfg.cluster.use_gpu, training=True))
+    run_dir = layout.ray_train_run(stage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config_to_dict(cfg), "stage": stage, "input_model": input_model},
         scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.sft.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        run_config=RunConfig(name=STAGE_DIRS[stage], storage_path=str(layout.ray_train(stage)),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.output.keep_last_checkpoints)),
     )

@@ -14,7 +14,7 @@ import pytest
 
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
-from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
+from kimivl_rl.infra.layout import OutputLayout
 from sft.trainer import run_stage, train_stage
 
 pytestmark = pytest.mark.slow
@@ -94,7 +94,7 @@ def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     metrics = OutputLayout.of(cfg).metrics("joint")
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
-    snapshot = OutputLayout.of(cfg).ray_train("joint") / STAGE_DIRS["joint"] / "checkpoint_manager_snapshot.json"
+    snapshot = OutputLayout.of(cfg).ray_train_run("joint") / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 400
     # Kill once Ray Train's controller has recorded a checkpoint: one a worker uploaded but the
     # controller had not yet registered is, by Ray Train's rule, not resumed from.

@@ -64,6 +64,10 @@ class OutputLayout:
     def ray_train(self, stage: str) -> Path:
         return self.stage(stage) / "ray_train"
 
+    def ray_train_run(self, stage: str) -> Path:
+        """Ray Train's run directory: its checkpoints and ``checkpoint_manager_snapshot.json``."""
+        return self.ray_train(stage) / STAGE_DIRS[stage]
+
     def tensorboard(self, stage: str) -> Path:
         return self.root / "tensorboard" / STAGE_DIRS[stage]
 
