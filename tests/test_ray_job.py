@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,18 +18,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from ports import free_ports
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 900
 SHORT_PHASE = "[{max_seq_len: 256, epochs: 1, lr_peak: 1.0e-3, lr_final: 1.0e-4, warmup_steps: 2}]"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray(env: dict, *args: str, check: bool = True) -> str:
@@ -75,8 +69,8 @@ def _stop_cluster(temp_dir: str) -> None:
 def head_cluster():
     temp_dir = tempfile.mkdtemp(prefix="kjob_", dir="/tmp")  # short: Ray puts sockets in it
     # Every port its own: another local cluster (the session's) may hold Ray's defaults.
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc",
-                                               "runtime_env", "client")}
+    names = ("gcs", "dashboard", "metrics", "agent", "agent_grpc", "runtime_env", "client")
+    ports = dict(zip(names, free_ports(len(names))))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_metrics_report_interval_ms": "1000"}
     env.pop("RAY_ADDRESS", None)

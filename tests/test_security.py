@@ -7,7 +7,6 @@ import ast
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kimivl_rl.config import Config, ConfigError, load_config
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY_DIRS = ("kimivl_rl", "sft", "bench", "scripts", "cluster")
@@ -328,9 +328,7 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_a_local_cluster_keeps_its_dashboard_on_localhost_behind_a_token(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    [port] = free_ports(1)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     result = subprocess.run([sys.executable, "-c", RAY_PROBE, str(port)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)

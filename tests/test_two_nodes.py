@@ -14,7 +14,6 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from kimivl_rl.infra.metrics import read_jsonl
+from ports import free_ports
 from test_rl_resume import _rl_command
 
 pytestmark = pytest.mark.slow
@@ -49,12 +49,6 @@ print(json.dumps(found))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _session_pids(session: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -71,7 +65,7 @@ class RayNode:
     def __init__(self, args: list[str], env: dict, log: Path):
         self.process = subprocess.Popen(
             [RAY, "start", "--block", "--disable-usage-stats",
-             f"--dashboard-agent-listen-port={_free_port()}", *args],
+             *args],
             env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + NODE_START_S
         while "Ray runtime started" not in log.read_text():
@@ -129,7 +123,8 @@ ROLES = ("learner", "reward", "rollout")
 @pytest.mark.parametrize("lost", ["rollout", "learner"])
 def test_a_lost_node_stops_the_run_and_the_rerun_resumes(lost, tmp_path, tiny_model_dir,
                                                          small_data_dir):
-    env, out, port = _token_env(tmp_path), tmp_path / "out", _free_port()
+    env, out = _token_env(tmp_path), tmp_path / "out"
+    port, dashboard, client, head_agent, node_agent, rejoined_agent = free_ports(6)
     address = f"127.0.0.1:{port}"
     command = [*_rl_command(tiny_model_dir, small_data_dir, out), "rl.dynamic_sampling_rounds=0",
                f"cluster.address={address}",
@@ -141,10 +136,12 @@ def test_a_lost_node_stops_the_run_and_the_rerun_resumes(lost, tmp_path, tiny_mo
         common = [f"--temp-dir={temp_dir}", "--num-cpus=1"]
         head = nodes.enter_context(ray_node(
             ["--head", f"--port={port}", "--include-dashboard=false", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+             f"--dashboard-agent-listen-port={head_agent}",
              f"--resources={on_head}", *common], env, tmp_path / "head.log"))
         worker_args = [f"--address={address}", f'--resources={{"{lost}_node": 1}}', *common]
-        second = nodes.enter_context(ray_node(worker_args, env, tmp_path / "node2.log"))
+        second = nodes.enter_context(ray_node(
+            [*worker_args, f"--dashboard-agent-listen-port={node_agent}"], env, tmp_path / "node2.log"))
 
         first = _run(command, env, tmp_path / "first.log", nodes)
         placement = subprocess.run([sys.executable, "-c", PLACEMENT, address, "learner-0", "reward-0",
@@ -174,7 +171,9 @@ def test_a_lost_node_stops_the_run_and_the_rerun_resumes(lost, tmp_path, tiny_mo
         # Every finished iteration had its checkpoint: only the one in progress is lost.
         assert done and done[-1] == int(newest.name.split("_")[1]) < 3
 
-        nodes.enter_context(ray_node(worker_args, env, tmp_path / "node2-back.log"))
+        # The lost node's agent may outlive its raylet until cleanup: the new node gets its own port.
+        nodes.enter_context(ray_node([*worker_args, f"--dashboard-agent-listen-port={rejoined_agent}"],
+                                     env, tmp_path / "node2-back.log"))
         rerun = _run(command, env, tmp_path / "rerun.log", nodes)
         assert rerun.wait(timeout=RUN_S) == 0, (tmp_path / "rerun.log").read_text()[-3000:]
         assert f"resumed RL from {newest}" in (tmp_path / "rerun.log").read_text()
