@@ -26,6 +26,9 @@ async/sync ratio that perfect overlap of the sync run's own phase times would gi
         [--config configs/tiny.yaml] [--iterations 12] [--modes sync,async,tail,tail+partial,tail+partial+repeats] \\
         cluster.learner_threads=1 cluster.rollout_threads=1 [KEY=VALUE ...]
 
+The rollout and learner processes use ``cluster.malloc``'s allocator (auto: tcmalloc where
+installed; it prints which); ``cluster.malloc=system`` measures glibc's instead.
+
 Each mode writes to <output.dir>/bench_async/<mode>/ (the long-tailed prompts to
 <output.dir>/bench_async/long_tail/); a finished mode is not run again.
 Iteration times leave out held-out evaluation and checkpoints.
@@ -40,6 +43,7 @@ import shutil
 from pathlib import Path
 
 from kimivl_rl.config import load_config
+from kimivl_rl.infra.allocator import preload_library
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import read_jsonl
 from kimivl_rl.prepare import ensure_data, with_absolute_paths
@@ -135,6 +139,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     base = with_absolute_paths(load_config(args.config, args.overrides))
+    print(f"allocator of rollout and learner (cluster.malloc={base.cluster.malloc}): "
+          f"{preload_library(base.cluster.malloc) or 'the system malloc'}")
     ensure_data(base, progress=False)
     model = str(Path(args.model).resolve())
     tail_file = long_tail_prompts(base, args.tail_share, Path(base.output.dir) / "bench_async" / "long_tail")

@@ -237,9 +237,11 @@ def on_rollout_resources(cfg, task, *args, step: str):
     import ray
 
     from kimivl_rl.config import config_to_dict
+    from kimivl_rl.infra.allocator import with_allocator
     from kimivl_rl.infra.remote import wait_one
 
     gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
-    remote = ray.remote(task).options(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)
+    remote = ray.remote(task).options(**with_allocator(
+        cfg, dict(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)))
     return wait_one(remote.remote(config_to_dict(cfg), *args), "evaluation", step,
                     cfg.cluster.call_timeout_s)

@@ -57,5 +57,17 @@ if [[ $flavour == cpu ]]; then
   "$VENV/bin/python" -c "from deepspeed.accelerator import get_accelerator; \
 get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 fi
+
+step "tcmalloc, the allocator rollout and learner processes preload (cluster.malloc)"
+has_tcmalloc() { "$VENV/bin/python" -c "from kimivl_rl.infra.allocator import find_tcmalloc as f; exit(not f())"; }
+apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libtcmalloc-minimal4; }
+if has_tcmalloc; then
+  echo "kimivl-rl: tcmalloc found."
+elif [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null && { apt_install || { apt-get update -q && apt_install; }; }; then
+  echo "kimivl-rl: tcmalloc installed."
+else
+  echo "kimivl-rl: tcmalloc not installed (as root: apt-get install libtcmalloc-minimal4);" \
+       "runs use the system allocator (cluster.malloc=auto)."
+fi
 echo "$wanted" > "$stamp"
 echo; echo "kimivl-rl: ready. Activate with: source $VENV/bin/activate"

@@ -59,13 +59,17 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
                                                               ray_cluster):
     from transformers import AutoProcessor
 
-    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.truncated_is_cap=2.0")
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.truncated_is_cap=2.0",
+                 "cluster.malloc=tcmalloc")
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]  # includes an image prompt or a text one
     actors = RLActors.start(cfg, cfg.model.path)
     try:
         import ray
 
+        mapped_files = lambda _: open("/proc/self/maps").read()  # noqa: E731 (a lambda travels by value)
+        for actor in [*actors.learners, *actors.rollouts]:  # cluster.malloc reached both roles
+            assert "libtcmalloc" in ray.get(actor.__ray_call__.remote(mapped_files))
         requests = generation_requests(prompts, processor)
         trajectories, fresh = learn_from_alternate_rewards(actors, cfg, prompts, requests)
         ObjectStoreTransport(cfg.cluster.call_timeout_s).push(actors.learners, actors.rollouts, 1)

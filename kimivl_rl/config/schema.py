@@ -267,6 +267,11 @@ class ClusterConfig:
     learner_threads: Optional[int] = bounded(None, ge=1)
     # torch threads of an in-process vLLM engine (rollout workers, evaluation); None keeps Ray's.
     rollout_threads: Optional[int] = bounded(None, ge=1)
+    # The memory allocator of rollout workers, learner ranks and evaluation (infra/allocator.py):
+    # "tcmalloc" preloads it (an error where it is missing), "auto" does where it is installed,
+    # "system" keeps the system's (glibc), or the path of an allocator's shared library.
+    # On shared CPU cores glibc makes an engine and a learner slow each other more.
+    malloc: str = "auto"
     # Services the project starts bind here; "0.0.0.0" only when asked for.
     bind_host: str = "127.0.0.1"
     # The dashboard of a local cluster this run starts. Keep it on for SFT: it serves the state

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from kimivl_rl.config import Config, config_to_dict
 from kimivl_rl.data.rows import Example
 from kimivl_rl.evaluation import reward_inputs
+from kimivl_rl.infra.allocator import with_allocator
 from kimivl_rl.infra.remote import (ActorFailed, RemoteTimeout, await_restart, call_all, wait_all,
                                     wait_one)
 from kimivl_rl.infra.weight_sync import SyncStats, WeightTransport, transport_for
@@ -50,9 +51,9 @@ class RLActors:
         # work); learner ranks share a process group, so the controller rebuilds the whole group.
         learners = _start_learners(cfg, model_path) if with_learners else []
         options = engine_options(cfg, model_path)
-        rollouts = [ray.remote(RolloutWorker).options(
+        rollouts = [ray.remote(RolloutWorker).options(**with_allocator(cfg, dict(
             name=f"rollout-{i}", max_restarts=cfg.cluster.actor_max_restarts,
-            **rollout_demand(cfg)).remote(options)
+            **rollout_demand(cfg)))).remote(options)
             for i in range(cfg.rollout.num_workers)]
         actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg), model_path)
         try:
@@ -150,7 +151,8 @@ def _start_learners(cfg: Config, model_path: str) -> list:
     from kimivl_rl.system.learner import LearnerWorker
 
     config = config_to_dict(cfg)
-    return [ray.remote(LearnerWorker).options(name=f"learner-{rank}", **learner_demand(cfg)).remote(
+    return [ray.remote(LearnerWorker).options(**with_allocator(
+            cfg, dict(name=f"learner-{rank}", **learner_demand(cfg)))).remote(
             config, model_path, rank, cfg.cluster.num_learners)
         for rank in range(cfg.cluster.num_learners)]
 
