@@ -270,7 +270,7 @@ class ClusterConfig:
     # The memory allocator of rollout workers, learner ranks and evaluation (infra/allocator.py):
     # "tcmalloc" preloads it (an error where it is missing), "auto" does where it is installed,
     # "system" keeps the system's (glibc), or the path of an allocator's shared library.
-    # On shared CPU cores glibc makes an engine and a learner slow each other more.
+    # On CPU, vLLM and the learner run faster with tcmalloc (bench/README.md).
     malloc: str = "auto"
     # Services the project starts bind here; "0.0.0.0" only when asked for.
     bind_host: str = "127.0.0.1"

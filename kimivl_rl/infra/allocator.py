@@ -1,7 +1,7 @@
 """The memory allocator of the processes that run a model (``cluster.malloc``).
 
-A vLLM engine and a learner on the same CPU host slow each other more under glibc's malloc than
-under tcmalloc (bench/README.md); vLLM's CPU guide preloads tcmalloc for the same reason. The
+vLLM engines and learners on CPU run faster with tcmalloc than with glibc's malloc (the RL
+benchmark's figures are in bench/README.md), which is why vLLM's CPU guide preloads it. The
 library is preloaded (``LD_PRELOAD``) through the actors' Ray runtime environment, so it takes
 effect in the worker process from its start and in the engine processes it spawns.
 """
@@ -50,7 +50,7 @@ def preload_library(spec: str) -> Optional[str]:
 @lru_cache(maxsize=None)
 def _hint_once() -> None:
     log.info("cluster.malloc=auto: no tcmalloc found, so rollout and learner processes use the "
-             "system allocator, which slows them more when they share CPU cores; %s", INSTALL_HINT)
+             "system allocator, which is slower on CPU; %s", INSTALL_HINT)
 
 
 def allocator_env(cfg: Config) -> dict[str, str]:
