@@ -241,7 +241,9 @@ def on_rollout_resources(cfg, task, *args, step: str):
     from kimivl_rl.infra.remote import wait_one
 
     gpus = cfg.rollout.tensor_parallel_size if cfg.cluster.use_gpu else 0
-    remote = ray.remote(task).options(**with_allocator(
+    # max_calls=1: a fresh process per task. A vLLM engine sizes its KV cache from its process's
+    # RSS, which the previous task's freed cache can still fill (tcmalloc keeps freed memory).
+    remote = ray.remote(max_calls=1)(task).options(**with_allocator(
         cfg, dict(num_cpus=cfg.cluster.rollout_cpus, num_gpus=gpus)))
     return wait_one(remote.remote(config_to_dict(cfg), *args), "evaluation", step,
                     cfg.cluster.call_timeout_s)

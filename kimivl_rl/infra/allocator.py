@@ -18,13 +18,8 @@ from kimivl_rl.config import Config, ConfigError
 log = logging.getLogger(__name__)
 TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")
 INSTALL_HINT = "apt-get install libtcmalloc-minimal4 (scripts/setup.sh does where it can)"
-TCMALLOC_SETTINGS = {
-    # Freed memory goes back to the OS at once: a vLLM engine sizes its KV cache from its
-    # process's RSS, which an earlier engine's cache, kept by tcmalloc, would still fill.
-    "TCMALLOC_AGGRESSIVE_DECOMMIT": "true",
-    # tcmalloc reports each allocation above 1 GiB on stderr; a model's weights are not news.
-    "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40),
-}
+# tcmalloc reports each allocation above 1 GiB on stderr; a model's weights are not news.
+QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(2**40)}
 
 
 @lru_cache(maxsize=None)
@@ -65,7 +60,7 @@ def allocator_env(cfg: Config) -> dict[str, str]:
     if library is None:
         return {}
     preloaded = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and p != library]
-    return {"LD_PRELOAD": ":".join([library, *preloaded]), **TCMALLOC_SETTINGS}
+    return {"LD_PRELOAD": ":".join([library, *preloaded]), **QUIET}
 
 
 def with_allocator(cfg: Config, options: dict) -> dict:
