@@ -100,7 +100,7 @@ def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(eng
     from kimivl_rl.models.loading import load_policy
     from kimivl_rl.rl.experience import trajectories_from_samples
     from kimivl_rl.models.families import family_of
-    from kimivl_rl.system.learner import encode_trajectory, response_logprobs
+    from kimivl_rl.system.learner import encode_trajectories, response_logprobs
     from sft.encode import encode_example
 
     (row,) = RowLoader(two_image_data(tmp_path) / "rl" / "train.jsonl", require_answer=True)
@@ -112,7 +112,7 @@ def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(eng
     assert all(s.prompt_token_ids.count(image_id) == 2 * 16 for s in samples)  # 112 px: 16 each
 
     trajectories = trajectories_from_samples([0], [row.images], [samples])
-    sequences = [encode_trajectory(t, processor, family_of(model)) for t in trajectories]
+    sequences = encode_trajectories(trajectories, processor, family_of(model))
     with torch.no_grad():
         learner = response_logprobs(model, sequences, family_of(model))  # both samples in one pack
     for sample, logprobs in zip(samples, learner, strict=True):

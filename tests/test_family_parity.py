@@ -39,12 +39,12 @@ def peaked(request, tmp_path_factory):
 
 def _learner_logprobs(model, processor, samples):
     from kimivl_rl.rl.experience import trajectories_from_samples
-    from kimivl_rl.system.learner import encode_trajectory, response_logprobs
+    from kimivl_rl.system.learner import encode_trajectories, response_logprobs
 
     family = family_of(model)
     trajectories = trajectories_from_samples(list(range(len(ROWS))), [r.images for r in ROWS], samples)
     with torch.no_grad():
-        return response_logprobs(model, [encode_trajectory(t, processor, family) for t in trajectories],
+        return response_logprobs(model, encode_trajectories(trajectories, processor, family),
                                  family)
 
 

@@ -2,12 +2,14 @@
 computation they replace, in value and in every parameter's gradient, on the tiny VLM."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from PIL import Image
 
 from kimivl_rl.config import load_config
-from kimivl_rl.system.learner import encode_trajectory, response_logprobs
+from kimivl_rl.system.learner import encode_trajectories, response_logprobs
 from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack
@@ -52,7 +54,7 @@ def test_response_logprobs_and_gradients_equal_the_full_logits_path(tiny_model_d
     model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
     model.eval()  # no dropout: both passes see the same function
     family = family_of(model)
-    sequences = [encode_trajectory(t, processor, family) for t in _trajectories(model.config)]
+    sequences = encode_trajectories(_trajectories(model.config), processor, family)
     weights = torch.randn(21, generator=torch.Generator().manual_seed(0))  # an arbitrary upstream gradient
 
     chunked = response_logprobs(model, sequences, family)
@@ -82,7 +84,7 @@ def test_the_first_steps_forward_pass_gives_log_pi_old_as_a_separate_no_grad_pas
     supported family behaves differently in training."""
     model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
     family = family_of(model)
-    sequences = [encode_trajectory(t, processor, family) for t in _trajectories(model.config)]
+    sequences = encode_trajectories(_trajectories(model.config), processor, family)
     model.train()
     first_step = response_logprobs(model, sequences, family)
     assert all(lp.requires_grad for lp in first_step)
@@ -92,3 +94,47 @@ def test_the_first_steps_forward_pass_gives_log_pi_old_as_a_separate_no_grad_pas
     vocab = model.config.text_config.vocab_size
     for got, want in zip(first_step, separate, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=float32_tolerance(want, vocab))
+
+
+def test_responses_to_one_image_share_one_vision_pass_with_the_same_logprobs_and_gradients(tiny_model_dir):
+    """A group's k responses show the same image: ``encode_trajectories`` gives them one tensor,
+    ``collate_pack`` packs it once and the vision encoder sees each distinct image once, with
+    the log-probabilities and every gradient of encoding each response's copy on its own."""
+    model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
+    model.eval()
+    family = family_of(model)
+    first, other = _trajectories(model.config)
+    rng = np.random.default_rng(1)
+    second = Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    group = [first, other, Trajectory(0, first.prompt_token_ids, first.response_token_ids[::-1],
+                                      [0.0] * 9, "stop", first.images),
+             Trajectory(1, first.prompt_token_ids, first.response_token_ids, [0.0] * 9, "stop", [second]),
+             Trajectory(0, first.prompt_token_ids, first.response_token_ids[:4], [0.0] * 4, "stop",
+                        first.images)]
+    shared = encode_trajectories(group, processor, family)
+    copies = [replace(s, pixel_values=s.pixel_values.clone()) if s.pixel_values is not None else s
+              for s in shared]
+    batch = collate_pack(shared, family)
+    assert batch["image_sources"].tolist() == [0, 0, 1, 0]  # rows of the two distinct images
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    assert "image_sources" not in collate_pack(copies, family)
+    patches = []
+    model.model.visual.register_forward_pre_hook(lambda module, args: patches.append(len(args[0])))
+    weights = torch.randn(9 + 12 + 9 + 9 + 4, generator=torch.Generator().manual_seed(0))
+
+    results = []
+    for sequences in (shared, copies):
+        logprobs = response_logprobs(model, sequences, family)
+        (torch.cat(logprobs) * weights).sum().backward()
+        results.append((logprobs, _grads(model)))
+    assert patches == [2 * 64, 4 * 64]  # 8x8 patches per image, encoded once vs once per response
+
+    (got, got_grads), (want, want_grads) = results
+    text_config = model.config.text_config
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=float32_tolerance(w, text_config.vocab_size))
+    assert got_grads.keys() == want_grads.keys()
+    for name, w in want_grads.items():
+        # sums over the vocabulary, the hidden size and the patches of the shared image
+        terms = text_config.vocab_size + text_config.hidden_size + 4 * 64
+        torch.testing.assert_close(got_grads[name], w, rtol=0, atol=float32_tolerance(w, terms), msg=name)

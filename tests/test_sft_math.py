@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -181,9 +182,15 @@ def test_pack_keeps_each_examples_images_in_order(policy):
                                    {"role": "assistant", "content": "b"}], [image((40, 70, 220))]),
                           processor, family_of(model))
     batch = collate_pack([red, blue, red], family_of(model))
-    assert torch.equal(batch["pixel_values"], torch.cat([red.pixel_values, blue.pixel_values,
-                                                         red.pixel_values]))
-    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
+    # red's image tensor is packed once; image_sources gives each image's row in order
+    assert torch.equal(batch["pixel_values"], torch.cat([red.pixel_values, blue.pixel_values]))
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8]] * 2
+    assert batch["image_sources"].tolist() == [0, 1, 0]
+    copied = collate_pack([red, blue, replace(red, pixel_values=red.pixel_values.clone())],
+                          family_of(model))
+    assert torch.equal(copied["pixel_values"], torch.cat([red.pixel_values, blue.pixel_values,
+                                                          red.pixel_values]))
+    assert copied["image_grid_thw"].tolist() == [[1, 8, 8]] * 3 and "image_sources" not in copied
     starts = (batch["position_ids"][0, 0] == 0).nonzero()[:, 0].tolist()
     assert starts == [0, len(red), len(red) + len(blue)]
     assert (batch["labels"][0, starts] == IGNORE_INDEX).all()

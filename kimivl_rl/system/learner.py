@@ -39,17 +39,22 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- pure pieces
 
-def encode_trajectory(trajectory: Trajectory, processor, family) -> Encoded:
-    """Prompt + response ids as one sequence whose labels are the response tokens, for the
-    model ``family`` is bound to."""
-    prompt, response = trajectory.prompt_token_ids, trajectory.response_token_ids
-    input_ids = torch.tensor(prompt + response)
-    labels = torch.tensor([IGNORE_INDEX] * len(prompt) + response)
-    pixel_values = grid = None
-    if trajectory.images:
-        pixel_values, grid = family.encode_images(processor, trajectory.images)
-    return Encoded(input_ids, labels, pixel_values, grid, family.positions(input_ids, grid),
-                   source=f"prompt {trajectory.prompt_index}")
+def encode_trajectories(trajectories: list[Trajectory], processor, family) -> list[Encoded]:
+    """Each trajectory's prompt + response ids as one sequence whose labels are the response
+    tokens, for the model ``family`` is bound to. The responses to one prompt share one tensor
+    of its images (the same image objects), so a pack encodes them once (``collate_pack``)."""
+    images: dict[tuple[int, ...], tuple] = {(): (None, None)}
+    sequences = []
+    for t in trajectories:
+        key = tuple(map(id, t.images))
+        if key not in images:
+            images[key] = family.encode_images(processor, t.images)
+        pixel_values, grid = images[key]
+        input_ids = torch.tensor(t.prompt_token_ids + t.response_token_ids)
+        labels = torch.tensor([IGNORE_INDEX] * len(t.prompt_token_ids) + t.response_token_ids)
+        sequences.append(Encoded(input_ids, labels, pixel_values, grid, family.positions(input_ids, grid),
+                                 source=f"prompt {t.prompt_index}"))
+    return sequences
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -137,7 +142,7 @@ class LearnerWorker:
     # ------------------------------------------------------------------ learning
 
     def _encode(self, trajectories: list[Trajectory]) -> list[Encoded]:
-        return [encode_trajectory(t, self.processor, self.family) for t in trajectories]
+        return encode_trajectories(trajectories, self.processor, self.family)
 
     def _micro_batches(self, sequences: list[Encoded]) -> list[list[Encoded]]:
         """Token-budget micro-batches, the same count on every rank (collectives must match):

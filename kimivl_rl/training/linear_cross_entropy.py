@@ -53,7 +53,21 @@ def target_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def loss_position_hidden(model, inputs: dict, rows: torch.Tensor) -> torch.Tensor:
     """Final hidden states at the positions that predict a target (``rows`` of ``target_rows``)."""
-    return inner_model(model)(**inputs, use_cache=False).last_hidden_state[0, :-1][rows]
+    inner = inner_model(model)
+    return inner(**shared_image_inputs(inner, inputs), use_cache=False).last_hidden_state[0, :-1][rows]
+
+
+def shared_image_inputs(inner, inputs: dict) -> dict:
+    """``inputs`` of a pack whose images repeat (``image_sources`` of ``collate_pack``), with
+    each distinct image encoded once: its features fill every placeholder that shows it, and
+    their gradients add up in the vision encoder as if each copy had been encoded."""
+    if "image_sources" not in inputs:
+        return inputs
+    inputs = dict(inputs)
+    sources, grid = inputs.pop("image_sources"), inputs["image_grid_thw"]
+    features = inner.get_image_features(inputs.pop("pixel_values"), grid, return_dict=True)
+    features.pooler_output = tuple(features.pooler_output[i] for i in sources.tolist())
+    return {**inputs, "image_grid_thw": grid[sources], "mm_encoder_outputs": {"image": features}}
 
 
 def _vocabulary_head(model) -> tuple[torch.nn.Module, bool]:

@@ -106,11 +106,29 @@ def collate_pack(examples: list[Encoded], family) -> dict[str, torch.Tensor]:
     labels = torch.cat([_no_label_on_first(e.labels) for e in examples])[None]
     positions = torch.cat([e.position_ids for e in examples], dim=1)
     batch = {"input_ids": input_ids, "labels": labels, **family.batch_inputs(input_ids, positions)}
-    with_images = [e for e in examples if e.pixel_values is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([e.pixel_values for e in with_images])
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in with_images])
-    return batch
+    return {**batch, **_image_inputs([e for e in examples if e.pixel_values is not None])}
+
+
+def _image_inputs(examples: list[Encoded]) -> dict[str, torch.Tensor]:
+    """``pixel_values`` and ``image_grid_thw`` of the pack's images in order. Examples that hold
+    the very same image tensor (the k responses to one RL prompt) share it: it is packed once,
+    and ``image_sources`` gives, for every image in order, its row of ``image_grid_thw``, so that
+    the vision encoder runs once per distinct image (``kimivl_rl.training.linear_cross_entropy``)."""
+    if not examples:
+        return {}
+    first_image: dict[int, int] = {}  # id(pixel_values) -> where its images start among those packed
+    packed, sources = [], []
+    for e in examples:
+        if id(e.pixel_values) not in first_image:
+            first_image[id(e.pixel_values)] = sum(len(p.image_grid_thw) for p in packed)
+            packed.append(e)
+        start = first_image[id(e.pixel_values)]
+        sources += range(start, start + len(e.image_grid_thw))
+    inputs = {"pixel_values": torch.cat([e.pixel_values for e in packed]),
+              "image_grid_thw": torch.cat([e.image_grid_thw for e in packed])}
+    if len(packed) < len(examples):
+        inputs["image_sources"] = torch.tensor(sources)
+    return inputs
 
 
 def _no_label_on_first(labels: torch.Tensor) -> torch.Tensor:
