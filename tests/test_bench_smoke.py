@@ -106,6 +106,16 @@ def _rl_metrics(tmp_path, rows: list[dict]):
     return cfg
 
 
+@pytest.mark.slow
+def test_learner_images_bench_tiny(tiny_model_dir, small_data_dir):
+    out = run_bench("bench/learner_images.py", "--model", str(tiny_model_dir), "--prompts", "2",
+                    "--samples", "2", "--repeats", "1", f"data.dir={small_data_dir}",
+                    "data.build_if_missing=false")
+    for variant in ("per response", "shared"):
+        assert any(line.startswith(variant + " ") and "responses/s" in line for line in out.splitlines())
+    assert "shared / per response:" in out and "2 image prompts x 2 responses" in out
+
+
 def test_rl_async_overlap_bound_by_hand(tmp_path):
     """Collections 4, 2, 3 s, updates 3, 3, 1 s, syncs 0.5 s: in turn 17.5 s; overlapped, the
     first collection alone, then max(2, 3), max(3, 3), max(0, 1), each plus its sync: 12.5 s."""
