@@ -92,6 +92,7 @@ def cmd_label_difficulty(args) -> None:
     in_file = Path(args.input or Path(cfg.data.dir) / cfg.rl.train_file)
     out_file = Path(args.out or in_file.with_name(in_file.stem + ".labelled.jsonl"))
     check_label_paths(in_file, out_file)  # before the model or the data are built
+    checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args, writes_output=False)
     print(json.dumps(label_difficulty(cfg, args.model or base_model, in_file, out_file), indent=1))
 
@@ -145,7 +146,22 @@ def cmd_sft(args) -> None:
                       "eval": summary["eval"]}, indent=1))
 
 
+def checked_model_argument(model: str | None) -> str | None:
+    """``--model`` as given when it exists or can be a hub id (``name`` or ``namespace/name``);
+    a missing local path stops the command here, before any output is claimed, instead of
+    reaching the hub client as a malformed repo id."""
+    from pathlib import Path
+
+    if model is None or Path(model).exists():
+        return model
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ConfigError(f"--model {model}: no such file or directory (a hub model is named "
+                          f"namespace/name)")
+    return model
+
+
 def cmd_rl(args) -> None:
+    checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args)
     # after the checks: it imports torch and Ray
     from kimivl_rl.system.controller import rl_input_model, run_rl
@@ -186,8 +202,9 @@ def cmd_eval(args) -> None:
     from kimivl_rl.prepare import ensure_data, with_absolute_paths
 
     cfg = with_absolute_paths(_config(args))
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     out = _eval_report_file(cfg, args)
+    model = checked_model_argument(args.model)
+    model = str(Path(model).resolve()) if Path(model).exists() else model
     data_file = Path(args.file).resolve() if args.file else ensure_data(cfg) / cfg.rl.eval_file
     if not data_file.is_file():
         raise DataError(f"{data_file}: evaluation file not found")

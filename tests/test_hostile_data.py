@@ -390,3 +390,22 @@ def test_a_failed_rl_start_leaves_the_output_untouched(tmp_path, capsys, previou
     assert cli.main(["rl", str(cli_config(tmp_path, data, previous_output))]) == 2
     assert f"{data / 'rl/train.jsonl'}:2: malformed JSON" in capsys.readouterr().err
     assert snapshot(previous_output) == before
+
+
+def test_a_missing_model_path_is_named_before_the_output_is_touched(tmp_path, capsys, previous_output,
+                                                                     no_ray):
+    from kimivl_rl import cli
+
+    missing = tmp_path / "runs" / "demo" / "out" / "sft_long_cot" / "model"
+    config = cli_config(tmp_path, good_data(tmp_path / "data"), previous_output)
+    before = snapshot(previous_output)
+    assert cli.main(["rl", "--model", str(missing), str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"kimivl-rl: error: --model {missing}: no such file or directory" in err
+    assert "Traceback" not in err and snapshot(previous_output) == before
+    # what can be a hub id passes through; a relative path with folders cannot be one
+    assert cli.checked_model_argument("org/name") == "org/name"
+    assert cli.checked_model_argument("name") == "name"
+    for local in ("runs/nowhere/model", "./nowhere", "~/nowhere"):
+        with pytest.raises(cli.ConfigError, match="no such file or directory"):
+            cli.checked_model_argument(local)
