@@ -2,6 +2,7 @@
 computation they replace, in value and in every parameter's gradient, on the tiny VLM."""
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -112,6 +113,10 @@ def test_responses_to_one_image_share_one_vision_pass_with_the_same_logprobs_and
              Trajectory(0, first.prompt_token_ids, first.response_token_ids[:4], [0.0] * 4, "stop",
                         first.images)]
     shared = encode_trajectories(group, processor, family)
+    # the controller ships a batch as one object (ray.put pickles it whole): the sharing survives
+    shipped = encode_trajectories(pickle.loads(pickle.dumps(group)), processor, family)
+    assert shipped[0].pixel_values is shipped[2].pixel_values is shipped[4].pixel_values
+    assert shipped[3].pixel_values is not shipped[0].pixel_values and shipped[1].pixel_values is None
     copies = [replace(s, pixel_values=s.pixel_values.clone()) if s.pixel_values is not None else s
               for s in shared]
     batch = collate_pack(shared, family)
