@@ -117,11 +117,12 @@ def _image_inputs(examples: list[Encoded]) -> dict[str, torch.Tensor]:
     if not examples:
         return {}
     first_image: dict[int, int] = {}  # id(pixel_values) -> where its images start among those packed
-    packed, sources = [], []
+    packed, sources, images = [], [], 0
     for e in examples:
         if id(e.pixel_values) not in first_image:
-            first_image[id(e.pixel_values)] = sum(len(p.image_grid_thw) for p in packed)
+            first_image[id(e.pixel_values)] = images
             packed.append(e)
+            images += len(e.image_grid_thw)
         start = first_image[id(e.pixel_values)]
         sources += range(start, start + len(e.image_grid_thw))
     inputs = {"pixel_values": torch.cat([e.pixel_values for e in packed]),
