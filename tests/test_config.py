@@ -98,6 +98,22 @@ def test_partial_rollouts_need_a_budget_below_the_limit_and_room_for_staleness(o
     assert load_config(None, ["rollout.token_budget=64", "rl.max_staleness=2"]).rollout.token_budget == 64
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.weight_transport=ipc"], "cluster.weight_transport: ipc shares buffers .* set cluster.colocate: true"),
+    (["cluster.colocate=true", "cluster.use_gpu=true", "cluster.weight_transport=collective"],
+     "cluster.weight_transport: NCCL cannot join two processes on one GPU"),
+    (["cluster.colocate=true", "cluster.num_learners=2"], "cluster.num_learners: 2: cluster.colocate pairs"),
+    (["cluster.colocate=true", "rollout.num_workers=2"], "rollout.num_workers: 2: cluster.colocate pairs"),
+    (["cluster.colocate=true", "rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size: 2:"),
+    (["cluster.colocate=true", "rl.max_staleness=1"], "rl.max_staleness: a colocated engine sleeps"),
+])
+def test_colocation_pairs_one_learner_with_one_engine_in_lockstep(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    cfg = load_config(None, ["cluster.colocate=true", "cluster.use_gpu=true", "cluster.weight_transport=ipc"])
+    assert cfg.cluster.colocate and cfg.cluster.weight_transport == "ipc"
+
+
 @pytest.mark.parametrize("override, words", [
     ("rl.samples_per_promt=8", "did you mean 'samples_per_prompt'"),
     ("rl.samples_per_prompt=eight", "expected int"),

@@ -43,16 +43,23 @@ def learn_from_alternate_rewards(actors, cfg, prompts, requests) -> tuple[list, 
     return trajectories, ray.get(actors.learners[0].learn.remote(trajectories))
 
 
-def assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests) -> None:
-    """Same prompts, fresh samples from the synced engines, scored by both sides."""
+SYNCED = 2e-3  # nats per token between engine and learner on one set of float32 weights
+
+
+def rollout_learner_gap(actors, cfg, prompts, requests) -> float:
+    """Same prompts, fresh samples from the engines, scored by both sides: the largest
+    per-token log-probability difference."""
     import ray
 
     fresh = trajectories_from_samples(list(range(len(prompts))), [p.images for p in prompts],
                                       generate(actors, cfg, requests, 2, 1.0, seed=1))
     learner = ray.get(actors.learners[0].sequence_logprobs.remote(fresh))
-    for trajectory, expected in zip(fresh, learner):
-        torch.testing.assert_close(torch.tensor(trajectory.rollout_logprobs), torch.tensor(expected),
-                                   atol=2e-3, rtol=0)
+    return max(float((torch.tensor(t.rollout_logprobs) - torch.tensor(lp)).abs().max())
+               for t, lp in zip(fresh, learner))
+
+
+def assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests) -> None:
+    assert rollout_learner_gap(actors, cfg, prompts, requests) <= SYNCED
 
 
 def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_model_dir, small_data_dir,
@@ -86,6 +93,31 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
         print(f"importance weight: fresh {fresh['is_weight_mean']:.6f}, stale {stale['is_weight_mean']:.6f}")
         assert fresh["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert abs(stale["is_weight_mean"] - 1.0) > 1e-4 and stale["is_weight_mean"] <= 2.0, stale
+    finally:
+        actors.stop()
+
+
+def test_a_colocated_engine_takes_each_update_through_the_shared_ring(tmp_path, tiny_model_dir,
+                                                                     small_data_dir, ray_cluster):
+    """cluster.colocate with the ipc transport on CPU: the ring lives in shared memory, buckets
+    small enough that the two slots are reused within one sync, and a second sync reuses the
+    ring. Before each sync the engine scores unlike the learner, after it alike."""
+    from transformers import AutoProcessor
+
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "cluster.colocate=true",
+                 "cluster.weight_transport=ipc", f"cluster.weight_bucket_bytes={256 * 1024}")
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]
+    requests = generation_requests(prompts, processor)
+    actors = RLActors.start(cfg, cfg.model.path)
+    try:
+        assert actors.placement is not None
+        for version in (1, 2):
+            learn_from_alternate_rewards(actors, cfg, prompts, requests)
+            assert rollout_learner_gap(actors, cfg, prompts, requests) > SYNCED  # the update shows
+            assert actors.sleep_engines() == 0.0  # vLLM's sleep mode needs a GPU
+            assert actors.sync_weights(version).version == version
+            assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
     finally:
         actors.stop()
 

@@ -277,12 +277,35 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
         raise where.error("rollout.token_budget", "partial rollouts need rl.max_staleness >= 2: "
                           "responses are sampled one version behind the learner, and a continued "
                           "one is a version older still")
+    _check_colocation(cfg, where)
     for role in ("learner", "rollout", "reward"):
         # Ray sets these from an actor's num_cpus and num_gpus and refuses them as custom resources.
         builtin = RAY_BUILTIN_RESOURCES & set(getattr(cfg.cluster, f"{role}_resources"))
         if builtin:
             raise where.error(f"cluster.{role}_resources", f"{', '.join(sorted(builtin))}: set by "
                               f"cluster.{role}_cpus and cluster.use_gpu, not here")
+
+
+def _check_colocation(cfg: Config, where: _Where) -> None:
+    """``cluster.colocate`` pairs one engine with one learner rank on one device."""
+    cluster = cfg.cluster
+    if cluster.weight_transport == "ipc" and not cluster.colocate:
+        raise where.error("cluster.weight_transport", "ipc shares buffers between the learner and an "
+                          "engine on one device: set cluster.colocate: true, or use collective")
+    if not cluster.colocate:
+        return
+    if cluster.use_gpu and cluster.weight_transport == "collective":
+        raise where.error("cluster.weight_transport", "NCCL cannot join two processes on one GPU: "
+                          "use ipc with cluster.colocate")
+    single = {"cluster.num_learners": cluster.num_learners, "rollout.num_workers": cfg.rollout.num_workers,
+              "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size}
+    for key, value in single.items():
+        if value != 1:
+            raise where.error(key, f"{value}: cluster.colocate pairs one learner rank with one "
+                              f"engine on one device; set it to 1, or colocate: false")
+    if cfg.rl.max_staleness:
+        raise where.error("rl.max_staleness", "a colocated engine sleeps while the learner steps, "
+                          "so nothing overlaps: set it to 0, or cluster.colocate: false")
 
 
 def _merged(base: dict, update: dict) -> dict:

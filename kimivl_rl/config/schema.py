@@ -284,13 +284,20 @@ class ClusterConfig:
     # How often a run restarts a dead learner group from its newest checkpoint (and redoes the
     # iterations since) before it stops with an error that says how to resume.
     max_learner_restarts: int = bounded(2, ge=0)
+    # The rollout engine shares learner rank 0's device (one GPU, or one node on CPU): the two
+    # are placed together, and on a GPU the engine sleeps while the learner steps (vLLM's sleep
+    # level 2 frees its KV cache and weights; the next sync wakes it). One learner rank, one
+    # rollout worker, tensor_parallel_size 1, rl.max_staleness 0.
+    colocate: bool = False
     # How the learners' weights reach the rollout engines after each update (infra/weight_sync.py):
     # "object_store": rank 0's weights through Ray's object store (the CPU choice);
     # "collective": broadcast from learner rank 0 to every vLLM worker over a process group of
-    # their own, NCCL on GPU (the GPU choice) and gloo on CPU.
-    weight_transport: Literal["object_store", "collective"] = "object_store"
-    # "collective": the most bytes one broadcast carries (a larger tensor goes alone). Each side
-    # holds about one bucket beside the model while a sync runs.
+    # their own, NCCL on GPU (the GPU choice) and gloo on CPU;
+    # "ipc" (needs colocate): a ring of buffers the two share, CUDA IPC on a GPU (device-to-device
+    # copies) and shared memory on CPU (infra/ipc_weight_sync.py; the colocated GPU choice).
+    weight_transport: Literal["object_store", "collective", "ipc"] = "object_store"
+    # "collective" and "ipc": the most bytes one bucket carries (a larger tensor goes alone). Each
+    # side holds about one bucket beside the model while a sync runs (the ring: two).
     weight_bucket_bytes: int = bounded(512 * 2**20, ge=1)
     call_timeout_s: float = bounded(600.0, gt=0.0)
 

@@ -3,8 +3,8 @@ ring of bucket buffers, so the weights move as device-to-device copies and never
 
 The ring is shared once (``share_ring`` → ``open_ring``: CUDA IPC handles for a GPU ring, shared
 memory for a host ring, through ``torch.multiprocessing``'s reductions). Each sync then goes
-through a duplex ``channel`` (a ``multiprocessing`` connection; anything with ``send`` and
-``recv`` of small picklable messages):
+through a duplex ``channel`` (a ``multiprocessing`` connection; anything with ``send``, ``recv``
+and ``poll`` of small picklable messages):
 
   sender                                          receiver
   plan (kimivl_rl.infra.weight_sync's bucket plan)  ->
@@ -19,12 +19,22 @@ layer's last one arrives) keeps them as long as it likes while the sender fills 
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+import pickle
+import secrets
+import socket
+import time
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.reduction import ForkingPickler
+from typing import Iterator, Mapping, Optional
 
 import torch
-from torch.multiprocessing.reductions import reduce_tensor
+import torch.multiprocessing  # registers the tensor reductions with ForkingPickler
 
-from kimivl_rl.infra.weight_sync import Bucket, bucket_bytes, decode_plan, encode_plan, flatten_bucket, unflatten_bucket
+from kimivl_rl.infra.remote import wait_all, wait_one
+from kimivl_rl.infra.weight_sync import (LOOPBACK, Bucket, SyncStats, bucket_bytes, decode_plan, encode_plan,
+                                         flatten_bucket, plan_buckets, unflatten_bucket)
+
+RING_SLOTS = 2  # one buffer filling while the other is copied out
 
 
 def new_ring(plan: list[Bucket], slots: int, device: torch.device | str) -> list[torch.Tensor]:
@@ -33,19 +43,30 @@ def new_ring(plan: list[Bucket], slots: int, device: torch.device | str) -> list
     return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
 
 
-def share_ring(ring: list[torch.Tensor]) -> list:
-    """Picklable handles of the ring's buffers (for ``open_ring`` in the other process). A host
-    ring must be in shared memory (``share_memory_``) first."""
-    return [reduce_tensor(buffer) for buffer in ring]
+def share_ring(ring: list[torch.Tensor]) -> bytes:
+    """Handles of the ring's buffers (for ``open_ring`` in another process, whichever way the
+    bytes travel). A host ring must be in shared memory (``share_memory_``) first, shared by file
+    name (``share_host_ring``) where the other process is not this one's child."""
+    return bytes(ForkingPickler.dumps(ring))
 
 
-def open_ring(handles: list) -> list[torch.Tensor]:
+def open_ring(handles: bytes) -> list[torch.Tensor]:
     """The other process's ring buffers, mapped into this one (no copy)."""
-    return [rebuild(*args) for rebuild, args in handles]
+    return pickle.loads(handles)
 
 
-def _expect(channel, index: int) -> None:
+def share_host_ring(ring: list[torch.Tensor]) -> None:
+    """Put a host ring in shared memory that any process on the node can map: torch's default
+    (file descriptors) reaches only processes started from this one."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    for buffer in ring:
+        buffer.share_memory_()
+
+
+def _expect(channel, index: int, timeout_s: Optional[float] = None) -> None:
     """The other side's next message must be bucket ``index``: the two sides move in step."""
+    if timeout_s is not None and not channel.poll(timeout_s):
+        raise TimeoutError(f"weight ring: no word of bucket {index} within {timeout_s:.0f}s")
     got = channel.recv()
     if got != index:
         raise RuntimeError(f"weight ring out of step: expected bucket {index}, got {got!r}")
@@ -58,17 +79,18 @@ def _wait_for_device() -> None:
 
 
 def send_weights_through_ring(channel, tensors: Mapping[str, torch.Tensor], plan: list[Bucket],
-                              ring: list[torch.Tensor]) -> int:
-    """The sender's side of one sync; returns the bytes sent. ``plan`` must fit ``ring``."""
+                              ring: list[torch.Tensor], timeout_s: Optional[float] = None) -> int:
+    """The sender's side of one sync; returns the bytes sent. ``plan`` must fit ``ring``; a
+    receiver silent for ``timeout_s`` (None: wait) ends it with ``TimeoutError``."""
     channel.send(encode_plan(plan))
     for index, bucket in enumerate(plan):
         if index >= len(ring):
-            _expect(channel, index - len(ring))  # that buffer's last bucket is copied out
+            _expect(channel, index - len(ring), timeout_s)  # that buffer's last bucket is copied out
         flatten_bucket(tensors, bucket, out=ring[index % len(ring)])
         _wait_for_device()
         channel.send(index)
     for index in range(max(0, len(plan) - len(ring)), len(plan)):
-        _expect(channel, index)
+        _expect(channel, index, timeout_s)
     return sum(bucket_bytes(bucket) for bucket in plan)
 
 
@@ -82,3 +104,89 @@ def receive_weights_through_ring(channel, ring: list[torch.Tensor],
         _wait_for_device()
         channel.send(index)
         yield from unflatten_bucket(flat, bucket)
+
+
+# ----------------------------------------------------------------------------- the transport
+
+def accept_channel(server: socket.socket, authkey: bytes, timeout_s: float) -> Connection:
+    """The first peer to connect to ``server`` that proves it holds ``authkey``, as a channel;
+    ``TimeoutError`` if none comes within ``timeout_s`` (``multiprocessing``'s Listener waits
+    for good)."""
+    server.settimeout(timeout_s)
+    try:
+        peer, _ = server.accept()
+    except socket.timeout:
+        raise TimeoutError(f"weight ring: no engine connected within {timeout_s:.0f}s") from None
+    peer.settimeout(None)
+    channel = Connection(peer.detach())
+    deliver_challenge(channel, authkey)
+    answer_challenge(channel, authkey)
+    return channel
+
+
+class RingSender:
+    """The learner's side of a colocated sync: a ring of buffers on its device sized for the
+    plan of ``tensors``, and a channel on loopback that only a holder of its random key joins."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], bucket_cap: int, device, timeout_s: float):
+        self.plan = plan_buckets(((name, t.dtype, t.shape) for name, t in tensors.items()), bucket_cap)
+        self.ring = new_ring(self.plan, RING_SLOTS, device)
+        if self.ring[0].device.type == "cpu":
+            share_host_ring(self.ring)
+        self.timeout_s = timeout_s
+        self.authkey = secrets.token_bytes(32)
+        self.server = socket.create_server((LOOPBACK, 0))
+        self.channel: Optional[Connection] = None
+
+    def invitation(self) -> tuple[tuple[str, int], bytes, bytes]:
+        """What the engine needs to attach: the channel's address, its key, the ring's handles."""
+        return self.server.getsockname(), self.authkey, share_ring(self.ring)
+
+    def accept(self) -> None:
+        self.channel = accept_channel(self.server, self.authkey, self.timeout_s)
+        self.server.close()
+
+    def send(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        return send_weights_through_ring(self.channel, tensors, self.plan, self.ring, self.timeout_s)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.server.close()
+
+
+class IPCTransport:
+    """Learner rank 0 and the rollout engine colocated with it (``cluster.colocate``) share a ring
+    of buffers (``RingSender``); the ring and its channel are made on the first push, and again
+    after either side was restarted."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._members: Optional[list] = None  # the rollout workers the live ring was attached to
+
+    @classmethod
+    def from_config(cls, cfg) -> "IPCTransport":
+        return cls(cfg.cluster.call_timeout_s)
+
+    def reset(self) -> None:
+        self._members = None
+
+    def push(self, learners: list, rollout_workers: list, version: int) -> SyncStats:
+        started = time.perf_counter()
+        if self._members != rollout_workers:
+            self._connect(learners[0], rollout_workers)
+        # Every rank is asked: under ZeRO-3 gathering the full weights is a collective.
+        sends = [learner.send_weights_through_ring.remote() for learner in learners]
+        receives = [worker.receive_weights_through_ring.remote(version) for worker in rollout_workers]
+        # Receivers first, as CollectiveTransport: a dead engine surfaces as the rollout's failure.
+        wait_all(receives, "rollout", f"receive weights version {version}", self.timeout_s)
+        wait_all(sends, "learner", f"send weights version {version}", self.timeout_s)
+        return SyncStats(version, time.perf_counter() - started)
+
+    def _connect(self, learner, rollout_workers: list) -> None:
+        (worker,) = rollout_workers  # the config check allows one colocated engine
+        invitation = wait_one(learner.open_weight_ring.remote(), "learner-0", "open the weight ring",
+                              self.timeout_s)
+        wait_all([learner.accept_weight_ring.remote(), worker.attach_weight_ring.remote(*invitation)],
+                 ["learner-0", "rollout-0"], "attach the weight ring", self.timeout_s)
+        self._members = list(rollout_workers)

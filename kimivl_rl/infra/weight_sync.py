@@ -7,10 +7,13 @@ by ``cluster.weight_transport`` and does not know how bytes travel.
 workers as one Ray object-store reference: Ray moves the bytes between processes once per node,
 the driver never holds them, and each worker reloads them in place in its vLLM engine.
 
-``CollectiveTransport`` (GPU) broadcasts them from learner rank 0 to every vLLM worker process
+``CollectiveTransport`` (GPUs apart) broadcasts them from learner rank 0 to every vLLM worker process
 over a process group of their own (NCCL on GPU, gloo on CPU), in buckets of at most
 ``cluster.weight_bucket_bytes``: the bucket plan goes first, then each bucket as one flat byte
 tensor, which the receivers cut back into named tensors and stream into vLLM's in-place reload.
+
+``IPCTransport`` (``kimivl_rl/infra/ipc_weight_sync.py``: an engine sharing the learner's GPU)
+copies them through a ring of buffers the two processes share.
 """
 from __future__ import annotations
 
@@ -234,9 +237,3 @@ class CollectiveTransport:
         wait_all(joins, names, "join the weight-update group", self.timeout_s)
         self._members = list(rollout_workers)
 
-
-TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport}
-
-
-def transport_for(cfg) -> WeightTransport:
-    return TRANSPORTS[cfg.cluster.weight_transport].from_config(cfg)

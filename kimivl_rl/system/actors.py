@@ -21,11 +21,19 @@ from kimivl_rl.evaluation import reward_inputs
 from kimivl_rl.infra.allocator import with_allocator
 from kimivl_rl.infra.remote import (ActorFailed, RemoteTimeout, await_restart, call_all, wait_all,
                                     wait_one)
-from kimivl_rl.infra.weight_sync import SyncStats, WeightTransport, transport_for
+from kimivl_rl.infra.ipc_weight_sync import IPCTransport
+from kimivl_rl.infra.weight_sync import (CollectiveTransport, ObjectStoreTransport, SyncStats,
+                                         WeightTransport)
 from kimivl_rl.rollout.vllm_engine import engine_options
 
 log = logging.getLogger(__name__)
 CHUNK = 64  # prompts per generate call in sample_and_score: progress output and bounded memory
+TRANSPORTS = {"object_store": ObjectStoreTransport, "collective": CollectiveTransport,
+              "ipc": IPCTransport}
+
+
+def transport_for(cfg: Config) -> WeightTransport:
+    return TRANSPORTS[cfg.cluster.weight_transport].from_config(cfg)
 
 
 @dataclass
@@ -38,6 +46,8 @@ class RLActors:
     transport: WeightTransport
     model_path: str  # the run's starting model, which a restarted learner group loads first
     weights_version: int = 0  # what the rollout engines hold; 0 = the starting checkpoint
+    engines_asleep: bool = False  # colocated engines gave the GPU to the learner (weights dropped)
+    placement: object = None  # cluster.colocate: the placement group holding a learner and engine
     restarts: dict = field(default_factory=lambda: {"rollout": 0, "reward": 0, "learner": 0})
 
     @classmethod
@@ -49,13 +59,15 @@ class RLActors:
 
         # Rollout and reward actors come back after a crash (the controller re-sends their
         # work); learner ranks share a process group, so the controller rebuilds the whole group.
-        learners = _start_learners(cfg, model_path) if with_learners else []
+        placement = colocation_group(cfg)
+        learners = _start_learners(cfg, model_path, placement) if with_learners else []
         options = engine_options(cfg, model_path)
         rollouts = [ray.remote(RolloutWorker).options(**with_allocator(cfg, dict(
             name=f"rollout-{i}", max_restarts=cfg.cluster.actor_max_restarts,
-            **rollout_demand(cfg)))).remote(options)
+            **rollout_demand(cfg), **placed(placement)))).remote(options)
             for i in range(cfg.rollout.num_workers)]
-        actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg), model_path)
+        actors = cls(cfg, learners, rollouts, RewardPool.start(cfg), transport_for(cfg), model_path,
+                     placement=placement)
         try:
             actors._wait_started()
         except BaseException:
@@ -64,10 +76,14 @@ class RLActors:
         return actors
 
     def _wait_started(self) -> None:
-        if self.learners:
+        # A colocated engine sizes its KV cache from the free GPU memory, so it starts before the
+        # learner takes any; apart, the two start side by side.
+        if self.learners and not self.cfg.cluster.colocate:
             self._form_learner_group()
         wait_all([a.ready.remote() for a in self.rollouts], "rollout", "start (vLLM engine)",
                  self.cfg.cluster.call_timeout_s)
+        if self.learners and self.cfg.cluster.colocate:
+            self._form_learner_group()
         self.reward.ready()
 
     def _form_learner_group(self) -> None:
@@ -85,12 +101,21 @@ class RLActors:
             ray.kill(learner)
         _await_names_released([f"learner-{rank}" for rank in range(len(self.learners))],
                               self.cfg.cluster.call_timeout_s)
-        self.learners = _start_learners(self.cfg, self.model_path)
+        self.learners = _start_learners(self.cfg, self.model_path, self.placement)
         for rank, learner in enumerate(self.learners):  # stranded if their node has left
             await_restart(learner, f"learner-{rank}", self.cfg.cluster.call_timeout_s,
                           learner_demand(self.cfg))
         self._form_learner_group()
         self.transport.reset()  # the next push forms the group again with the new rank 0
+
+    def sleep_engines(self) -> float:
+        """Colocated engines give the GPU to the learner until the next sync; the GiB freed."""
+        if not self.cfg.cluster.colocate:
+            return 0.0
+        freed = wait_all([w.sleep.remote() for w in self.rollouts], "rollout", "sleep",
+                         self.cfg.cluster.call_timeout_s)
+        self.engines_asleep = any(freed)
+        return sum(freed)
 
     def sync_weights(self, version: int, rollouts: Optional[list] = None) -> SyncStats:
         """Push the learners' weights to the rollout engines (all of them by default). If a
@@ -109,6 +134,7 @@ class RLActors:
             self.transport.reset()
             stats = self.transport.push(self.learners, targets, version)
         self.weights_version = version
+        self.engines_asleep = False
         return stats
 
     def _await_restart(self, actor, name: str) -> None:
@@ -130,29 +156,60 @@ class RLActors:
         for actor in [*self.learners, *self.rollouts]:
             ray.kill(actor)
         self.reward.stop()
+        if self.placement is not None:
+            ray.util.remove_placement_group(self.placement)
+
+
+def _gpus(cfg: Config, count: int) -> float:
+    """GPUs an actor asks for: a colocated pair shares one, half each."""
+    return int(cfg.cluster.use_gpu) * count * (0.5 if cfg.cluster.colocate else 1)
 
 
 def rollout_demand(cfg: Config) -> dict:
     """What one rollout worker asks Ray for (actor options)."""
-    return {"num_cpus": cfg.cluster.rollout_cpus,
-            "num_gpus": int(cfg.cluster.use_gpu) * cfg.rollout.tensor_parallel_size,
+    return {"num_cpus": cfg.cluster.rollout_cpus, "num_gpus": _gpus(cfg, cfg.rollout.tensor_parallel_size),
             "resources": cfg.cluster.rollout_resources}
 
 
 def learner_demand(cfg: Config) -> dict:
     """What one learner rank asks Ray for (actor options)."""
-    return {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": int(cfg.cluster.use_gpu),
+    return {"num_cpus": cfg.cluster.learner_cpus, "num_gpus": _gpus(cfg, 1),
             "resources": cfg.cluster.learner_resources}
 
 
-def _start_learners(cfg: Config, model_path: str) -> list:
+def colocation_group(cfg: Config):
+    """With ``cluster.colocate``, a placement group of one bundle (the learner's and the engine's
+    CPUs and their one GPU) that puts both on one node and, on it, one GPU; else None."""
+    import ray
+
+    if not cfg.cluster.colocate:
+        return None
+    bundle = {"CPU": cfg.cluster.learner_cpus + cfg.cluster.rollout_cpus}
+    bundle.update({"GPU": 1.0} if cfg.cluster.use_gpu else {})
+    for resources in (cfg.cluster.learner_resources, cfg.cluster.rollout_resources):
+        for name, amount in resources.items():
+            bundle[name] = bundle.get(name, 0.0) + amount
+    group = ray.util.placement_group([bundle], name="colocated")
+    wait_one(group.ready(), "colocated", "reserve the learner's and engine's device",
+             cfg.cluster.call_timeout_s)
+    return group
+
+
+def placed(group) -> dict:
+    """Actor options that put an actor in the colocation group's bundle (none without one)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {} if group is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, 0)}
+
+
+def _start_learners(cfg: Config, model_path: str, placement=None) -> list:
     import ray
 
     from kimivl_rl.system.learner import LearnerWorker
 
     config = config_to_dict(cfg)
     return [ray.remote(LearnerWorker).options(**with_allocator(
-            cfg, dict(name=f"learner-{rank}", **learner_demand(cfg)))).remote(
+            cfg, dict(name=f"learner-{rank}", **learner_demand(cfg), **placed(placement)))).remote(
             config, model_path, rank, cfg.cluster.num_learners)
         for rank in range(cfg.cluster.num_learners)]
 

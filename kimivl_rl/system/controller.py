@@ -253,12 +253,15 @@ def learn(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int
     if len(batch) < len(actors.learners):
         log.info("iteration %d: %d responses for %d learner ranks (every other group had equal "
                  "rewards); the policy is unchanged", iteration, len(batch), len(actors.learners))
-        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0, "time_learn_s": 0.0}
+        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0, "engine_sleep_freed_gib": 0.0,
+                "time_learn_s": 0.0}
     started = time.perf_counter()
+    freed = actors.sleep_engines()  # colocated: the engine's GPU memory is the learner's until the sync
     batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
     learned = wait_all([l.learn.remote(batch_ref) for l in actors.learners], "learner",
                        f"learn (iteration {iteration})", cfg.cluster.call_timeout_s)[0]
-    return {**learned, "learner_responses": len(batch), "time_learn_s": time.perf_counter() - started}
+    return {**learned, "learner_responses": len(batch), "engine_sleep_freed_gib": freed,
+            "time_learn_s": time.perf_counter() - started}
 
 
 def sync_update(actors: RLActors, learned: dict, iteration: int) -> float:
@@ -427,7 +430,8 @@ def restore(actors: RLActors, cfg: Config, sampler: PromptSampler) -> int:
     return the first iteration still to run (0 when there is none)."""
     checkpoint = latest_checkpoint(cfg)
     if checkpoint is None:
-        if actors.weights_version:  # restarted learners hold the starting model again
+        # restarted learners hold the starting model again; sleeping engines hold nothing
+        if actors.weights_version or actors.engines_asleep:
             actors.sync_weights(version=0)
         return 0
     state = json.loads((checkpoint / "controller_state.json").read_text())

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from kimivl_rl.config import Config, config_from_dict
+from kimivl_rl.infra.ipc_weight_sync import RingSender
 from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, send_weights
 from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import load_policy
@@ -104,6 +105,7 @@ class LearnerWorker:
         self.model_path = model_path
         self.rank, self.world = rank, world_size
         self.weight_group = None  # rank 0's group with the rollout engines (CollectiveTransport)
+        self.ring: Optional[RingSender] = None  # rank 0's ring to a colocated engine (IPCTransport)
         if self.cfg.cluster.learner_threads:
             # Ray gives an actor of fractional CPUs one thread, but rollouts and learning take
             # turns, so on a small machine the learner may use the cores the rollouts left idle.
@@ -171,6 +173,8 @@ class LearnerWorker:
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
             metrics, old = self._update(batches, old, sampled, my_advantages, normalizer)
+        if self.cfg.cluster.colocate and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the engine wakes into what this process held cached
         return {**metrics, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old)}
 
     def _update(self, batches, old: Optional[list[torch.Tensor]], sampled: Optional[list[torch.Tensor]],
@@ -240,14 +244,36 @@ class LearnerWorker:
         self.weight_group = new_weight_group(host, port, 0, world_size, backend, timeout_s,
                                              listener=self.weight_listener, replacing=self.weight_group)
 
-    def broadcast_weights(self) -> int:
-        """The full weights to the weight-update group (rank 0 sends; every rank is called because
-        gathering them is a collective under ZeRO-3); returns the bytes sent."""
+    def _weights_to_send(self) -> Optional[dict[str, torch.Tensor]]:
+        """The full weights in the checkpoint's layout on rank 0, None elsewhere (every rank is
+        called because gathering them is a collective under ZeRO-3)."""
         state = full_state_dict(self.engine)
-        if self.rank != 0:
+        return None if state is None or self.rank != 0 else self.family.checkpoint_layout(state)
+
+    def broadcast_weights(self) -> int:
+        """The full weights to the weight-update group (rank 0 sends); returns the bytes sent."""
+        weights = self._weights_to_send()
+        if weights is None:
             return 0
-        return send_weights(self.weight_group, self.family.checkpoint_layout(state),
-                            self.cfg.cluster.weight_bucket_bytes, self.engine.device)
+        return send_weights(self.weight_group, weights, self.cfg.cluster.weight_bucket_bytes,
+                            self.engine.device)
+
+    def open_weight_ring(self) -> tuple:
+        """Rank 0: a new ring of weight buffers on this rank's device for the colocated engine,
+        in place of any before; returns its invitation (``RingSender.invitation``)."""
+        if self.ring is not None:
+            self.ring.close()
+        self.ring = RingSender(self._weights_to_send(), self.cfg.cluster.weight_bucket_bytes,
+                               self.engine.device, self.cfg.cluster.call_timeout_s)
+        return self.ring.invitation()
+
+    def accept_weight_ring(self) -> None:
+        self.ring.accept()
+
+    def send_weights_through_ring(self) -> int:
+        """The full weights through the ring (rank 0 sends); returns the bytes sent."""
+        weights = self._weights_to_send()
+        return 0 if weights is None else self.ring.send(weights)
 
     def sequence_logprobs(self, trajectories: list[Trajectory]) -> list[list[float]]:
         """Per-token log-probabilities of whole responses (for checks and tests)."""
