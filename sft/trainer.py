@@ -20,7 +20,7 @@ import torch.distributed as dist
 from kimivl_rl.infra.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.training.linear_cross_entropy import causal_lm_loss_sum, target_rows
-from kimivl_rl.training.engine import (build_engine, load_engine_state, save_engine_state,
+from kimivl_rl.training.engine import (build_engine, load_engine_state, process_group_backend, save_engine_state,
                                        save_pretrained)
 from kimivl_rl.evaluation import format_report
 from kimivl_rl.infra.layout import OutputLayout
@@ -247,7 +247,7 @@ def _fit(cfg: Config, stage: str, input_model: str, layout: OutputLayout):
         train_loop_config={"config": config_to_dict(cfg), "stage": stage, "input_model": input_model},
         scaling_config=ScalingConfig(num_workers=cfg.sft.num_workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.sft.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg.cluster.use_gpu)),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=cfg.output.keep_last_checkpoints)),

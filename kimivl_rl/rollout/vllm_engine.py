@@ -103,6 +103,8 @@ def _engine_placement(options: EngineOptions) -> Iterator[Optional[str]]:
 
     envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
+    if torch.cuda.is_available():  # a forked engine core dies once this process has touched CUDA
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     real_set_num_threads = torch.set_num_threads
     try:
         with _llvmlite_out_of_sight() if options.in_process else nullcontext():

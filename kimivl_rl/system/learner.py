@@ -30,7 +30,7 @@ from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
 from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
-from kimivl_rl.training.engine import (build_engine, full_state_dict, load_engine_state,
+from kimivl_rl.training.engine import (build_engine, process_group_backend, full_state_dict, load_engine_state,
                                        reset_optimizer, save_engine_state, save_pretrained)
 from kimivl_rl.training.linear_cross_entropy import causal_lm_target_logprobs, target_rows
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack
@@ -128,8 +128,8 @@ class LearnerWorker:
         """Join the torch.distributed group (all ranks at once), then build the engine."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world), LOCAL_RANK="0")
-        backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world)
+        dist.init_process_group(process_group_backend(self.cfg.cluster.use_gpu), rank=self.rank,
+                                world_size=self.world)
         torch.manual_seed(self.cfg.seed)
         model, self.processor = load_policy(self.model_path, self.cfg, training=True)
         self.family = family_of(model)

@@ -35,6 +35,12 @@ def deepspeed_config(zero_stage: int, grad_accum_steps: int, bf16: bool,
     }
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """torch.distributed's backend for SFT workers and learner ranks: on GPUs the loops' small
+    counts and sums stay on the CPU (gloo) beside the model's NCCL collectives."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
 def trainable_parameters(model: torch.nn.Module, freeze_prefixes: tuple[str, ...] = ()) -> list:
     """Freeze parameters under the given name prefixes; return the rest."""
     for name, param in model.named_parameters():
