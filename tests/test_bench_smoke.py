@@ -7,9 +7,11 @@ is exercised on CPU between two processes by tests/test_weight_sync.py."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,43 +30,123 @@ def bench_module(name: str):
     return module
 
 
-def run_bench(*args: str) -> str:
+def run_process(*args: str) -> subprocess.CompletedProcess:
+    """This Python on ``args`` in the repository, its output captured."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def run_bench(*args: str) -> str:
+    done = run_process(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
-@pytest.mark.slow
-def test_learner_bench_sft_tiny():
-    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
-                    "--tiny", "--seq", "256", "--doc", "128", "--steps", "1")
-    for variant in ("plain", "deepspeed", "ds+chunked", "ds+fused"):
-        assert any(line.startswith(variant + " ") and "tokens/s" in line for line in out.splitlines())
-    assert "ds+fused / plain:" in out
+# bench/learner_gpu.py in tiny sizes, with the flags of each command in bench/README.md beside
+# (test_every_readme_learner_command_has_a_smoke_run checks that none is left out).
+LEARNER_TINY = ("--tiny", "--seq", "256", "--doc", "128", "--image", "112", "--steps", "1")
+LEARNER_RUNS = {
+    "lm": "--accum 2",
+    "lm-compile": "--accum 2 --compile --variants plain,ds+fused",
+    "rl-compile": "--rl --accum 2 --compile",
+    "vlm": "--shape vlm --accum 2 --variants plain,ds+fused --vision-attention loop,varlen",
+    "vlm-compile": "--shape vlm --accum 2 --compile --variants ds+fused "
+                   "--vision-attention loop,varlen",
+    "vlm-grad-ckpt-compile": "--shape vlm --accum 2 --grad-ckpt --compile --variants ds+fused "
+                             "--vision-attention loop",
+    "kimi": "--shape kimi --accum 2 --variants ds+fused --experts eager,grouped_mm",
+    "kimi-compile": "--shape kimi --accum 2 --compile --variants ds+fused --experts grouped_mm",
+}
+PINNED_ATTENTION = "flex_attention"  # no backward on CPU: test_learner_bench_flex_attention_on_cpu
+
+
+def run_learner_bench(*args: str) -> subprocess.CompletedProcess:
+    """bench/learner_gpu.py under torchrun, one process, in tiny sizes."""
+    return run_process("-m", "torch.distributed.run", "--nproc_per_node", "1",
+                       "bench/learner_gpu.py", *LEARNER_TINY, *args)
+
+
+def learner_axes(bench, argv: list[str]) -> tuple[tuple, list[str], list, str]:
+    """(shape and switches, variants, vision attentions or experts, attention) of a command."""
+    args = bench.arg_parser().parse_args(argv)
+    variants = (args.variants or (bench.RL_VARIANTS if args.rl else bench.SFT_VARIANTS)).split(",")
+    options = {"vlm": args.vision_attention, "kimi": args.experts}.get(args.shape, "").split(",")
+    switches = (args.shape, args.rl, args.compile, args.grad_ckpt, args.accum > 1)
+    return switches, variants, [o or None for o in options], args.attention
+
+
+def readme_learner_commands(readme: Path) -> list[list[str]]:
+    """bench/learner_gpu.py's arguments in each command of ``readme`` (``$B`` expanded)."""
+    prefix, commands = "", []
+    for line in readme.read_text(encoding="utf-8").replace("\\\n", " ").splitlines():
+        command = line.split(" # ")[0].strip()
+        if 'B="' in command and "learner_gpu.py" in command:
+            prefix = command.split("learner_gpu.py")[1].split('"')[0]
+        elif command.startswith("$B "):
+            commands.append(shlex.split(prefix + command[2:]))
+        elif command.startswith(("torchrun ", "python ")) and "learner_gpu.py" in command:
+            commands.append(shlex.split(command.split("learner_gpu.py")[1]))
+    return commands
+
+
+def test_every_readme_learner_command_has_a_smoke_run():
+    """Each bench/learner_gpu.py command of README.md and bench/README.md has a run in
+    LEARNER_RUNS of its shape and switches that measures what it does; FlexAttention is pinned."""
+    bench = bench_module("learner_gpu")
+    runs = [learner_axes(bench, flags.split()) for flags in LEARNER_RUNS.values()]
+    commands = [c for readme in ("README.md", "bench/README.md")
+                for c in readme_learner_commands(ROOT / readme)]
+    assert len(commands) >= 9  # bench/README.md's, as of this test
+    for command in commands:
+        switches, variants, options, attention = learner_axes(bench, command)
+        assert attention in ("sdpa", PINNED_ATTENTION), command
+        assert any(s == switches and set(variants) <= set(v) and set(options) <= set(o)
+                   for s, v, o, _ in runs), command
 
 
 @pytest.mark.slow
-def test_learner_bench_rl_update_tiny():
-    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
-                    "--tiny", "--rl", "--seq", "256", "--doc", "128", "--steps", "1")
-    for variant in ("ds+fused", "rl+full", "rl+chunked"):
-        assert any(line.startswith(variant) and "tokens/s" in line for line in out.splitlines())
-    assert "rl+chunked / rl+full:" in out and "rl+chunked / ds+fused:" in out
+@pytest.mark.parametrize("flags", LEARNER_RUNS.values(), ids=LEARNER_RUNS.keys())
+def test_learner_bench_tiny(flags):
+    """Every variant with every option measured; the ratios to the first variant and option."""
+    bench = bench_module("learner_gpu")
+    done = run_learner_bench(*flags.split())
+    assert done.returncode == 0, done.stderr[-3000:]
+    (_, rl, compiled, *_), variants, options, _ = learner_axes(bench, flags.split())
+    lines = done.stdout.splitlines()
+    for variant, option in itertools.product(variants, options):
+        name = bench.label(variant, option) + " "
+        assert any(line.startswith(name) and "tokens/s" in line for line in lines), name
+    base = bench.label(variants[0], options[0])
+    others = {bench.label(variants[-1], options[0]), bench.label(variants[0], options[-1])}
+    for other in others - {base}:
+        assert f"{other} / {base}:" in done.stdout
+    assert ("rl+chunked / rl+full:" in done.stdout) == rl and f"compile {compiled}," in done.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape, axis, options", [("vlm", "--vision-attention", ("loop", "varlen")),
-                                                  ("kimi", "--experts", ("eager", "grouped_mm"))])
-def test_learner_bench_multimodal_shapes_tiny(shape, axis, options):
-    out = run_bench("-m", "torch.distributed.run", "--nproc_per_node", "1", "bench/learner_gpu.py",
-                    "--tiny", "--shape", shape, "--seq", "256", "--doc", "128", "--image", "112",
-                    "--steps", "1", "--variants", "ds+fused", axis, ",".join(options))
-    for option in options:
-        assert any(line.startswith(f"ds+fused {option}") and "tokens/s" in line
-                   for line in out.splitlines())
-    assert f"ds+fused {options[1]} / ds+fused {options[0]}:" in out
+def test_learner_bench_flex_attention_on_cpu():
+    """bench/README.md's commands run FlexAttention, which torch cannot train on CPU; the smoke
+    runs use sdpa. When this fails, torch can: run LEARNER_RUNS with FlexAttention instead."""
+    done = run_learner_bench("--attention", PINNED_ATTENTION, "--variants", "plain")
+    assert done.returncode != 0
+    assert ("NotImplementedError: FlexAttention does not support backward on CPU."
+            in done.stderr), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape, option, vision_blocks", [("lm", None, 0), ("vlm", "varlen", 2)])
+def test_compile_decoder_layers(shape, option, vision_blocks):
+    """--compile (and sft.compile_layers): each decoder layer compiled on its own, and each fused
+    vision block of a VLM; a plain causal LM, which no model family handles, too."""
+    import torch
+    from kimivl_rl.models.loading import compile_decoder_layers, language_model
+
+    bench = bench_module("learner_gpu")
+    args = bench.arg_parser().parse_args(["--tiny", "--shape", shape])
+    model = bench.build_model(args, torch.device("cpu"), torch.float32, option)
+    compile_decoder_layers(model)
+    compiled = [m for m in model.modules() if m._compiled_call_impl is not None]
+    assert len(compiled) == len(language_model(model).layers) + vision_blocks
 
 
 def test_learner_bench_counts_only_the_experts_a_token_goes_through():

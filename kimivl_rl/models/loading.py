@@ -63,6 +63,11 @@ def language_model(model):
     return getattr(core, "language_model", core)
 
 
+def is_vision_language_model(model) -> bool:
+    """A VLM (a language model beside a vision side) has a model family; a plain causal LM none."""
+    return hasattr(inner_model(model), "language_model")
+
+
 def use_language_model_attention(model, attention: str) -> None:
     """Run the language model with ``attention``, the vision encoder keeping its own.
     transformers 5 declares no FlexAttention for Qwen2.5-VL, yet its language model runs it:
@@ -74,11 +79,12 @@ def use_language_model_attention(model, attention: str) -> None:
 def compile_decoder_layers(model) -> None:
     """Regional compilation: each decoder layer of the language model compiled on its own, so
     RMSNorm, SwiGLU and RoPE run as fused kernels (bench/README.md, learner_gpu.py) while
-    compile time stays that of one layer; so is each vision block where the family allows
-    (``ModelFamily.compile_vision_blocks``)."""
+    compile time stays that of one layer; so is each vision block of a VLM where its family
+    allows (``ModelFamily.compile_vision_blocks``). A plain causal LM has no family to ask."""
     for layer in language_model(model).layers:
         layer.compile()
-    family_of(model).compile_vision_blocks()
+    if is_vision_language_model(model):
+        family_of(model).compile_vision_blocks()
 
 
 def load_policy(path: str, cfg, training: bool = False):
@@ -110,7 +116,7 @@ def _load_with_attention(load, path: str, attention: str):
         if attention == "sdpa":
             raise
         model = load("sdpa")
-        if attention == "flex_attention" and hasattr(inner_model(model), "language_model"):
+        if attention == "flex_attention" and is_vision_language_model(model):
             return _in_language_model(model, attention)
         log.warning("%s: %s unavailable (%s); using sdpa", path, attention, exc)
         return model, "sdpa"
