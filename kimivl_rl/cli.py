@@ -31,10 +31,17 @@ def _add_config_args(parser: argparse.ArgumentParser, optional: bool = False) ->
     parser.set_defaults(config_optional=optional)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. rl.samples_per_prompt=8")
+    parser.add_argument("--verbose", action="store_true",
+                        help="per-step detail on the console too (output.verbose=true)")
 
 
 def _config(args):
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, _overrides(args))
+
+
+def _overrides(args) -> list[str]:
+    """The command line's ``KEY=VALUE`` overrides, ``--verbose`` among them."""
+    return [*args.overrides, *(["output.verbose=true"] if args.verbose else [])]
 
 
 # ----------------------------------------------------------------------------- commands
@@ -44,13 +51,13 @@ def cmd_config_show(args) -> None:
 
 
 def cmd_config_check(args) -> None:
-    from kimivl_rl.prepare import check_data
+    from kimivl_rl.prepare import checked_config
     from kimivl_rl.rollout.limits import max_model_len
 
-    cfg = _config(args)
+    cfg = checked_config(_config(args), missing_ok=True)  # the data files that exist here
     max_model_len(cfg, cfg.model.path)
-    check_data(cfg, missing_ok=True)  # the data files that exist here
-    print(f"OK: {args.config} is a valid config (model {cfg.model.path}, data {cfg.data.dir})")
+    print(f"OK: {args.config} is a valid config (model {cfg.model.path}, data {cfg.data.dir}, "
+          f"{cfg.rollout.max_images_per_prompt} image(s) per prompt)")
 
 
 def cmd_model_init(args) -> None:
@@ -92,9 +99,9 @@ def cmd_label_difficulty(args) -> None:
     in_file = Path(args.input or Path(cfg.data.dir) / cfg.rl.train_file)
     out_file = Path(args.out or in_file.with_name(in_file.stem + ".labelled.jsonl"))
     check_label_paths(in_file, out_file)  # before the model or the data are built
-    checked_model_argument(args.model)
+    model = checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args, writes_output=False)
-    print(json.dumps(label_difficulty(cfg, args.model or base_model, in_file, out_file), indent=1))
+    print(json.dumps(label_difficulty(cfg, model or base_model, in_file, out_file), indent=1))
 
 
 def cmd_build_long_cot(args) -> None:
@@ -109,8 +116,8 @@ def cmd_build_long_cot(args) -> None:
              "min_tokens": "long_cot_builder.min_response_tokens",
              "max_tokens": "long_cot_builder.max_response_tokens",
              "min_behaviours": "long_cot_builder.min_behaviours"}
-    overrides = [*args.overrides, *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
-                                    if getattr(args, flag) is not None)]
+    overrides = [*_overrides(args), *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                                      if getattr(args, flag) is not None)]
     cfg = with_absolute_paths(load_config(args.config, overrides))
     teacher = str(Path(args.teacher).resolve()) if Path(args.teacher).exists() else args.teacher
     print(format_summary(build_long_cot(cfg, teacher, Path(args.prompts), Path(args.out))))
@@ -138,22 +145,26 @@ def _prepared_config(args, writes_output: bool = True):
 
 
 def cmd_sft(args) -> None:
+    model = checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args)
     from sft.trainer import run_stage  # after the checks: it imports torch and Ray
 
-    summary = run_stage(cfg, args.stage, base_model)
+    summary = run_stage(cfg, args.stage, base_model, input_model=model)
     print(json.dumps({"stage": args.stage, "output_model": summary["output_model"],
                       "eval": summary["eval"]}, indent=1))
 
 
 def checked_model_argument(model: str | None) -> str | None:
-    """``--model`` as given when it exists or can be a hub id (``name`` or ``namespace/name``);
-    a missing local path stops the command here, before any output is claimed, instead of
-    reaching the hub client as a malformed repo id."""
+    """``--model`` as an absolute path when it exists (Ray workers run in other directories), as
+    given when it can be a hub id (``name`` or ``namespace/name``); a missing local path stops
+    the command here, before any output is claimed, instead of reaching the hub client as a
+    malformed repo id."""
     from pathlib import Path
 
-    if model is None or Path(model).exists():
+    if model is None:
         return model
+    if Path(model).exists():
+        return str(Path(model).resolve())
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ConfigError(f"--model {model}: no such file or directory (a hub model is named "
                           f"namespace/name)")
@@ -161,12 +172,12 @@ def checked_model_argument(model: str | None) -> str | None:
 
 
 def cmd_rl(args) -> None:
-    checked_model_argument(args.model)
+    model = checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args)
     # after the checks: it imports torch and Ray
     from kimivl_rl.system.controller import rl_input_model, run_rl
 
-    print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, args.model)), indent=1))
+    print(json.dumps(run_rl(cfg, rl_input_model(cfg, base_model, model)), indent=1))
 
 
 EVAL_REPORT = "kimivl-rl eval"  # the "report" key of every evaluation report this writes
@@ -197,21 +208,23 @@ def _eval_report_file(cfg, args):
 def cmd_eval(args) -> None:
     from pathlib import Path
 
-    from kimivl_rl.evaluation import evaluate_model, format_report, on_rollout_resources
+    from kimivl_rl.evaluation import (evaluate_model, evaluation_rows, format_report,
+                                      on_rollout_resources)
     from kimivl_rl.infra.ray_runtime import init_ray
     from kimivl_rl.prepare import ensure_data, with_absolute_paths
+    from kimivl_rl.rollout.limits import fit_images
 
     cfg = with_absolute_paths(_config(args))
     out = _eval_report_file(cfg, args)
     model = checked_model_argument(args.model)
-    model = str(Path(model).resolve()) if Path(model).exists() else model
     data_file = Path(args.file).resolve() if args.file else ensure_data(cfg) / cfg.rl.eval_file
     if not data_file.is_file():
         raise DataError(f"{data_file}: evaluation file not found")
+    limit = args.limit or cfg.rl.eval_prompts
+    cfg = fit_images(cfg, evaluation_rows(cfg, str(data_file), limit))  # before Ray and vLLM
     samples = cfg.eval.samples if args.samples is None else args.samples
     init_ray(cfg)
-    report = on_rollout_resources(cfg, evaluate_model, model, str(data_file),
-                                  args.limit or cfg.rl.eval_prompts, samples,
+    report = on_rollout_resources(cfg, evaluate_model, model, str(data_file), limit, samples,
                                   step=f"evaluate {model}")
     report = {"report": EVAL_REPORT, "model": model, "file": str(data_file), **report}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -286,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft = commands.add_parser("sft", help="run one SFT stage as a Ray Train job")
     _add_config_args(sft)
     sft.add_argument("--stage", choices=["joint", "long_cot"], required=True)
+    sft.add_argument("--model", help="checkpoint to start from (default: model.path for joint, "
+                                     "the joint SFT output for long_cot)")
     sft.set_defaults(func=cmd_sft)
 
     run = commands.add_parser("run", help="the whole recipe: joint SFT -> long-CoT SFT -> RL "

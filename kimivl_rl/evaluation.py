@@ -188,16 +188,23 @@ def evaluate_with_engine(cfg, engine, processor, examples: list[Example], sample
                              sampled=sampled, sampled_scores=sampled_scores)
 
 
+def evaluation_rows(cfg, data_file: str, limit: int) -> list[Example]:
+    """The first ``limit`` rows of ``data_file``; every row is read and checked, and each needs
+    a reference ``answer``."""
+    from kimivl_rl.data.rows import RowLoader
+
+    return RowLoader.for_config(data_file, cfg.data, require_answer=True).load_all()[:limit]
+
+
 def evaluate_model(config: dict, model_dir: str, data_file: str, limit: int, samples: int,
                    max_new_tokens: Optional[int] = None) -> dict:
     """``evaluate_with_engine`` on the first ``limit`` rows of ``data_file`` with a vLLM engine
     of its own for ``model_dir`` (a model, or an RL checkpoint): the body of a Ray task
     (``on_rollout_resources``)."""
     from kimivl_rl.config import config_from_dict
-    from kimivl_rl.data.rows import RowLoader
 
     cfg = config_from_dict(config)
-    examples = RowLoader.for_config(data_file, cfg.data, require_answer=True).load_all()[:limit]
+    examples = evaluation_rows(cfg, data_file, limit)
     with model_directory(model_dir) as model, greedy_engine(cfg, model) as (engine, processor):
         return evaluate_with_engine(cfg, engine, processor, examples, samples, max_new_tokens)
 

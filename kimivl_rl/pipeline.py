@@ -34,7 +34,7 @@ def parse_stages(text: str) -> list[str]:
 
 def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> dict:
     """Run (or continue) the given stages in order; return the run's summary."""
-    from kimivl_rl.prepare import check_data, ensure_data, ensure_model
+    from kimivl_rl.prepare import checked_config, ensure_data, ensure_model
     from kimivl_rl.system.controller import rl_input_model, run_rl
     from sft.trainer import run_stage
 
@@ -42,7 +42,7 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> d
     ensure_data(cfg)
     # Every stage's data is checked before the first stage starts, and before anything is
     # written to the output directory: a bad row fails the run in seconds, not after SFT.
-    check_data(cfg, stages)
+    cfg = checked_config(cfg, stages)
     layout = OutputLayout.of(cfg)
     layout.root.mkdir(parents=True, exist_ok=True)
     layout.config.write_text(dump_config(cfg))

@@ -10,7 +10,7 @@ from kimivl_rl.config import Config
 from kimivl_rl.data.build import BuildSpec, check_replaceable, dataset_is_current, ensure_dataset
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.infra.ownership import OUTPUT_MARKER, claim_output_dir
-from kimivl_rl.rollout.limits import check_images
+from kimivl_rl.rollout.limits import check_images, most_images, with_image_limit
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,10 @@ def check_data(cfg: Config, stages: Iterable[str] = STAGES,
 
     Call it before anything starts (Ray, output directories): a bad row raises ``DataError``
     naming ``file:line`` and the field, unless ``data.bad_rows=skip``, in which case it is
-    counted; a row with more images than ``rollout.max_images_per_prompt`` raises
+    counted; a row with more images than an explicit ``rollout.max_images_per_prompt`` raises
     ``ConfigError`` naming that key. ``missing_ok`` passes over files that do not exist
-    (``kimivl-rl config check``). Returns, per file, ``{"rows", "skipped", "resized"}``. Reads
-    only; writes nothing.
+    (``kimivl-rl config check``). Returns, per file, ``{"rows", "skipped", "resized",
+    "images"}`` (the most images one row holds). Reads only; writes nothing.
     """
     report: dict[str, dict[str, int]] = {}
     seen: set[tuple[Path, bool]] = set()
@@ -121,15 +121,18 @@ def check_data(cfg: Config, stages: Iterable[str] = STAGES,
     return report
 
 
+def checked_config(cfg: Config, stages: Iterable[str] = STAGES, missing_ok: bool = False) -> Config:
+    """``check_data``, and the config fitted to the rows it read: ``rollout.max_images_per_prompt:
+    auto`` becomes the most images one row of those files holds."""
+    report = check_data(cfg, stages, missing_ok)
+    return with_image_limit(cfg, max((counts["images"] for counts in report.values()), default=0))
+
+
 def _check_file(cfg: Config, path: Path, require_answer: bool) -> dict[str, int]:
     loader = RowLoader.for_config(path, cfg.data, require_answer=require_answer)
-    rows, most, source = 0, 0, ""
-    for example in loader:
-        rows += 1
-        if len(example.images) > most:
-            most, source = len(example.images), example.source
+    most, source, rows = most_images(loader)
     # SFT training files too: keep_solved generates from them, and one limit is simpler to state.
     check_images(cfg, most, source)
     log.info("%s: %d row(s) valid, %d skipped, %d image(s) resized", path, rows,
              loader.skipped, loader.resized)
-    return {"rows": rows, "skipped": loader.skipped, "resized": loader.resized}
+    return {"rows": rows, "skipped": loader.skipped, "resized": loader.resized, "images": most}

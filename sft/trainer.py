@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from kimivl_rl.training.engine import (build_engine, load_engine_state, process_
                                        save_pretrained)
 from kimivl_rl.evaluation import format_report
 from kimivl_rl.infra.layout import OutputLayout
-from kimivl_rl.infra.metrics import MetricsSink, follow_progress
+from kimivl_rl.infra.metrics import MetricsSink, detail_level, follow_progress
 from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.training.packing import collate_pack
@@ -40,8 +41,12 @@ REPORT_EVERY = 10
 
 # ----------------------------------------------------------------------------- paths
 
-def stage_input_model(cfg: Config, stage: str, base_model: str) -> str:
-    """Joint SFT starts from the base model; long-CoT SFT from joint SFT's output."""
+def stage_input_model(cfg: Config, stage: str, base_model: str,
+                      override: Optional[str] = None) -> str:
+    """Joint SFT starts from the base model, long-CoT SFT from joint SFT's output; ``override``
+    (``kimivl-rl sft --model``) replaces either."""
+    if override:
+        return override
     if stage == "joint":
         return base_model
     previous = OutputLayout.of(cfg).model("joint")
@@ -98,6 +103,20 @@ def _restore(engine) -> int:
     return step
 
 
+def ray_train_log_level(cfg: Config) -> str:
+    """Ray Train's console level: its INFO lines (worker group starts, each checkpoint, each
+    report as ``TrainingReport(...)``) only with ``output.verbose``; warnings always."""
+    return "INFO" if cfg.output.verbose else "WARNING"
+
+
+def set_report_log_level(cfg: Config) -> None:
+    """In a worker: Ray Train logs each report at INFO through a logger named after its module's
+    file, which RunConfig's LoggingConfig (the ``ray.train`` loggers) does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    context.logger.setLevel(ray_train_log_level(cfg))
+
+
 def _report(metrics: dict, engine, step: int, checkpoint: bool) -> None:
     import ray.train
 
@@ -117,6 +136,7 @@ def train_loop(loop_config: dict) -> None:
 
     logging.basicConfig(level=logging.INFO)
     cfg: Config = config_from_dict(loop_config["config"])
+    set_report_log_level(cfg)
     stage = loop_config["stage"]
     stage_cfg = getattr(cfg.sft, stage)
     context = ray.train.get_context()
@@ -149,9 +169,9 @@ def train_loop(loop_config: dict) -> None:
         if sink:
             sink.log(done, metrics)
         if rank == 0 and (done % REPORT_EVERY == 0 or done == total):
-            log.info("sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing %.2f", stage, done,
-                     total, metrics["loss"], metrics["lr"], metrics["tokens_per_s"],
-                     metrics["packing_efficiency"])
+            log.log(detail_level(cfg), "sft %s step %d/%d loss %.4f lr %.2e %.0f tok/s packing "
+                    "%.2f", stage, done, total, metrics["loss"], metrics["lr"],
+                    metrics["tokens_per_s"], metrics["packing_efficiency"])
         checkpoint = done % cfg.sft.checkpoint_every == 0 or done == total
         # A Ray Train report is a round trip through its controller (about a second): every
         # step goes to metrics.jsonl and TensorBoard, every 10th and each checkpoint to Ray.
@@ -176,15 +196,18 @@ def _export(engine, processor, out_dir: Path, plan: StagePlan, rank: int) -> Non
 
 # ----------------------------------------------------------------------------- driver side
 
-def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> dict:
-    """Train one SFT stage on Ray Train, evaluate it, and return its summary.
+def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True,
+              input_model: Optional[str] = None) -> dict:
+    """Train one SFT stage on Ray Train (from ``input_model`` if given, else
+    ``stage_input_model``'s), evaluate it, and return its summary.
 
     A stage whose summary exists is finished and is not run again; an interrupted one
     continues from its last Ray Train checkpoint. Unless ``check`` is False (the caller
-    already did it), every row of the stage's data is checked first, so a bad row stops the
-    stage with a ``DataError`` naming ``file:line`` before Ray starts or anything is written.
+    already did it and fitted the config, ``checked_config``), every row of the stage's data is
+    checked first, so a bad row stops the stage with a ``DataError`` naming ``file:line`` before
+    Ray starts or anything is written.
     """
-    from kimivl_rl.prepare import check_data
+    from kimivl_rl.prepare import checked_config
 
     if stage not in STAGES:
         raise ValueError(f"unknown SFT stage {stage!r}; choose one of {STAGES}")
@@ -193,17 +216,18 @@ def run_stage(cfg: Config, stage: str, base_model: str, check: bool = True) -> d
         log.info("SFT %s already finished (%s); skipping", stage, summary_file)
         return json.loads(summary_file.read_text())
     if check:
-        check_data(cfg, [stage])
-    summary = train_stage(cfg, stage, base_model)
+        cfg = checked_config(cfg, [stage])
+    summary = train_stage(cfg, stage, base_model, input_model)
     summary["eval"] = evaluate_stage(cfg, stage)
     summary_file.write_text(json.dumps(summary, indent=1, default=str))
     log.info("SFT %s done, held-out:\n%s", stage, format_report(summary["eval"]))
     return summary
 
 
-def train_stage(cfg: Config, stage: str, base_model: str) -> dict:
+def train_stage(cfg: Config, stage: str, base_model: str,
+                input_model: Optional[str] = None) -> dict:
     """The Ray Train job of a stage alone (continuing a stopped one); no evaluation."""
-    input_model = stage_input_model(cfg, stage, base_model)
+    input_model = stage_input_model(cfg, stage, base_model, input_model)
     layout = OutputLayout.of(cfg)
     layout.stage(stage).mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
@@ -236,7 +260,7 @@ def _evaluate_model(config: dict, stage: str) -> dict:
 
 
 def _fit(cfg: Config, stage: str, input_model: str, layout: OutputLayout):
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     log.info("SFT %s: %s -> %s (attention: %s)", stage, input_model, layout.model(stage),
@@ -250,7 +274,8 @@ def _fit(cfg: Config, stage: str, input_model: str, layout: OutputLayout):
         torch_config=TorchConfig(backend=process_group_backend(cfg.cluster.use_gpu)),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.output.keep_last_checkpoints)),
+                                 num_to_keep=cfg.output.keep_last_checkpoints),
+                             logging_config=LoggingConfig(log_level=ray_train_log_level(cfg))),
     )
     with follow_progress(layout.metrics(stage), f"SFT {stage}", unit="step"):
         return trainer.fit()

@@ -84,3 +84,24 @@ def test_overrides_without_the_optional_config_use_the_default(tmp_path):
                     "data.long_cot_examples=2", "data.rl_prompts=2", "data.eval_examples=2")
     assert result.returncode == 0, result.stderr
     assert json.loads((data / "manifest.json").read_text())["spec"]["rl_prompts"] == 2
+
+
+def test_sft_starts_from_the_model_given(tmp_path, monkeypatch, tiny_model_dir, small_data_dir):
+    import sft.trainer
+    from kimivl_rl.cli import main
+
+    started = []
+
+    def run_stage(cfg, stage, base_model, check=True, input_model=None):
+        started.append(sft.trainer.stage_input_model(cfg, stage, base_model, input_model))
+        return {"output_model": "-", "eval": {}}
+
+    monkeypatch.setattr(sft.trainer, "run_stage", run_stage)
+    config = [str(Path("configs/tiny.yaml").resolve()), f"model.path={tiny_model_dir}",
+              "model.init_if_missing=false", f"data.dir={small_data_dir}",
+              "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}"]
+    monkeypatch.chdir(tiny_model_dir.parent)
+    # long-CoT SFT from a checkpoint of the user's (a relative path) rather than joint SFT's output
+    assert main(["sft", *config, "--stage", "long_cot", "--model", tiny_model_dir.name]) == 0
+    assert main(["sft", *config, "--stage", "joint"]) == 0  # default: model.path
+    assert started == [str(tiny_model_dir.resolve())] * 2

@@ -65,6 +65,9 @@ def test_unknown_section_suggests(tmp_path):
     ("rollout:\n  backend: hf_generate\n", "rollout.backend", "unknown key 'backend'"),
     ("rollout:\n  token_budget: 1024\n", "rollout.token_budget", "leaves nothing to carry over"),
     ("rollout:\n  top_p: 1.5\n", "rollout.top_p", "must be <= 1.0"),
+    ("rollout:\n  max_images_per_prompt: most\n", "rollout.max_images_per_prompt",
+     "expected int or 'auto', got str 'most'"),
+    ("rollout:\n  max_images_per_prompt: 0\n", "rollout.max_images_per_prompt", "must be >= 1"),
     ("rl:\n  samples_per_prompt: 0\n", "rl.samples_per_prompt", "must be >= 1"),
     ("cluster:\n  max_learner_restarts: -1\n", "cluster.max_learner_restarts", "must be >= 0"),
     ("sft:\n  joint:\n    phases: {max_seq_len: 64}\n", "sft.joint.phases", "expected a list"),
@@ -80,6 +83,13 @@ def test_wrong_types_and_ranges_are_located(tmp_path, text, key, words):
     message = str(err.value)
     assert f"{key}:" in message and words in message
     assert "cfg.yaml:" in message
+
+
+def test_a_key_of_a_number_or_auto_takes_either(tmp_path):
+    assert load_config(write(tmp_path, "rollout:\n  max_images_per_prompt: 3\n")).rollout \
+        .max_images_per_prompt == 3
+    assert load_config(None, ["rollout.max_images_per_prompt=auto"]).rollout \
+        .max_images_per_prompt == "auto"
 
 
 def test_cross_field_rule(tmp_path):

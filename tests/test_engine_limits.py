@@ -1,7 +1,8 @@
 """Engine limits from the config: `config check` refuses an engine that cannot hold its own
-generations or a data row with more images than it takes; a real vLLM engine built from the
-config generates past 2,048 tokens, and a two-image row goes through rollout generation, the
-learner's log-probability pass and SFT encoding."""
+generations; `rollout.max_images_per_prompt: auto` takes the most images a row of the data holds,
+and a row over an explicit limit stops `config check` and `eval` before any engine starts; a real
+vLLM engine built from the config generates past 2,048 tokens, and a two-image row goes through
+rollout generation, the learner's log-probability pass and SFT encoding."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,12 @@ import torch
 from PIL import Image
 
 from kimivl_rl.cli import main
-from kimivl_rl.config import load_config
-from kimivl_rl.data.rows import RowLoader
+from kimivl_rl.config import ConfigError, load_config
+from kimivl_rl.data.rows import Example, RowLoader
+from kimivl_rl.prepare import checked_config
+from kimivl_rl.rollout.limits import fit_images, images_per_prompt, prompt_budget
 from kimivl_rl.training.packing import IGNORE_INDEX
+from test_cli import kimivl
 from test_tiny_model import red_squares_image
 
 TINY = "configs/tiny.yaml"
@@ -52,13 +56,72 @@ def test_config_check_refuses_a_context_past_a_local_models_positions(capsys, ti
     assert config_check(capsys, f"model.path={tiny_model_dir}", "rollout.max_new_tokens=2048")[0] == 0
 
 
-def test_config_check_refuses_rows_with_more_images_than_an_engine_takes(capsys, tmp_path):
+def test_config_check_refuses_rows_with_more_images_than_an_explicit_limit(capsys, tmp_path):
     data = f"data.dir={two_image_data(tmp_path)}"
-    code, err = config_check(capsys, data, "data.build_if_missing=false")
+    code, err = config_check(capsys, data, "data.build_if_missing=false",
+                             "rollout.max_images_per_prompt=1")
     assert code == 2 and "rollout.max_images_per_prompt" in err
     assert f"{tmp_path / 'rl' / 'train.jsonl'}:1 has 2 images" in err
     assert config_check(capsys, data, "data.build_if_missing=false",
                         "rollout.max_images_per_prompt=2")[0] == 0
+    assert main(["config", "check", TINY, data, "data.build_if_missing=false"]) == 0  # auto
+    assert "2 image(s) per prompt" in capsys.readouterr().out
+
+
+def example(images: int, line: int) -> Example:
+    return Example(messages=[], images=[red_squares_image()] * images, answer="2", difficulty=None,
+                   pass_rate=None, source=f"rows.jsonl:{line}")
+
+
+ROWS = [example(0, 1), example(2, 2), example(1, 3), example(2, 4)]
+
+
+def test_auto_takes_the_most_images_one_row_holds():
+    cfg = load_config(TINY)
+    assert cfg.rollout.max_images_per_prompt == "auto"  # the default
+    assert fit_images(cfg, ROWS).rollout.max_images_per_prompt == 2
+    assert fit_images(cfg, [example(0, 1)]).rollout.max_images_per_prompt == 1  # text only
+    explicit = load_config(TINY, ["rollout.max_images_per_prompt=3"])
+    assert fit_images(explicit, ROWS) == explicit
+
+
+def test_a_row_over_an_explicit_limit_names_its_file_line_and_the_key():
+    with pytest.raises(ConfigError) as err:
+        fit_images(load_config(TINY, ["rollout.max_images_per_prompt=1"]), ROWS)
+    assert str(err.value) == ("rollout.max_images_per_prompt: rows.jsonl:2 has 2 images, over the "
+                              "limit of 1 an engine takes in one prompt; set "
+                              "rollout.max_images_per_prompt=2 or more, or auto")
+
+
+def test_the_engines_take_the_fitted_limit_and_auto_unfitted_is_one_image():
+    from kimivl_rl.rollout.vllm_engine import engine_options
+
+    cfg = load_config(TINY, ["model.path=/nonexistent/m"])
+    fitted = fit_images(cfg, ROWS)
+    assert images_per_prompt(cfg) == engine_options(cfg, cfg.model.path).max_images_per_prompt == 1
+    assert engine_options(fitted, cfg.model.path).max_images_per_prompt == 2
+    assert prompt_budget(fitted) - prompt_budget(cfg) == prompt_budget(cfg) - \
+        cfg.rollout.max_prompt_text_tokens  # room for one more image
+
+
+def test_checked_config_fits_auto_to_the_stages_files(tmp_path):
+    cfg = load_config(TINY, [f"data.dir={two_image_data(tmp_path)}", "data.build_if_missing=false"])
+    assert checked_config(cfg, ["rl"], missing_ok=True).rollout.max_images_per_prompt == 2
+    assert checked_config(cfg, ["joint"], missing_ok=True).rollout.max_images_per_prompt == 1
+
+
+def test_eval_stops_at_a_row_over_the_limit_before_ray_or_an_engine_starts(tmp_path,
+                                                                           tiny_model_dir):
+    rows = two_image_data(tmp_path / "data") / "rl" / "train.jsonl"
+    result = kimivl("eval", TINY, "--model", tiny_model_dir, "--file", rows, "--out",
+                    tmp_path / "report.json", "rollout.max_images_per_prompt=1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (f"kimivl-rl: error: rollout.max_images_per_prompt: {rows}:1 has 2 images, over the "
+            f"limit of 1") in result.stderr
+    assert "Traceback" not in result.stderr and "VLLMValidationError" not in result.stderr
+    assert "Started a local Ray instance" not in result.stderr
+    assert "vllm" not in result.stderr.lower()
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_the_built_in_data_fits_the_tiny_engine(small_data_dir):

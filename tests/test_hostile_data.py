@@ -298,14 +298,14 @@ def test_check_data_reads_every_file_of_the_stages_asked_for(tmp_path):
     (data / "rl/train.jsonl").write_text(row(messages=TEXT_MSG, images=[]) + "\n{broken\n")
     cfg = load_config(None, [f"data.dir={data}"])
     report = check_data(cfg, ["joint", "long_cot"])  # the broken RL file is not theirs
-    assert report == {str(data / name): {"rows": 1, "skipped": 0, "resized": 0} for name in
+    counts = {"rows": 1, "skipped": 0, "resized": 0, "images": 0}
+    assert report == {str(data / name): counts for name in
                       ("joint_sft/train.jsonl", "joint_sft/eval.jsonl", "long_cot/train.jsonl",
                        "long_cot/eval.jsonl")}
     with pytest.raises(DataError, match=rf"^{re.escape(str(data))}/rl/train.jsonl:2: malformed JSON"):
         check_data(cfg)
     skipping = load_config(None, [f"data.dir={data}", "data.bad_rows=skip"])
-    assert check_data(skipping, ["rl"])[str(data / "rl/train.jsonl")] == {"rows": 1, "skipped": 1,
-                                                                           "resized": 0}
+    assert check_data(skipping, ["rl"])[str(data / "rl/train.jsonl")] == {**counts, "skipped": 1}
     good_data(data)
     (data / "rl/eval.jsonl").unlink()
     with pytest.raises(DataError, match=rf"^{re.escape(str(data))}/rl/eval.jsonl: data file not found"):
@@ -380,6 +380,30 @@ def test_a_failed_start_names_the_row_and_leaves_the_output_untouched(
     assert snapshot(previous_output) == before
 
 
+@pytest.mark.parametrize("argv, file", [
+    (["sft", "--stage", "joint"], "joint_sft/train.jsonl"),
+    (["sft", "--stage", "long_cot"], "long_cot/eval.jsonl"),
+    (["rl"], "rl/eval.jsonl"),
+    (["run"], "rl/train.jsonl"),
+])
+def test_a_row_over_an_explicit_image_limit_stops_the_start(tmp_path, capsys, previous_output,
+                                                           no_ray, argv, file):
+    from kimivl_rl import cli
+
+    data = good_data(tmp_path / "data")
+    Image.new("RGB", (56, 56), (255, 0, 0)).save((data / file).with_name("a.png"))
+    question = {"role": "user", "content": [{"type": "image"}, *IMAGE_MSG[0]["content"]]}
+    with open(data / file, "a") as f:
+        f.write(row(messages=[question, IMAGE_MSG[1]], images=["a.png", "a.png"]) + "\n")  # line 2
+    config = cli_config(tmp_path, data, previous_output)
+    before = snapshot(previous_output)
+    assert cli.main([argv[0], str(config), *argv[1:], "rollout.max_images_per_prompt=1"]) == 2
+    err = capsys.readouterr().err
+    assert (f"kimivl-rl: error: rollout.max_images_per_prompt: {data / file}:2 has 2 images, over "
+            f"the limit of 1") in err and "Traceback" not in err
+    assert snapshot(previous_output) == before
+
+
 def test_a_failed_rl_start_leaves_the_output_untouched(tmp_path, capsys, previous_output, no_ray):
     from kimivl_rl import cli
 
@@ -399,11 +423,13 @@ def test_a_missing_model_path_is_named_before_the_output_is_touched(tmp_path, ca
     missing = tmp_path / "runs" / "demo" / "out" / "sft_long_cot" / "model"
     config = cli_config(tmp_path, good_data(tmp_path / "data"), previous_output)
     before = snapshot(previous_output)
-    assert cli.main(["rl", "--model", str(missing), str(config)]) == 2
-    err = capsys.readouterr().err
-    assert f"kimivl-rl: error: --model {missing}: no such file or directory" in err
-    assert "Traceback" not in err and snapshot(previous_output) == before
+    for argv in (["rl"], ["sft", "--stage", "long_cot"]):
+        assert cli.main([*argv, "--model", str(missing), str(config)]) == 2
+        err = capsys.readouterr().err
+        assert f"kimivl-rl: error: --model {missing}: no such file or directory" in err
+        assert "Traceback" not in err and snapshot(previous_output) == before
     # what can be a hub id passes through; a relative path with folders cannot be one
+    assert cli.checked_model_argument("configs") == str(Path("configs").resolve())
     assert cli.checked_model_argument("org/name") == "org/name"
     assert cli.checked_model_argument("name") == "name"
     for local in ("runs/nowhere/model", "./nowhere", "~/nowhere"):

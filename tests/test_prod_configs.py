@@ -35,6 +35,7 @@ def test_config_check_accepts_every_config(path, capsys):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_engine_options_hold_each_configs_prompts_and_longest_generation(path):
+    from kimivl_rl.rollout.limits import images_per_prompt
     from kimivl_rl.rollout.vllm_engine import engine_options
 
     cfg = load_config(path)
@@ -43,7 +44,7 @@ def test_engine_options_hold_each_configs_prompts_and_longest_generation(path):
     image_tokens = cfg.data.max_pixels // (28 * 28)  # both families: 28x28 px a token
     prompt_room = options.max_model_len - longest
     assert prompt_room >= cfg.rollout.max_prompt_text_tokens + options.max_images_per_prompt * image_tokens
-    assert options.max_images_per_prompt == cfg.rollout.max_images_per_prompt >= 1
+    assert options.max_images_per_prompt == images_per_prompt(cfg) >= 1
     # Qwen2.5-VL's config.json: 128000 positions.
     assert options.max_model_len <= 128000
 

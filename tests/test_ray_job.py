@@ -138,7 +138,7 @@ def test_ray_job_submit_runs_the_pipeline(finished_job):
         assert (out / path).is_file(), path
     logs = finished_job["logs"]
     assert "stage 1/2: joint SFT" in logs and "stage 2/2: RL" in logs
-    assert "RL iteration 2/2" in logs
+    assert re.search(r"RL: 100%\|\S*\| 2/2 ", logs)  # RL's progress bar, at its end
 
 
 def _metric_values(text: str, name: str) -> list[float]:

@@ -79,7 +79,7 @@ def test_reloaded_weights_change_what_the_engine_scores_and_log_no_warning(tiny_
                  for k, v in original.items()}
     threads_before = torch.get_num_threads()
     engine = VLLMEngine(EngineOptions(model=str(tiny_model_dir), dtype="float32", in_process=True,
-                                      threads=1))
+                                      threads=1, log_level="INFO"))
     warnings = []
     catcher = logging.Handler(logging.INFO)
     catcher.emit = warnings.append

@@ -200,8 +200,7 @@ def _coerce(tp, value: Any, key: str, where: _Where, base=None):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, where)
+        return _coerce_either(args, value, key, where)
     if origin is Literal:
         if value not in args:
             raise where.error(key, f"{value!r} is not one of {list(args)}{_suggest(value, args)}")
@@ -216,6 +215,21 @@ def _coerce(tp, value: Any, key: str, where: _Where, base=None):
         return {_coerce(args[0], name, key, where): _coerce(args[1], item, f"{key}.{name}", where)
                 for name, item in value.items()}
     return _coerce_scalar(tp, value, key, where)
+
+
+def _coerce_either(args: tuple, value: Any, key: str, where: _Where):
+    """The first of a union's types that takes ``value`` (e.g. ``int`` or ``"auto"``); one
+    type's own error when it is the only one."""
+    choices = [a for a in args if a is not type(None)]
+    for choice in choices:
+        try:
+            return _coerce(choice, value, key, where)
+        except ConfigError:
+            if len(choices) == 1:
+                raise
+    names = [" or ".join(map(repr, typing.get_args(c))) if typing.get_origin(c) is Literal
+             else c.__name__ for c in choices]
+    raise where.error(key, f"expected {' or '.join(names)}, got {_kind(value)}")
 
 
 def _coerce_scalar(tp, value: Any, key: str, where: _Where):

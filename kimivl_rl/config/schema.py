@@ -7,7 +7,7 @@ override them per scenario.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 
 def bounded(default, *, ge=None, gt=None, le=None):
@@ -190,8 +190,10 @@ class RolloutConfig:
     max_model_len: Optional[int] = bounded(None, ge=16)
     # The text part of the prompt budget: chat template, system prompt and question, in tokens.
     max_prompt_text_tokens: int = bounded(1024, ge=1)
-    # Images one prompt may carry (vLLM's limit_mm_per_prompt); data checks refuse rows with more.
-    max_images_per_prompt: int = bounded(1, ge=1)
+    # Images one prompt may carry (vLLM's limit_mm_per_prompt; part of the prompt budget). "auto":
+    # the most one row holds in the data files the command reads (at least 1). A number: a row
+    # with more stops sft, rl, run and eval before any engine starts.
+    max_images_per_prompt: Union[int, Literal["auto"]] = bounded("auto", ge=1)
     # On CPU vLLM reads this as a share of one NUMA node's memory; 0.92 fails at start.
     gpu_memory_utilization: float = bounded(0.3, gt=0.0, le=1.0)
     # Run vLLM's engine core and its one worker inside the calling process instead of two
@@ -307,6 +309,10 @@ class OutputConfig:
     dir: str = "runs/tiny/out"
     keep_last_checkpoints: int = bounded(2, ge=1)
     tensorboard: bool = True
+    # The console shows progress bars, each stage's results and warnings; verbose (`--verbose`)
+    # adds each RL iteration's metrics, each SFT log step, and Ray Train's and vLLM's INFO lines.
+    # metrics.jsonl, TensorBoard and Ray's dashboard get every metric either way.
+    verbose: bool = False
 
 
 @dataclass

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from kimivl_rl.infra.layout import STAGE_DIRS, OutputLayout
+
+
+def detail_level(cfg) -> int:
+    """The log level of per-step detail (each RL iteration's metrics, each SFT log step): INFO,
+    which the console shows, with ``output.verbose``; else DEBUG, which it leaves out. The
+    sink records every metric either way."""
+    return logging.INFO if cfg.output.verbose else logging.DEBUG
 
 
 class MetricsSink:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES, configured_family
-from kimivl_rl.rollout.limits import max_model_len
+from kimivl_rl.rollout.limits import images_per_prompt, max_model_len
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class EngineOptions:
     in_process: bool = False          # engine core and worker in this process (rollout.in_process)
     threads: Optional[int] = None     # torch threads of an in-process engine; None: leave as is
     sleep_mode: bool = False          # may free its GPU memory between generations (colocated)
+    log_level: str = "WARNING"        # vLLM's logging; "INFO" with output.verbose
 
 
 def engine_options(cfg, model: str) -> EngineOptions:
@@ -81,10 +82,11 @@ def engine_options(cfg, model: str) -> EngineOptions:
                          trust_remote_code=cfg.model.trust_remote_code,
                          dtype="bfloat16" if cfg.cluster.use_gpu else "float32",
                          max_model_len=max_model_len(cfg, model),
-                         max_images_per_prompt=cfg.rollout.max_images_per_prompt,
+                         max_images_per_prompt=images_per_prompt(cfg),
                          family=family.name, in_process=in_process,
                          threads=cfg.cluster.rollout_threads,
-                         sleep_mode=cfg.cluster.colocate and cfg.cluster.use_gpu)
+                         sleep_mode=cfg.cluster.colocate and cfg.cluster.use_gpu,
+                         log_level="INFO" if cfg.output.verbose else "WARNING")
 
 
 @contextmanager
@@ -98,9 +100,12 @@ def _engine_placement(options: EngineOptions) -> Iterator[Optional[str]]:
     ``torch.set_num_threads`` for a no-op that warns (right for a process it owns, but an
     in-process worker's process is ours and outlives the engine) and would otherwise drop
     serving to one thread. An in-process worker also scans this process's modules
-    (``_llvmlite_out_of_sight``)."""
+    (``_llvmlite_out_of_sight``). vLLM's log level is read when it is first imported, here or in
+    a process it spawns, and set on its logger for an import that came earlier."""
+    os.environ["VLLM_LOGGING_LEVEL"] = options.log_level
     from vllm import envs
 
+    logging.getLogger("vllm").setLevel(options.log_level)
     envs.disable_envs_cache()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if options.in_process else "1"
     if torch.cuda.is_available():  # a forked engine core dies once this process has touched CUDA

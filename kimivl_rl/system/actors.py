@@ -24,6 +24,7 @@ from kimivl_rl.infra.remote import (ActorFailed, RemoteTimeout, await_restart, c
 from kimivl_rl.infra.ipc_weight_sync import IPCTransport
 from kimivl_rl.infra.weight_sync import (CollectiveTransport, ObjectStoreTransport, SyncStats,
                                          WeightTransport)
+from kimivl_rl.rollout.limits import fit_images
 from kimivl_rl.rollout.vllm_engine import engine_options
 
 log = logging.getLogger(__name__)
@@ -262,13 +263,15 @@ def sample_and_score(cfg: Config, model_path: str, prompts: list, n: int, temper
 
     Yields ``(chunk, samples, scores)``: ``samples[i]`` holds chunk[i]'s ``n`` samples,
     ``scores`` the reward outputs of all of them in that order. Generation follows the config's
-    rollout section (``top_p``, ``max_new_tokens``); the actors stop when the loop ends.
+    rollout section (``top_p``, ``max_new_tokens``; the image limit fitted to ``prompts``); the
+    actors stop when the loop ends.
     """
     from transformers import AutoProcessor
 
     from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.infra.ray_runtime import init_ray
 
+    cfg = fit_images(cfg, prompts)
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     init_ray(cfg)
     actors = RLActors.start(cfg, model_path, with_learners=False)

@@ -32,11 +32,12 @@ from kimivl_rl.config import Config
 from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, tier_of
 from kimivl_rl.infra.layout import OutputLayout
-from kimivl_rl.infra.metrics import MetricsSink
+from kimivl_rl.infra.metrics import MetricsSink, detail_level
 from kimivl_rl.infra.ray_runtime import init_ray
 from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
                                     wait_all, wait_one)
 from kimivl_rl.reward.service import count_reasons
+from kimivl_rl.rollout.limits import fit_images
 from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
@@ -251,10 +252,11 @@ def learn(actors: RLActors, cfg: Config, batch: list[Trajectory], iteration: int
     import ray
 
     if len(batch) < len(actors.learners):
-        log.info("iteration %d: %d responses for %d learner ranks (every other group had equal "
-                 "rewards); the policy is unchanged", iteration, len(batch), len(actors.learners))
-        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0, "engine_sleep_freed_gib": 0.0,
-                "time_learn_s": 0.0}
+        log.log(detail_level(cfg), "iteration %d: %d responses for %d learner ranks (every other "
+                "group had equal rewards); the policy is unchanged", iteration, len(batch),
+                len(actors.learners))
+        return {**dict.fromkeys(LOSS_METRICS, 0.0), "learner_responses": 0,
+                "engine_sleep_freed_gib": 0.0, "time_learn_s": 0.0}
     started = time.perf_counter()
     freed = actors.sleep_engines()  # colocated: the engine's GPU memory is the learner's until the sync
     batch_ref = ray.put(batch)  # one copy in the object store for every learner rank
@@ -506,9 +508,11 @@ def run_rl(cfg: Config, model_path: str) -> dict:
         if finished["iterations"] == cfg.rl.iterations:
             log.info("RL already finished (%s); skipping", summary_file)
             return finished
-    # Loading checks every row and image: bad data stops the run before the output changes.
+    # Loading checks every row and image, and fit_images their image counts: bad data stops
+    # the run before the output changes.
     prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)
     eval_prompts = RowLoader.prompts(cfg.data, cfg.rl.eval_file)[: cfg.rl.eval_prompts]
+    cfg = fit_images(cfg, [*prompts, *eval_prompts])
     summary_file.unlink(missing_ok=True)  # more iterations asked for: continue from a checkpoint
     processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     sampler = PromptSampler(len(prompts), cfg.sampler.mode, cfg.seed,
@@ -560,8 +564,8 @@ def record_iteration(actors: RLActors, cfg: Config, sink: MetricsSink, sampler: 
     """Log iteration ``done``'s metrics; every ``rl.checkpoint_every`` iterations and at the end,
     write a checkpoint and log its cost too, before it is published: a run killed in between
     redoes the iteration, so no checkpoint exists whose iteration has no metrics."""
-    log.info("RL iteration %d/%d: %s", done, cfg.rl.iterations,
-             {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
+    log.log(detail_level(cfg), "RL iteration %d/%d: %s", done, cfg.rl.iterations,
+            {k: round(v, 4) for k, v in metrics.items() if isinstance(v, (int, float))})
     if done % cfg.rl.checkpoint_every and done != cfg.rl.iterations:
         sink.log(done, metrics)
         return
