@@ -69,11 +69,6 @@ def test_bf16_engine_and_learner_agree_as_closely_as_bf16_allows(family, tmp_pat
     assert gap.mean() <= 2 * own.mean() and gap.max() <= 4 * own.max()
 
 
-def _parameter_sums(worker) -> dict[str, float]:
-    """Run inside vLLM's worker (collective_rpc): a float64 sum of each parameter."""
-    return {name: float(p.double().sum()) for name, p in worker.model_runner.get_model().named_parameters()}
-
-
 def _scaled_copy(model_dir, out_dir, factor: float):
     """A copy of a model directory whose weights are all multiplied by ``factor``."""
     from safetensors.torch import load_file, save_file
@@ -84,7 +79,7 @@ def _scaled_copy(model_dir, out_dir, factor: float):
     return out_dir
 
 
-def test_cuda_ipc_sync_gives_the_engine_exactly_the_weights_it_would_load(tmp_path, monkeypatch):
+def test_cuda_ipc_sync_gives_the_engine_exactly_the_weights_it_would_load(tmp_path):
     """An engine started from model B holds B's parameters (sums per parameter) and greedy
     outputs; reloaded with A it differs; synced with B through the CUDA IPC ring from another
     process's GPU buffers (buckets small enough that both slots are reused), it is B's again,
@@ -96,7 +91,6 @@ def test_cuda_ipc_sync_gives_the_engine_exactly_the_weights_it_would_load(tmp_pa
     from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
     from transformers import AutoProcessor
 
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # _parameter_sums travels by value
     model_a = build_tiny_vlm(tmp_path / "a", TinyVLMSpec(peaked=True))
     model_b = _scaled_copy(model_a, tmp_path / "b", 1.05)
     cfg = gpu_config(model_b, "qwen2_5_vl")
@@ -105,7 +99,7 @@ def test_cuda_ipc_sync_gives_the_engine_exactly_the_weights_it_would_load(tmp_pa
 
     def state() -> tuple[list, list]:
         greedy = engine.generate(requests, n=1, temperature=0.0, max_new_tokens=NEW_TOKENS)
-        return engine.llm.collective_rpc(_parameter_sums), [g[0].token_ids for g in greedy]
+        return engine.parameter_sums(), [g[0].token_ids for g in greedy]
 
     try:
         sums_b, greedy_b = state()

@@ -19,16 +19,15 @@ layer's last one arrives) keeps them as long as it likes while the sender fills 
 """
 from __future__ import annotations
 
-import pickle
 import secrets
 import socket
 import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from multiprocessing.reduction import ForkingPickler
 from typing import Iterator, Mapping, Optional
 
 import torch
-import torch.multiprocessing  # registers the tensor reductions with ForkingPickler
+import torch.multiprocessing
+from torch.multiprocessing.reductions import reduce_storage, reduce_tensor
 
 from kimivl_rl.infra.remote import wait_all, wait_one
 from kimivl_rl.infra.weight_sync import (LOOPBACK, Bucket, SyncStats, bucket_bytes, decode_plan, encode_plan,
@@ -43,16 +42,20 @@ def new_ring(plan: list[Bucket], slots: int, device: torch.device | str) -> list
     return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
 
 
-def share_ring(ring: list[torch.Tensor]) -> bytes:
-    """Handles of the ring's buffers (for ``open_ring`` in another process, whichever way the
-    bytes travel). A host ring must be in shared memory (``share_memory_``) first, shared by file
-    name (``share_host_ring``) where the other process is not this one's child."""
-    return bytes(ForkingPickler.dumps(ring))
+def share_ring(ring: list[torch.Tensor]) -> list:
+    """Handles of the ring's buffers (for ``open_ring`` in another process): a rebuild function
+    and plain arguments each, so any serializer carries them. A host ring must be in shared
+    memory (``share_memory_``) first, shared by file name (``share_host_ring``) where the other
+    process is not this one's child."""
+    return [reduce_tensor(b) if b.is_cuda else reduce_storage(b.untyped_storage()) for b in ring]
 
 
-def open_ring(handles: bytes) -> list[torch.Tensor]:
+def open_ring(handles: list) -> list[torch.Tensor]:
     """The other process's ring buffers, mapped into this one (no copy)."""
-    return pickle.loads(handles)
+    opened = [rebuild(*args) for rebuild, args in handles]
+    # A host buffer comes back as its storage: the ring's buffers are whole 1-D byte storages.
+    return [b if isinstance(b, torch.Tensor) else torch.empty(0, dtype=torch.uint8).set_(b)
+            for b in opened]
 
 
 def share_host_ring(ring: list[torch.Tensor]) -> None:

@@ -235,6 +235,10 @@ class VLLMEngine:
         "kv_cache" (then the engine can generate again)."""
         self.llm.wake_up(tags=[what])
 
+    def parameter_sums(self) -> dict[str, float]:
+        """Each parameter's sum in the engine (``WorkerExtension.parameter_sums``), first worker."""
+        return self.llm.collective_rpc("parameter_sums")[0]
+
     def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
         """The engine's worker maps the learner's ring of weight buffers and connects to it."""
         self.llm.collective_rpc("attach_weight_ring", args=(address, authkey, handles))

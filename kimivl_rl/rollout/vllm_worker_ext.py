@@ -85,6 +85,11 @@ class WorkerExtension:
     def reload_weights_from_file(self, path: str) -> None:
         self._reload(iter(load_file(path).items()))
 
+    def parameter_sums(self) -> dict[str, float]:
+        """A float64 sum of each of the model's parameters, in vLLM's layout: two engines hold
+        the same weights when these agree exactly (a sync checked against a load)."""
+        return {name: float(p.double().sum()) for name, p in self.model_runner.get_model().named_parameters()}
+
     def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
         """Map the colocated learner's ring of weight buffers and connect to its channel, in place
         of any ring attached before."""
