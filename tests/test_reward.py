@@ -62,6 +62,22 @@ def test_split_thinking(text, markers, expected):
     assert split_thinking(text, **markers) == expected
 
 
+@pytest.mark.parametrize("text, markers, expected", [
+    ("<think>plan</think>\\boxed{3}", {}, True),
+    ("plan</think>5", {}, True),             # the generation header opened the section
+    ("just 5", {}, False),                    # no thinking section
+    ("<think>never finished 3", {}, False),   # never closed
+    ("<think> \n</think>5", {}, False),       # nothing thought
+    ("<think>plan</think>  ", {}, False),     # no answer after it
+    ("◁think▷plan◁/think▷\\boxed{3}", KIMI, True),
+    ("<think>plan</think>3", KIMI, False),    # the other family's markers
+])
+def test_thinks_then_answers(text, markers, expected):
+    from kimivl_rl.reward.extract import thinks_then_answers
+
+    assert thinks_then_answers(text, **markers) is expected
+
+
 # ----------------------------------------------------------------------------- verification
 
 def test_normalize_text():

@@ -131,6 +131,23 @@ def test_group_norm_sample_std_is_the_peers_normalisation():
                                    (r - r.mean()) / (r.std(unbiased=True) + eps))
 
 
+def test_format_penalty_joins_the_task_reward_and_the_length_penalty():
+    """Group of three to one prompt, lengths 10/20/30, all correct; the 20-token one did not think.
+    Length penalty by hand: lambda = 0.5 - (len - 10) / 20 = 0.5, 0, -0.5; weight 0.5."""
+    from kimivl_rl.reward.contract import RewardOutput
+    from kimivl_rl.rl.experience import add_length_penalty, assign_rewards
+
+    batch = [Trajectory(4, [1], [2] * n, [0.0] * n, "stop") for n in (10, 20, 30)]
+    assign_rewards(batch, [RewardOutput(1.0)] * 3, 0.0, [True, False, True], format_penalty=0.25)
+    assert [t.reward for t in batch] == [1.0, 0.75, 1.0]  # warm-up: no length term yet
+    assert [t.format_penalty for t in batch] == [0.0, -0.25, 0.0]
+    add_length_penalty(batch, 0.5)  # the iteration's weight, applied later by the controller
+    assert [t.reward for t in batch] == [1.25, 0.75, 0.75]
+    assert informative_groups(batch) == batch  # equal task rewards, unequal formats: a gradient
+    assign_rewards(batch, [RewardOutput(1.0)] * 3, 0.0)  # no thinking list: no format term
+    assert [t.format_penalty for t in batch] == [0.0, 0.0, 0.0]
+
+
 def test_informative_groups_keep_only_groups_with_unequal_rewards():
     def trajectory(prompt: int, reward: float) -> Trajectory:
         return Trajectory(prompt, [1], [2], [0.0], "stop", reward=reward)

@@ -30,6 +30,17 @@ def test_engine_runs_in_process_on_cpu_with_one_worker_unless_the_config_says_ot
     assert not engine_options(cfg, "m").in_process
 
 
+def test_a_family_newer_than_the_installed_vllm_is_refused_by_name(monkeypatch):
+    import vllm
+
+    from kimivl_rl.config import ConfigError
+
+    monkeypatch.setattr(vllm, "__version__", "0.24.0")  # scripts/setup.sh's GPU set
+    assert engine_options(load_config("configs/tiny.yaml"), "m").family == "qwen2_5_vl"
+    with pytest.raises(ConfigError, match=r"model.family: kimi_k25 needs vLLM 0.32 or newer .* has 0.24.0"):
+        engine_options(load_config("configs/tiny_kimi.yaml"), "m")
+
+
 def _requests(model_dir) -> list[GenerationRequest]:
     _, prompt, _ = hf_inputs(model_dir)
     return [GenerationRequest(prompt=prompt, images=[red_squares_image()], request_id="image"),

@@ -158,6 +158,10 @@ class RLConfig:
     max_staleness: int = bounded(0, ge=0, le=8)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
+    # Subtracted from the reward of a response without a well-formed thinking section
+    # (model.think_open ... think_close, then an answer): the answer-only reward never looks at
+    # the reasoning, and under a length penalty dropping it is the shortest way (0: off).
+    format_penalty: float = bounded(0.0, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)
     micro_batch_tokens: int = bounded(4096, ge=16)
     zero_stage: int = bounded(2, ge=0, le=3)

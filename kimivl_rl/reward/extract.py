@@ -35,6 +35,12 @@ def thinking_unclosed(text: str, think_open: str = "<think>",
     return bool(think_open) and think_open in text and not (think_close and think_close in text)
 
 
+def thinks_then_answers(text: str, think_open: str = "<think>", think_close: str = "</think>") -> bool:
+    """A well-formed thinking section: some reasoning, closed, then a non-empty answer section."""
+    reasoning, answer = split_thinking(text, think_open, think_close)
+    return bool(think_close in text and reasoning and reasoning.strip() and answer.strip())
+
+
 def split_thinking(text: str, think_open: str = "<think>",
                    think_close: str = "</think>") -> tuple[Optional[str], str]:
     """Split a response into (reasoning, answer section).

@@ -1,8 +1,9 @@
 """What one RL iteration produces and the learner consumes: token-in/token-out trajectories
-with their rewards (task reward plus the weighted k1.5 length penalty)."""
+with their rewards (task reward, the format penalty, and the weighted k1.5 length penalty)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from PIL import Image
 
@@ -21,7 +22,8 @@ class Trajectory:
     images: list[Image.Image] = field(default_factory=list)
     task_reward: float = 0.0
     length_penalty: float = 0.0
-    reward: float = 0.0              # task_reward + weight * length_penalty
+    format_penalty: float = 0.0      # -rl.format_penalty without a well-formed thinking section
+    reward: float = 0.0              # task_reward + format_penalty + weight * length_penalty
     reward_reason: str = ""          # the reward's reason, counted in the metrics
     policy_version: int = 0          # the engines' weights version that sampled it: staleness
 
@@ -35,12 +37,16 @@ def trajectories_from_samples(prompt_indices: list[int], images: list[list[Image
 
 
 def assign_rewards(trajectories: list[Trajectory], scores: list[RewardOutput],
-                   length_penalty_weight: float) -> None:
-    """Task reward from the reward service, plus the weighted length penalty
-    (``add_length_penalty``); a weight of 0 is the warm-up."""
-    for trajectory, score in zip(trajectories, scores):
+                   length_penalty_weight: float, thinking: Optional[list[bool]] = None,
+                   format_penalty: float = 0.0) -> None:
+    """Task reward from the reward service; ``-format_penalty`` for each response whose
+    ``thinking`` is False (no well-formed thinking section: the answer-only reward cannot see
+    the reasoning, so nothing else keeps a thinking model thinking); plus the weighted length
+    penalty (``add_length_penalty``), whose weight 0 is the warm-up."""
+    for i, (trajectory, score) in enumerate(zip(trajectories, scores)):
         trajectory.task_reward = score.score
         trajectory.reward_reason = score.reason or ""
+        trajectory.format_penalty = -format_penalty if thinking is not None and not thinking[i] else 0.0
     add_length_penalty(trajectories, length_penalty_weight)
 
 
@@ -52,7 +58,7 @@ def add_length_penalty(trajectories: list[Trajectory], weight: float) -> None:
                                        [t.prompt_index for t in trajectories])
     for trajectory, penalty in zip(trajectories, penalties):
         trajectory.length_penalty = penalty
-        trajectory.reward = trajectory.task_reward + weight * penalty
+        trajectory.reward = trajectory.task_reward + trajectory.format_penalty + weight * penalty
 
 
 def informative_groups(trajectories: list[Trajectory]) -> list[Trajectory]:

@@ -70,6 +70,7 @@ def engine_options(cfg, model: str) -> EngineOptions:
     (``kimivl_rl.rollout.limits``)."""
     tensor_parallel = cfg.rollout.tensor_parallel_size
     family = configured_family(cfg, model)
+    check_vllm_version(family)
     in_process = cfg.rollout.in_process
     if in_process is None:
         in_process = family.vllm_in_process and not cfg.cluster.use_gpu and tensor_parallel == 1
@@ -87,6 +88,17 @@ def engine_options(cfg, model: str) -> EngineOptions:
                          threads=cfg.cluster.rollout_threads,
                          sleep_mode=cfg.cluster.colocate and cfg.cluster.use_gpu,
                          log_level="INFO" if cfg.output.verbose else "WARNING")
+
+
+def check_vllm_version(family) -> None:
+    """``ConfigError`` when the installed vLLM is older than the family needs."""
+    from vllm import __version__
+
+    installed = tuple(int(part) for part in __version__.split(".")[:2])
+    if installed < family.vllm_min_version:
+        needed = ".".join(map(str, family.vllm_min_version))
+        raise ConfigError(f"model.family: {family.name} needs vLLM {needed} or newer to sample; this "
+                          f"environment has {__version__} (scripts/setup.sh's GPU set is 0.24)")
 
 
 @contextmanager

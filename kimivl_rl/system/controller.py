@@ -36,6 +36,7 @@ from kimivl_rl.infra.metrics import MetricsSink, detail_level
 from kimivl_rl.infra.ray_runtime import init_ray
 from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
                                     wait_all, wait_one)
+from kimivl_rl.reward.extract import thinks_then_answers
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rollout.limits import fit_images
 from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
@@ -72,6 +73,7 @@ def rollout_metrics(trajectories: list[Trajectory], weight: float) -> dict:
             "pass_rate": sum(t.task_reward for t in trajectories) / n,
             "response_length_mean": sum(lengths) / n, "response_length_max": max(lengths, default=0),
             "length_penalty_mean": sum(t.length_penalty for t in trajectories) / n,
+            "format_penalized_fraction": sum(t.format_penalty < 0 for t in trajectories) / n,
             "length_penalty_weight": weight,
             "truncated_fraction": sum(t.finish_reason == "length" for t in trajectories) / n,
             "repeat_fraction": sum(t.finish_reason == REPEAT for t in trajectories) / n,
@@ -148,7 +150,8 @@ class Groups:
 
     def _keep(self, actors: RLActors, cfg: Config, prompts: list[Example],
               done: list[PartialGroup]) -> tuple[list[int], list[Trajectory]]:
-        """Score finished groups (task reward only) and add them; their prompts and trajectories."""
+        """Score finished groups (task reward and format penalty) and add them; their prompts and
+        trajectories."""
         started = time.perf_counter()
         chosen = [g.prompt_index for g in done]
         examples = [prompts[i] for i in chosen]
@@ -156,7 +159,10 @@ class Groups:
                         for t in trajectories_from_samples([g.prompt_index], [ex.images], [g.samples],
                                                            g.version)]
         if done:
-            assign_rewards(trajectories, score(actors, cfg, examples, [g.samples for g in done]), 0.0)
+            thinking = [thinks_then_answers(s.text, cfg.model.think_open, cfg.model.think_close)
+                        for g in done for s in g.samples]
+            assign_rewards(trajectories, score(actors, cfg, examples, [g.samples for g in done]), 0.0,
+                           thinking, cfg.rl.format_penalty)
         self.timings["time_reward_s"] += time.perf_counter() - started
         self.chosen += chosen
         self.trajectories += trajectories

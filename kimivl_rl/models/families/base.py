@@ -29,6 +29,7 @@ class ModelFamily(ABC):
     image_markers: int = 2                     # tokens around each image's vision tokens
     vllm_image_field: str = "image"            # vLLM's ``multi_modal_data`` key for images
     vllm_in_process: bool = True               # whether vLLM's engine may run in our process
+    vllm_min_version: tuple[int, int] = (0, 24)  # the oldest vLLM release that samples it
 
     def __init__(self, model):
         self.model = getattr(model, "module", model)   # through a DeepSpeed wrapper

@@ -43,6 +43,9 @@ class KimiK25(ModelFamily):
     # vLLM's Kimi image processor imports numba, after which vLLM's CPU kernel-override scan
     # (triton_utils/dispatcher.py) crashes on llvmlite's library in that process.
     vllm_in_process = False
+    # vLLM 0.24's Kimi K2.5 processor asks the image processor for media_tokens_calculator, which
+    # transformers' Kimi K2.5 image processor does not have.
+    vllm_min_version = (0, 32)
 
     def encode_images(self, processor, images: list):
         # MoonViT's patch embedding does not cast its input as Qwen2.5-VL's does.
