@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import secrets
 import socket
-import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Iterator, Mapping, Optional
 
@@ -30,8 +29,8 @@ import torch.multiprocessing
 from torch.multiprocessing.reductions import reduce_storage, reduce_tensor
 
 from kimivl_rl.infra.remote import wait_all, wait_one
-from kimivl_rl.infra.weight_sync import (LOOPBACK, Bucket, SyncStats, bucket_bytes, decode_plan, encode_plan,
-                                         flatten_bucket, plan_buckets, unflatten_bucket)
+from kimivl_rl.infra.weight_sync import (LOOPBACK, Bucket, ConnectedTransport, bucket_bytes, decode_plan,
+                                         encode_plan, flatten_bucket, plan_buckets, unflatten_bucket)
 
 RING_SLOTS = 2  # one buffer filling while the other is copied out
 
@@ -158,33 +157,14 @@ class RingSender:
         self.server.close()
 
 
-class IPCTransport:
+class IPCTransport(ConnectedTransport):
     """Learner rank 0 and the rollout engine colocated with it (``cluster.colocate``) share a ring
-    of buffers (``RingSender``); the ring and its channel are made on the first push, and again
-    after either side was restarted."""
-
-    def __init__(self, timeout_s: float):
-        self.timeout_s = timeout_s
-        self._members: Optional[list] = None  # the rollout workers the live ring was attached to
+    of buffers (``RingSender``), made anew whenever either side was restarted."""
+    send, receive = "send_weights_through_ring", "receive_weights_through_ring"
 
     @classmethod
     def from_config(cls, cfg) -> "IPCTransport":
         return cls(cfg.cluster.call_timeout_s)
-
-    def reset(self) -> None:
-        self._members = None
-
-    def push(self, learners: list, rollout_workers: list, version: int) -> SyncStats:
-        started = time.perf_counter()
-        if self._members != rollout_workers:
-            self._connect(learners[0], rollout_workers)
-        # Every rank is asked: under ZeRO-3 gathering the full weights is a collective.
-        sends = [learner.send_weights_through_ring.remote() for learner in learners]
-        receives = [worker.receive_weights_through_ring.remote(version) for worker in rollout_workers]
-        # Receivers first, as CollectiveTransport: a dead engine surfaces as the rollout's failure.
-        wait_all(receives, "rollout", f"receive weights version {version}", self.timeout_s)
-        wait_all(sends, "learner", f"send weights version {version}", self.timeout_s)
-        return SyncStats(version, time.perf_counter() - started)
 
     def _connect(self, learner, rollout_workers: list) -> None:
         (worker,) = rollout_workers  # the config check allows one colocated engine
@@ -192,4 +172,3 @@ class IPCTransport:
                               self.timeout_s)
         wait_all([learner.accept_weight_ring.remote(), worker.attach_weight_ring.remote(*invitation)],
                  ["learner-0", "rollout-0"], "attach the weight ring", self.timeout_s)
-        self._members = list(rollout_workers)

@@ -192,19 +192,16 @@ class ObjectStoreTransport:
         pass  # nothing outlives a push
 
 
-class CollectiveTransport:
-    """Learner rank 0 (group rank 0) and every vLLM worker of the given rollout workers (ranks
-    1.., ``workers_per_engine`` per engine) form the group on the first push, and again when the
-    rollout workers pushed to change (a restarted one's recovery push, then the next full one)."""
+class ConnectedTransport:
+    """A transport whose learner rank 0 and engines are connected (``_connect``) on the first
+    push, and again when the rollout workers pushed to change (a restarted one's recovery push,
+    then the next full one); each push runs the learners' ``send`` and the engines' ``receive``
+    methods together."""
+    send = receive = ""  # the learner's and the rollout worker's method names
 
-    def __init__(self, timeout_s: float, backend: str, workers_per_engine: int = 1):
-        self.timeout_s, self.backend, self.workers_per_engine = timeout_s, backend, workers_per_engine
-        self._members: Optional[list] = None  # the rollout workers the live group was formed with
-
-    @classmethod
-    def from_config(cls, cfg) -> "CollectiveTransport":
-        return cls(cfg.cluster.call_timeout_s, "nccl" if cfg.cluster.use_gpu else "gloo",
-                   cfg.rollout.tensor_parallel_size)
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._members: Optional[list] = None  # the rollout workers the live connection joins
 
     def reset(self) -> None:
         self._members = None
@@ -213,14 +210,33 @@ class CollectiveTransport:
         started = time.perf_counter()
         if self._members != rollout_workers:
             self._connect(learners[0], rollout_workers)
+            self._members = list(rollout_workers)
         # Every rank is asked: under ZeRO-3 gathering the full weights is a collective.
-        sends = [learner.broadcast_weights.remote() for learner in learners]
-        receives = [worker.receive_weights.remote(version) for worker in rollout_workers]
-        # Receivers first: a rollout worker that died mid-broadcast then surfaces as a dead actor
-        # (which the controller recovers from), not as rank 0's broken broadcast.
+        sends = [getattr(learner, self.send).remote() for learner in learners]
+        receives = [getattr(worker, self.receive).remote(version) for worker in rollout_workers]
+        # Receivers first: a rollout worker that died mid-sync then surfaces as a dead actor
+        # (which the controller recovers from), not as rank 0's broken send.
         wait_all(receives, "rollout", f"receive weights version {version}", self.timeout_s)
-        wait_all(sends, "learner", f"broadcast weights version {version}", self.timeout_s)
+        wait_all(sends, "learner", f"send weights version {version}", self.timeout_s)
         return SyncStats(version, time.perf_counter() - started)
+
+    def _connect(self, learner, rollout_workers: list) -> None:
+        raise NotImplementedError
+
+
+class CollectiveTransport(ConnectedTransport):
+    """Learner rank 0 (group rank 0) and every vLLM worker of the given rollout workers (ranks
+    1.., ``workers_per_engine`` per engine) form a process group and broadcast over it."""
+    send, receive = "broadcast_weights", "receive_weights"
+
+    def __init__(self, timeout_s: float, backend: str, workers_per_engine: int = 1):
+        super().__init__(timeout_s)
+        self.backend, self.workers_per_engine = backend, workers_per_engine
+
+    @classmethod
+    def from_config(cls, cfg) -> "CollectiveTransport":
+        return cls(cfg.cluster.call_timeout_s, "nccl" if cfg.cluster.use_gpu else "gloo",
+                   cfg.rollout.tensor_parallel_size)
 
     def _connect(self, learner, rollout_workers: list) -> None:
         import ray
@@ -235,5 +251,4 @@ class CollectiveTransport:
                   for i, worker in enumerate(rollout_workers)]
         names = ["learner-0", *(f"rollout-{i}" for i in range(len(rollout_workers)))]
         wait_all(joins, names, "join the weight-update group", self.timeout_s)
-        self._members = list(rollout_workers)
 
