@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kimivl_rl.infra.ipc_weight_sync import new_ring, open_ring, receive_weights_through_ring, send_weights_through_ring, share_ring
+from kimivl_rl.infra.ipc_weight_sync import new_ring, receive_weights_through_ring, send_weights_through_ring
 from kimivl_rl.infra.weight_sync import LOOPBACK, listen, new_weight_group, plan_buckets, send_weights
 
 TIMEOUT_S = 600.0
@@ -127,10 +127,9 @@ def checksum(tensors: dict[str, torch.Tensor]) -> float:
     return sum(float(t.float().sum()) for t in tensors.values())
 
 
-def _torch_receiver(channel, control, specs, handles, host: bool) -> None:
+def _torch_receiver(channel, control, specs, ring, host: bool) -> None:
     """The rollout side, in a process of its own: its parameters, loaded from the ring on demand."""
     params = {name: torch.empty(shape, dtype=dtype, device="cuda") for name, dtype, shape in specs}
-    ring = open_ring(handles)
     if host:
         ring = [pin(buffer) for buffer in ring]
     control.send("ready")
@@ -151,7 +150,7 @@ def colocated_seconds(transport: str, weights: dict[str, torch.Tensor], bucket_b
     context = multiprocessing.get_context("spawn")
     (channel, their_channel), (control, their_control) = context.Pipe(), context.Pipe()
     receiver = context.Process(target=_torch_receiver, daemon=True,
-                               args=(their_channel, their_control, specs, share_ring(ring), transport == "host"))
+                               args=(their_channel, their_control, specs, ring, transport == "host"))
     receiver.start()
     assert control.recv() == "ready"
 

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from kimivl_rl.infra.ipc_weight_sync import (new_ring, open_ring, receive_weights_through_ring, send_weights_through_ring,
-                                       share_ring)
+from kimivl_rl.infra.ipc_weight_sync import new_ring, receive_weights_through_ring, send_weights_through_ring
 from kimivl_rl.infra.weight_sync import (ALIGN, LOOPBACK, CollectiveTransport, TensorSlot, bucket_bytes,
                                    decode_plan, encode_plan, flatten_bucket, listen, new_weight_group,
                                    plan_buckets, receive_weights, send_weights, unflatten_bucket)
@@ -158,9 +157,8 @@ def test_restarted_rollout_worker_joins_a_new_group_and_gets_the_current_weights
 
 # ----------------------------------------------------------------------------- the shared ring
 
-def _ring_receiver(channel, handles, syncs: int) -> None:
-    """The other process: open the ring, then send back what each sync delivered."""
-    ring = open_ring(handles)
+def _ring_receiver(channel, ring, syncs: int) -> None:
+    """The other process (handed the ring at its start): send back what each sync delivered."""
     for _ in range(syncs):
         received = io.BytesIO()
         # clones: torch.save refuses views of one buffer as several dtypes
@@ -181,7 +179,7 @@ def test_weights_cross_a_shared_ring_between_processes_in_step(slots):
     assert all(len(buffer) == max(bucket_bytes(b) for b in plan) for buffer in ring)
     context = multiprocessing.get_context("spawn")
     mine, theirs = context.Pipe()
-    receiver = context.Process(target=_ring_receiver, args=(theirs, share_ring(ring), 2))
+    receiver = context.Process(target=_ring_receiver, args=(theirs, ring, 2))
     receiver.start()
     theirs.close()  # a receiver that dies then ends the sender's wait with EOFError
     try:

@@ -1,10 +1,11 @@
 """Colocated weight sync: a learner and a rollout engine in two processes on one GPU share a
 ring of bucket buffers, so the weights move as device-to-device copies and never cross the host.
 
-The ring is shared once (``share_ring`` → ``open_ring``: CUDA IPC handles for a GPU ring, shared
-memory for a host ring, through ``torch.multiprocessing``'s reductions). Each sync then goes
-through a duplex ``channel`` (a ``multiprocessing`` connection; anything with ``send``, ``recv``
-and ``poll`` of small picklable messages):
+The ring is shared once: its buffers are sent over the duplex ``channel`` (a ``multiprocessing``
+connection, which serializes tensors with ``torch.multiprocessing``'s reductions: CUDA IPC
+handles for a GPU ring, shared memory for a host ring), or handed to a child process at its
+start. Each sync then goes through the channel (anything with ``send``, ``recv`` and ``poll`` of
+small messages):
 
   sender                                          receiver
   plan (kimivl_rl.infra.weight_sync's bucket plan)  ->
@@ -21,12 +22,11 @@ from __future__ import annotations
 
 import secrets
 import socket
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from typing import Iterator, Mapping, Optional
 
 import torch
-import torch.multiprocessing
-from torch.multiprocessing.reductions import reduce_storage, reduce_tensor
+import torch.multiprocessing  # registers the tensor reductions a connection sends the ring with
 
 from kimivl_rl.infra.remote import wait_all, wait_one
 from kimivl_rl.infra.weight_sync import (LOOPBACK, Bucket, ConnectedTransport, bucket_bytes, decode_plan,
@@ -39,22 +39,6 @@ def new_ring(plan: list[Bucket], slots: int, device: torch.device | str) -> list
     """``slots`` byte buffers on ``device``, each as large as the plan's largest bucket."""
     size = max(bucket_bytes(bucket) for bucket in plan)
     return [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
-
-
-def share_ring(ring: list[torch.Tensor]) -> list:
-    """Handles of the ring's buffers (for ``open_ring`` in another process): a rebuild function
-    and plain arguments each, so any serializer carries them. A host ring must be in shared
-    memory (``share_memory_``) first, shared by file name (``share_host_ring``) where the other
-    process is not this one's child."""
-    return [reduce_tensor(b) if b.is_cuda else reduce_storage(b.untyped_storage()) for b in ring]
-
-
-def open_ring(handles: list) -> list[torch.Tensor]:
-    """The other process's ring buffers, mapped into this one (no copy)."""
-    opened = [rebuild(*args) for rebuild, args in handles]
-    # A host buffer comes back as its storage: the ring's buffers are whole 1-D byte storages.
-    return [b if isinstance(b, torch.Tensor) else torch.empty(0, dtype=torch.uint8).set_(b)
-            for b in opened]
 
 
 def share_host_ring(ring: list[torch.Tensor]) -> None:
@@ -111,7 +95,8 @@ def receive_weights_through_ring(channel, ring: list[torch.Tensor],
 # ----------------------------------------------------------------------------- the transport
 
 def accept_channel(server: socket.socket, authkey: bytes, timeout_s: float) -> Connection:
-    """The first peer to connect to ``server`` that proves it holds ``authkey``, as a channel;
+    """The first peer to connect to ``server`` that proves it holds ``authkey`` (an HMAC
+    challenge both ways: the channel's messages are trusted only between holders), as a channel;
     ``TimeoutError`` if none comes within ``timeout_s`` (``multiprocessing``'s Listener waits
     for good)."""
     server.settimeout(timeout_s)
@@ -128,7 +113,8 @@ def accept_channel(server: socket.socket, authkey: bytes, timeout_s: float) -> C
 
 class RingSender:
     """The learner's side of a colocated sync: a ring of buffers on its device sized for the
-    plan of ``tensors``, and a channel on loopback that only a holder of its random key joins."""
+    plan of ``tensors``, and a channel on loopback that only a holder of its random key joins;
+    the ring goes to the peer over the channel once it has joined (``receive_ring``)."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], bucket_cap: int, device, timeout_s: float):
         self.plan = plan_buckets(((name, t.dtype, t.shape) for name, t in tensors.items()), bucket_cap)
@@ -140,13 +126,14 @@ class RingSender:
         self.server = socket.create_server((LOOPBACK, 0))
         self.channel: Optional[Connection] = None
 
-    def invitation(self) -> tuple[tuple[str, int], bytes, bytes]:
-        """What the engine needs to attach: the channel's address, its key, the ring's handles."""
-        return self.server.getsockname(), self.authkey, share_ring(self.ring)
+    def invitation(self) -> tuple[tuple[str, int], bytes]:
+        """What the engine needs to attach (``receive_ring``): the channel's address and key."""
+        return self.server.getsockname(), self.authkey
 
     def accept(self) -> None:
         self.channel = accept_channel(self.server, self.authkey, self.timeout_s)
         self.server.close()
+        self.channel.send(self.ring)  # shared, not copied: IPC handles or shared-memory names
 
     def send(self, tensors: Mapping[str, torch.Tensor]) -> int:
         return send_weights_through_ring(self.channel, tensors, self.plan, self.ring, self.timeout_s)
@@ -172,3 +159,9 @@ class IPCTransport(ConnectedTransport):
                               self.timeout_s)
         wait_all([learner.accept_weight_ring.remote(), worker.attach_weight_ring.remote(*invitation)],
                  ["learner-0", "rollout-0"], "attach the weight ring", self.timeout_s)
+
+
+def receive_ring(address: tuple[str, int], authkey: bytes) -> tuple[Connection, list[torch.Tensor]]:
+    """The engine's side of ``RingSender``: join its channel and map its ring into this process."""
+    channel = Client(tuple(address), authkey=authkey)
+    return channel, channel.recv()

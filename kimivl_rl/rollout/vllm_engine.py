@@ -251,9 +251,9 @@ class VLLMEngine:
         """Each parameter's sum in the engine (``WorkerExtension.parameter_sums``), first worker."""
         return self.llm.collective_rpc("parameter_sums")[0]
 
-    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
-        """The engine's worker maps the learner's ring of weight buffers and connects to it."""
-        self.llm.collective_rpc("attach_weight_ring", args=(address, authkey, handles))
+    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes) -> None:
+        """The engine's worker joins the learner's channel and maps its ring of weight buffers."""
+        self.llm.collective_rpc("attach_weight_ring", args=(address, authkey))
 
     def receive_weights_through_ring(self) -> None:
         """Replace the engine's weights in place with what the learner sends through the ring."""

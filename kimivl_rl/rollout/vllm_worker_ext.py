@@ -6,12 +6,10 @@ worker process.
 from __future__ import annotations
 
 import logging
-from multiprocessing.connection import Client
-
 import torch
 from safetensors.torch import load_file
 
-from kimivl_rl.infra.ipc_weight_sync import open_ring, receive_weights_through_ring
+from kimivl_rl.infra.ipc_weight_sync import receive_ring, receive_weights_through_ring
 from kimivl_rl.infra.weight_sync import new_weight_group, receive_weights
 
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
@@ -90,14 +88,13 @@ class WorkerExtension:
         the same weights when these agree exactly (a sync checked against a load)."""
         return {name: float(p.double().sum()) for name, p in self.model_runner.get_model().named_parameters()}
 
-    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
-        """Map the colocated learner's ring of weight buffers and connect to its channel, in place
-        of any ring attached before."""
+    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes) -> None:
+        """Join the colocated learner's channel and map its ring of weight buffers, in place of
+        any ring attached before."""
         old = getattr(self, "kimivl_ring_channel", None)  # vLLM builds the worker, not us
         if old is not None:
             old.close()
-        self.kimivl_ring = open_ring(handles)
-        self.kimivl_ring_channel = Client(tuple(address), authkey=authkey)
+        self.kimivl_ring_channel, self.kimivl_ring = receive_ring(address, authkey)
 
     def receive_weights_through_ring(self) -> None:
         """Take one sync through the ring, streamed into the same in-place reload."""

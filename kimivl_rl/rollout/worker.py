@@ -63,8 +63,8 @@ class RolloutWorker:
             self.engine.receive_weights()
         return version
 
-    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes, handles: list) -> None:
-        self.engine.attach_weight_ring(address, authkey, handles)
+    def attach_weight_ring(self, address: tuple[str, int], authkey: bytes) -> None:
+        self.engine.attach_weight_ring(address, authkey)
 
     def receive_weights_through_ring(self, version: int) -> int:
         with self._taking_weights(version):
