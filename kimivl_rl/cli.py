@@ -234,8 +234,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from kimivl_rl.pipeline import format_summary, parse_stages, run_pipeline
+    from kimivl_rl.pipeline import parse_stages, run_pipeline
     from kimivl_rl.prepare import claim_targets, with_absolute_paths
+    from kimivl_rl.summary import format_summary
 
     try:
         stages = parse_stages(args.stages)

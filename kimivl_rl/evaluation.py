@@ -1,5 +1,6 @@
 """Held-out evaluation: greedy accuracy, mean@K and pass@K with standard errors, per difficulty
-level, task kind and the configured RL tier; response length; trace format; reward reasons.
+level, task kind and the RL tier (configured, or picked by an accuracy band); response length;
+trace format; reward reasons.
 
 One function, ``evaluation_report``, turns generated samples and their scores into the report;
 the SFT stages, RL's periodic held-out evaluation and ``kimivl-rl eval`` all call it, and all
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,6 +26,7 @@ from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
 
 ALL = "all"
 TIER = "tier"
+DIFFICULTY = "difficulty"
 
 
 def generation_requests(examples: list[Example], processor) -> list[GenerationRequest]:
@@ -94,35 +97,62 @@ def _slice_stats(rows: list[int], correct: list[float], lengths: list[int], trac
 
 
 def in_tier(example: Example, tier: dict) -> bool:
-    """Whether a row belongs to the tier: its difficulty among ``tier["difficulties"]`` and its
-    task kind among ``tier["tasks"]``, an empty list admitting any."""
-    levels, tasks = tier.get("difficulties") or [], tier.get("tasks") or []
-    level_ok = not levels or (example.difficulty is not None and int(example.difficulty) in levels)
+    """Whether a row belongs to the tier: its difficulty among ``tier["difficulties"]`` (None
+    admits any) and its task kind among ``tier["tasks"]`` (an empty list admits any)."""
+    levels, tasks = tier.get("difficulties"), tier.get("tasks") or []
+    level_ok = levels is None or (example.difficulty is not None and int(example.difficulty) in levels)
     return level_ok and (not tasks or example.extra.get("task") in tasks)
 
 
-def _slices(examples: Sequence[Example], tier: Optional[dict]) -> dict[str, list[int]]:
-    """Row indices of every slice: all, each difficulty level, each task kind, the tier."""
+def _slices(examples: Sequence[Example]) -> dict[str, list[int]]:
+    """Row indices of every slice: all, each difficulty level, each task kind."""
     slices: dict[str, list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         slices[ALL].append(i)
         level = "unlabelled" if ex.difficulty is None else str(int(ex.difficulty))
-        slices[f"difficulty {level}"].append(i)
+        slices[f"{DIFFICULTY} {level}"].append(i)
         slices[f"task {ex.extra.get('task', 'unlabelled')}"].append(i)
-        if tier and in_tier(ex, tier):
-            slices[TIER].append(i)
-    return dict(sorted(slices.items(), key=lambda kv: (kv[0] != ALL, kv[0] == TIER, kv[0])))
+    return dict(sorted(slices.items(), key=lambda kv: (kv[0] != ALL, kv[0])))
+
+
+def by_difficulty(slices: dict[str, dict]) -> dict[int, dict]:
+    """A report's slices of labelled difficulty levels, by level, in order."""
+    levels = [(name.split(" ", 1)[1], stats) for name, stats in slices.items()
+              if name.startswith(f"{DIFFICULTY} ")]
+    return dict(sorted(((int(level), stats) for level, stats in levels if level.isdigit()),
+                       key=lambda kv: kv[0]))
 
 
 def tier_of(cfg) -> dict:
-    return {"difficulties": list(cfg.eval.tier_difficulties), "tasks": list(cfg.eval.tier_tasks)}
+    """The configured tier: its difficulty levels (None: any), or with ``eval.tier_difficulties:
+    auto`` the accuracy band that ``settle_tier`` picks them by; and its task kinds."""
+    ev = cfg.eval
+    levels = ({"band": [ev.tier_min_accuracy, ev.tier_max_accuracy]} if ev.tier_difficulties == "auto"
+              else {"difficulties": list(ev.tier_difficulties) or None})
+    return {**levels, "tasks": list(ev.tier_tasks)}
+
+
+def difficulties_in_band(accuracy: dict[int, float], low: float, high: float) -> list[int]:
+    """The tier rule: the levels whose greedy accuracy lies within [low, high], neither hopeless
+    nor saturated, where a group's samples disagree often enough for group-relative RL to learn."""
+    return sorted(level for level, value in accuracy.items() if low <= value <= high)
+
+
+def settle_tier(tier: Optional[dict], accuracy: dict[int, float]) -> Optional[dict]:
+    """``tier`` with its levels picked from ``accuracy`` (level -> greedy accuracy) by its band,
+    where it has a band and no levels yet; the accuracies that picked them go with it. The first
+    evaluation given the band settles it; later ones are given the settled tier."""
+    if not tier or "band" not in tier or "difficulties" in tier:
+        return tier
+    return {**tier, "difficulties": difficulties_in_band(accuracy, *tier["band"]),
+            "accuracy_by_difficulty": {str(level): value for level, value in accuracy.items()}}
 
 
 def tier_name(tier: dict) -> str:
-    """``difficulty 2,3 count,colour``-style name of a tier, for tables and summaries."""
-    parts = [", ".join(map(str, tier.get(key) or [])) for key in ("difficulties", "tasks")]
-    named = [f"{label} {text}" for label, text in zip(("difficulty", "tasks"), parts) if text]
-    return "; ".join(named) or "all"
+    """``difficulty 2, 3; tasks count, colour``-style name of a tier, for tables and summaries."""
+    levels, tasks = tier.get("difficulties"), tier.get("tasks") or []
+    parts = [] if levels is None else [f"difficulty {', '.join(map(str, levels)) or 'none'}"]
+    return "; ".join(parts + ([f"tasks {', '.join(tasks)}"] if tasks else [])) or "all"
 
 
 def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
@@ -130,7 +160,8 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
                       tier: Optional[dict] = None, sampled: Optional[Sequence[Sequence[Sample]]] = None,
                       sampled_scores: Optional[Sequence[RewardOutput]] = None) -> dict:
     """The report of one evaluation. ``sampled`` holds K samples per example (may be None) and
-    ``sampled_scores`` their scores, flat, group by group."""
+    ``sampled_scores`` their scores, flat, group by group. A ``tier`` with a band is settled on
+    this evaluation's per-difficulty accuracy (``settle_tier``)."""
     correct = [float(s.score) for s in greedy_scores]
     lengths = [len(s.token_ids) for s in greedy]
     traces = [shows_trace_format(s.text, think_open, think_close) for s in greedy]
@@ -140,8 +171,12 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
         flat = [float(s.score) for s in sampled_scores]
         group_correct = [flat[i * k:(i + 1) * k] for i in range(len(sampled))]
         group_lengths = [[len(s.token_ids) for s in group] for group in sampled]
-    slices = {name: _slice_stats(rows, correct, lengths, traces, group_correct, group_lengths)
-              for name, rows in _slices(examples, tier).items()}
+    stats = partial(_slice_stats, correct=correct, lengths=lengths, traces=traces,
+                    group_correct=group_correct, group_lengths=group_lengths)
+    slices = {name: stats(rows) for name, rows in _slices(examples).items()}
+    tier = settle_tier(tier, {level: s["greedy"] for level, s in by_difficulty(slices).items()})
+    if tier:
+        slices[TIER] = stats([i for i, ex in enumerate(examples) if in_tier(ex, tier)])
     return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
             "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores)}
 

@@ -3,8 +3,9 @@
 Each stage starts from the previous stage's output. A finished stage (its ``summary.json``
 exists) is not run again, and an interrupted one continues from its last checkpoint, so
 rerunning the same command after a stop picks up where the run died. At the end the run writes
-``summary.json``, prints a table of held-out accuracy per stage, and draws the plots (where
-everything goes: ``kimivl_rl/infra/layout.py``).
+``summary.json``, prints held-out accuracy per stage and difficulty level and RL's gain on its
+tier (``summary.format_summary``), and draws the plots (where everything goes:
+``kimivl_rl/infra/layout.py``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import logging
 from pathlib import Path
 
 from kimivl_rl.config import Config, dump_config
-from kimivl_rl.evaluation import tier_name
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import read_jsonl
 from kimivl_rl.summary import STAGE_TITLES, run_summary
@@ -58,41 +58,6 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> d
     return summary
 
 
-# ----------------------------------------------------------------------------- summary
-
-def _change(before: float, after: float, se_before: float, se_after: float) -> str:
-    se = (se_before ** 2 + se_after ** 2) ** 0.5
-    ratio = f", {(after - before) / se:+.1f} SE" if se > 0 else ""
-    return f"{before:.3f} -> {after:.3f} ({after - before:+.3f}{ratio})"
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"{'stage':<14} {'held-out acc':>12} {'resp. tokens':>12} {'trace format':>12}"]
-    for row in summary["stages"]:
-        trace = "-" if row["trace_format"] is None else f"{row['trace_format']:.2f}"
-        lines.append(f"{row['stage']:<14} {row['accuracy']:>12.3f} "
-                     f"{row['response_tokens']:>12.1f} {trace:>12}")
-    rl = summary.get("rl")
-    if not rl:
-        return "\n".join(lines)
-    first, last, mid = rl["eval_start"], rl["eval_end"], rl["eval_penalty_start"]
-    lines.append(f"RL over {rl['iterations']} iterations, held-out greedy accuracy: all "
-                 + _change(first["eval_reward"], last["eval_reward"], first["eval_reward_se"],
-                           last["eval_reward_se"]))
-    lines.append(f"  tier ({tier_name(rl['tier'])}; n={last['eval_tier_n']}): "
-                 + _change(first["eval_tier_reward"], last["eval_tier_reward"],
-                           first["eval_tier_reward_se"], last["eval_tier_reward_se"]))
-    if mid:
-        drop = 1 - last["eval_response_length"] / max(1e-9, mid["eval_response_length"])
-        lines.append(f"  length penalty on after iteration {rl['length_penalty_start_iteration']}: "
-                     f"response tokens {mid['eval_response_length']:.1f} -> "
-                     f"{last['eval_response_length']:.1f} ({-drop:+.0%}), accuracy "
-                     f"{mid['eval_reward']:.3f} -> {last['eval_reward']:.3f}")
-    lines.append(f"  informative groups {rl['informative_group_fraction_mean']:.2f} on average; "
-                 f"iterations without an update: {rl['iterations_without_update']}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- plots
 
 def write_plots(cfg: Config) -> list[Path]:
@@ -133,7 +98,10 @@ def _rl_figure(plt, records: list[dict]):
                        ("training pass rate", "pass_rate"),
                        ("informative groups", "informative_group_fraction")):
         axes[0].plot([r["step"] for r in train], [r[key] for r in train], marker=".", label=label)
-    for label, key in (("held-out, all prompts", "eval_reward"), ("held-out, tier", "eval_tier_reward")):
+    shown = [("held-out, all prompts", "eval_reward")]
+    if any(r.get("eval_tier_n") for r in evals):  # a tier the rule left empty has no curve
+        shown.append(("held-out, tier", "eval_tier_reward"))
+    for label, key in shown:
         axes[1].errorbar([r["step"] for r in evals], [r.get(key, 0.0) for r in evals],
                          yerr=[r.get(f"{key}_se", 0.0) for r in evals], marker="o", capsize=3,
                          label=f"{label} (greedy, ±1 SE)")

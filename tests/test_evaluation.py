@@ -1,13 +1,16 @@
 """Held-out evaluation: the final answer decides, the trace format is recognised, and mean@K,
-pass@K, standard errors and slices are exact on hand-computed cases."""
+pass@K, standard errors, slices and the tier rule are exact on hand-computed cases."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
+from kimivl_rl.config import load_config
 from kimivl_rl.data.rows import Example
-from kimivl_rl.evaluation import evaluation_report, format_report
+from kimivl_rl.evaluation import (difficulties_in_band, evaluation_report, format_report,
+                                  settle_tier, tier_name, tier_of)
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.rollout.vllm_engine import Sample
 
@@ -50,9 +53,55 @@ def test_greedy_slices_lengths_traces_and_reasons():
     assert list(report["slices"])[0] == "all" and list(report["slices"])[-1] == "tier"
     colour = evaluation_report(examples, greedy, scored(1, 0, 1, 1), think_open="<think>",
                                think_close="</think>",
-                               tier={"difficulties": [], "tasks": ["colour", "count"]})
+                               tier={"difficulties": None, "tasks": ["colour", "count"]})
     assert colour["slices"]["tier"]["n"] == 2 and colour["slices"]["tier"]["greedy"] == 0.5
     assert "tier: tasks colour, count" in format_report(colour)
+
+
+@pytest.mark.parametrize("accuracy, picked", [
+    ({1: 0.9, 2: 0.8, 3: 0.5, 4: 0.2, 5: 0.1}, [2, 3, 4]),   # the band's edges are in it
+    ({1: 0.95, 2: 0.81, 3: 0.19, 4: 0.0}, []),               # none in the band
+    ({3: 0.4, 1: 0.6, 2: 0.2, 5: 0.8, 4: 0.3}, [1, 2, 3, 4, 5]),  # all in it, in level order
+    ({}, []),                                                # no labelled levels
+])
+def test_the_tier_rule_takes_the_levels_within_the_band(accuracy, picked):
+    assert difficulties_in_band(accuracy, 0.2, 0.8) == picked
+
+
+def test_a_band_is_settled_once_and_a_named_tier_never():
+    rule = {"band": [0.2, 0.8], "tasks": []}
+    settled = settle_tier(rule, {1: 0.9, 2: 0.5})
+    assert settled == {"band": [0.2, 0.8], "tasks": [], "difficulties": [2],
+                       "accuracy_by_difficulty": {"1": 0.9, "2": 0.5}}
+    assert settle_tier(settled, {1: 0.5, 2: 0.9}) == settled  # later accuracies change nothing
+    named = {"difficulties": [1], "tasks": []}
+    assert settle_tier(named, {1: 0.0}) is named and settle_tier(None, {1: 0.5}) is None
+
+
+def test_a_report_settles_a_band_on_its_own_per_difficulty_accuracy():
+    examples = [ex("1", 1), ex("1", 1), ex("2", 2), ex("2", 2), ex("3", 3)]
+    greedy = [sample("\\boxed{1}", 2)] * 5
+    report = evaluation_report(examples, greedy, scored(1, 1, 1, 0, 0), think_open="<think>",
+                               think_close="</think>", tier={"band": [0.2, 0.8], "tasks": []})
+    assert report["tier"]["difficulties"] == [2]
+    assert report["tier"]["accuracy_by_difficulty"] == {"1": 1.0, "2": 0.5, "3": 0.0}
+    assert report["slices"]["tier"]["n"] == 2 and report["slices"]["tier"]["greedy"] == 0.5
+    assert json.loads(json.dumps(report)) == report  # RL's metrics.jsonl carries it whole
+    hopeless = evaluation_report(examples, greedy, scored(0, 0, 0, 0, 0), think_open="<think>",
+                                 think_close="</think>", tier={"band": [0.2, 0.8], "tasks": []})
+    assert hopeless["tier"]["difficulties"] == [] and hopeless["slices"]["tier"]["n"] == 0
+    assert tier_name(hopeless["tier"]) == "difficulty none"
+    assert "tier: difficulty none" in format_report(hopeless)
+
+
+def test_the_configured_tier_is_a_band_a_list_or_any():
+    assert tier_of(load_config(None)) == {"band": [0.2, 0.8], "tasks": []}
+    assert tier_of(load_config("configs/tiny.yaml")) == {"band": [0.2, 0.8], "tasks": []}
+    assert tier_of(load_config(None, ["eval.tier_difficulties=[1, 2]", "eval.tier_min_accuracy=0.3"])) \
+        == {"difficulties": [1, 2], "tasks": []}
+    assert tier_of(load_config(None, ["eval.tier_difficulties=[]", "eval.tier_tasks=[count]"])) \
+        == {"difficulties": None, "tasks": ["count"]}
+    assert tier_name(tier_of(load_config(None, ["eval.tier_difficulties=[]"]))) == "all"
 
 
 def test_mean_and_pass_at_k_with_standard_errors():

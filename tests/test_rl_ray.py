@@ -11,7 +11,7 @@ from kimivl_rl.config import load_config
 from kimivl_rl.system.actors import RLActors, generate
 from kimivl_rl.system.controller import latest_checkpoint, run_rl
 from kimivl_rl.data.rows import RowLoader
-from kimivl_rl.evaluation import generation_requests
+from kimivl_rl.evaluation import by_difficulty, difficulties_in_band, generation_requests
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.rl.experience import trajectories_from_samples
@@ -130,8 +130,14 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
                  "rl.dynamic_sampling_rounds=1")
     summary = run_rl(cfg, cfg.model.path)
     assert summary["iterations"] == 2 and summary["eval_start"]["eval_reward"] is not None
-    assert summary["eval_end"]["eval_tier_n"] > 0 and summary["iterations_without_update"] == 0
+    assert summary["iterations_without_update"] == 0
     records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
+    # The tier is what the rule picks from iteration 0's accuracy per level, and it stays.
+    reports = [r["eval_report"] for r in records if "eval_report" in r]
+    accuracy = {level: s["greedy"] for level, s in by_difficulty(reports[0]["slices"]).items()}
+    assert summary["tier"]["difficulties"] == difficulties_in_band(accuracy, 0.2, 0.8)
+    assert reports[-1]["tier"] == summary["tier"] and summary["eval"] == reports[-1]
+    assert summary["eval_end"]["eval_tier_n"] == reports[-1]["slices"]["tier"]["n"]
     trained = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2]
     assert [r["length_penalty_weight"] for r in trained] == [0.0, cfg.rl.length_penalty_weight]

@@ -283,6 +283,9 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
                                   f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
     if cfg.model.think_open == cfg.model.think_close:
         raise where.error("model.think_close", "must differ from model.think_open")
+    if cfg.eval.tier_min_accuracy > cfg.eval.tier_max_accuracy:
+        raise where.error("eval.tier_min_accuracy", f"{cfg.eval.tier_min_accuracy} is above "
+                          f"eval.tier_max_accuracy {cfg.eval.tier_max_accuracy}: the band is empty")
     budget = cfg.rollout.token_budget
     if budget is not None and budget >= cfg.rollout.max_new_tokens:
         raise where.error("rollout.token_budget", f"{budget} leaves nothing to carry over: set it "

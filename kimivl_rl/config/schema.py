@@ -244,10 +244,14 @@ class LongCoTBuilderConfig:
 
 @dataclass
 class EvalConfig:
-    # The tier whose held-out accuracy the run's summary reports RL's gain on: rows of these
-    # difficulty levels and task kinds (an empty list admits any), where the long-CoT model is
-    # neither always right nor always wrong.
-    tier_difficulties: list[int] = field(default_factory=lambda: [2, 3, 4])
+    # The tier whose held-out accuracy the run's summary headlines RL's gain on: rows of these
+    # difficulty levels and task kinds (an empty list admits any). "auto" picks the levels by a
+    # rule before RL trains: those where RL's starting model has held-out greedy accuracy within
+    # [tier_min_accuracy, tier_max_accuracy] at RL's iteration-0 evaluation, neither hopeless nor
+    # saturated, where a group's samples disagree and group-relative RL has signal.
+    tier_difficulties: Union[list[int], Literal["auto"]] = "auto"
+    tier_min_accuracy: float = bounded(0.2, ge=0.0, le=1.0)   # the band of "auto", inclusive
+    tier_max_accuracy: float = bounded(0.8, ge=0.0, le=1.0)
     tier_tasks: list[str] = field(default_factory=list)
     # K of mean@K and pass@K for ``kimivl-rl eval`` and the run's final evaluation (0: greedy only),
     # sampled at the rollout temperature.

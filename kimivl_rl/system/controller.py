@@ -32,7 +32,7 @@ from kimivl_rl.config import Config
 from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, tier_of
 from kimivl_rl.infra.layout import OutputLayout
-from kimivl_rl.infra.metrics import MetricsSink, detail_level
+from kimivl_rl.infra.metrics import MetricsSink, detail_level, read_jsonl
 from kimivl_rl.infra.ray_runtime import init_ray
 from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost, RunStopped,
                                     wait_all, wait_one)
@@ -374,19 +374,29 @@ def _update_sampler(sampler: PromptSampler, chosen: list[int],
     sampler.update(chosen, means, [all(r >= 1.0 for r in rewards[p]) for p in chosen])
 
 
-def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: list[Example]) -> dict:
-    """Greedy held-out report (``evaluation_report``) from the rollout workers and the reward
-    service, flattened into ``eval_*`` metrics (all prompts, and the ``eval.tier_difficulties``)."""
+def evaluate_heldout(actors: RLActors, cfg: Config, processor, eval_prompts: list[Example],
+                     tier: dict) -> dict:
+    """Greedy held-out report (``evaluation_report``) on ``tier`` from the rollout workers and
+    the reward service, flattened into ``eval_*`` metrics (all prompts, and the tier) beside the
+    whole report (``eval_report``: per difficulty, and the tier as settled)."""
     samples = generate(actors, cfg, generation_requests(eval_prompts, processor), 1, 0.0, seed=cfg.seed)
     report = evaluation_report(eval_prompts, [g[0] for g in samples],
                                score(actors, cfg, eval_prompts, samples),
                                think_open=cfg.model.think_open, think_close=cfg.model.think_close,
-                               tier=tier_of(cfg))
-    every, tier = report["slices"]["all"], report["slices"].get("tier", {})
+                               tier=tier)
+    every, in_tier = report["slices"]["all"], report["slices"].get("tier", {})
     return {"eval_reward": every["greedy"], "eval_reward_se": every["greedy_se"],
             "eval_response_length": every["tokens_mean"], "eval_trace_format": every["trace_format"],
-            "eval_tier_reward": tier.get("greedy", 0.0), "eval_tier_reward_se": tier.get("greedy_se", 0.0),
-            "eval_tier_n": tier.get("n", 0)}
+            "eval_tier_reward": in_tier.get("greedy", 0.0),
+            "eval_tier_reward_se": in_tier.get("greedy_se", 0.0), "eval_tier_n": in_tier.get("n", 0),
+            "eval_report": report}
+
+
+def starting_tier(cfg: Config) -> dict:
+    """The tier of RL's iteration-0 evaluation, its levels settled there (``eval.tier_difficulties:
+    auto`` picks them by the starting model's accuracy): every later evaluation, a resumed
+    run's too, reports on the same rows."""
+    return read_jsonl(OutputLayout.of(cfg).metrics("rl"))[0]["eval_report"]["tier"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -537,14 +547,15 @@ def run_rl(cfg: Config, model_path: str) -> dict:
         iteration = start = restore(actors, cfg, sampler)
         loop.resume(iteration)
         if start == 0:
-            sink.log(0, evaluate_heldout(actors, cfg, processor, eval_prompts))
+            sink.log(0, evaluate_heldout(actors, cfg, processor, eval_prompts, tier_of(cfg)))
+        tier = starting_tier(cfg)
         with tqdm(desc="RL", initial=start, total=cfg.rl.iterations, unit="iter") as progress:
             while iteration < cfg.rl.iterations:
                 try:
                     metrics = loop.run_iteration(iteration)
                     iteration += 1
                     if iteration % cfg.rl.eval_every == 0 or iteration == cfg.rl.iterations:
-                        metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts))
+                        metrics.update(evaluate_heldout(actors, cfg, processor, eval_prompts, tier))
                     record_iteration(actors, cfg, sink, sampler, iteration, metrics, model_path,
                                      loop.state_files())
                 except ActorFailed as exc:
