@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from kimivl_rl.config.schema import Config
+from kimivl_rl.config.schema import TEMPLATE_SLOT, Config
 
 
 class ConfigError(ValueError):
@@ -281,6 +281,12 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
             if phase.lr_final > phase.lr_peak:
                 raise where.error(f"sft.{stage}.phases.{i}.lr_final",
                                   f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
+    if cfg.data.prompt_template and TEMPLATE_SLOT not in cfg.data.prompt_template:
+        raise where.error("data.prompt_template", f"must hold {TEMPLATE_SLOT} where the row's "
+                          f"prompt goes (or be empty for none)")
+    for key in ("prompt_key", "answer_key", "image_key"):
+        if not getattr(cfg.data, key):
+            raise where.error(f"data.{key}", "must name a column (it is empty)")
     if cfg.model.think_open == cfg.model.think_close:
         raise where.error("model.think_close", "must differ from model.think_open")
     if cfg.eval.tier_min_accuracy > cfg.eval.tier_max_accuracy:

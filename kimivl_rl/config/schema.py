@@ -37,6 +37,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+# Where a row's prompt goes in data.prompt_template.
+TEMPLATE_SLOT = "{problem}"
+
+
 @dataclass
 class DataConfig:
     dir: str = "runs/tiny/data"
@@ -53,6 +57,19 @@ class DataConfig:
     max_pixels: int = bounded(448 * 448, ge=28 * 28)
     oversize_images: Literal["resize", "reject"] = "resize"
     bad_rows: Literal["error", "skip"] = "error"
+    # The shape of the rows of every data file (SFT, RL prompts, evaluation): the project's own
+    # "messages" (TRL's chat rows too), EasyR1's, verl's or LLaVA's; auto tells them apart by
+    # their keys, per file (kimivl_rl/data/formats.py).
+    format: Literal["auto", "messages", "easyr1", "verl", "llava"] = "auto"
+    # EasyR1 rows' columns (its own names and defaults): the question text holding <image>
+    # placeholders, the reference answer, and the images; image_key also names the images
+    # column of verl and messages rows.
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
+    # A format instruction around each row's first user turn, "{problem}" standing for its text
+    # (e.g. "{problem} Put the final answer in \\boxed{}."); "" leaves prompts as they are.
+    prompt_template: str = ""
 
 
 @dataclass

@@ -13,10 +13,16 @@ do not fit one Arrow type). ``content`` is a string or a list of parts (``{"type
 ``{"type": "image"}``); the n-th image part takes ``images[n]``. Any problem raises
 ``DataError`` naming ``file:line`` and the field, unless the caller asked to skip bad rows, in
 which case the loader counts them (``RowLoader.skipped``) and says so.
+
+Rows shaped as EasyR1's, verl's, LLaVA's or TRL's are read too (``formats.py``; ``data.format``
+picks one or ``auto`` detects it per file), and ``.json`` files holding a list of rows. An image
+is a path, or embedded: bytes, a ``{"bytes": ..., "path": ...}`` struct (bytes as base64 in
+JSON), a ``data:image/...;base64,`` URI or a bare base64 string; all are checked alike.
 """
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import logging
 import math
@@ -26,12 +32,11 @@ from typing import Iterator, Literal, Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from kimivl_rl.data.errors import DataError, short
+from kimivl_rl.data.formats import RowFormat, detect, image_source, to_project_row
+
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data row that cannot be used; the message names the file, the line and the field."""
 
 
 @dataclass
@@ -101,10 +106,24 @@ def _decode_line(raw: bytes, path: Path, number: int) -> object:
         return DataError(f"{path}:{number}: malformed JSON: {exc}")
 
 
+def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """A ``.json`` file's rows (a list, as LLaVA ships them), numbered from 1 by position."""
+    rows = _decode_line(path.read_bytes(), path, 1)
+    if isinstance(rows, DataError):
+        raise rows
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: a .json data file must hold a list of rows, got "
+                        f"{type(rows).__name__}")
+    yield from enumerate(rows, start=1)
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line or row number, decoded row or the DataError for it), streaming."""
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
+        return
+    if path.suffix == ".json":
+        yield from _json_rows(path)
         return
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -118,12 +137,15 @@ class RowLoader:
     ``require_answer``: rows must carry ``answer`` (RL prompts, evaluation splits).
     ``max_pixels``: images above it are resized down (aspect kept) or rejected.
     ``bad_rows``: "error" raises on the first bad row; "skip" counts and logs it.
+    ``row_format``: the rows' shape and key mapping; ``format`` is the one read (once known).
     """
 
     def __init__(self, path: str | Path, *, require_answer: bool = False, max_pixels: int = 448 * 448,
                  oversize_images: Literal["resize", "reject"] = "resize",
-                 bad_rows: Literal["error", "skip"] = "error"):
+                 bad_rows: Literal["error", "skip"] = "error", row_format: RowFormat = RowFormat()):
         self.path = Path(path)
+        self.row_format = row_format
+        self.format = None if row_format.name == "auto" else row_format.name
         self.require_answer = require_answer
         self.max_pixels = max_pixels
         self.oversize_images = oversize_images
@@ -135,7 +157,8 @@ class RowLoader:
     def for_config(cls, path: str | Path, data_cfg, require_answer: bool = False) -> "RowLoader":
         """A loader with the image budget and bad-row policy of a config's ``data`` section."""
         return cls(path, require_answer=require_answer, max_pixels=data_cfg.max_pixels,
-                   oversize_images=data_cfg.oversize_images, bad_rows=data_cfg.bad_rows)
+                   oversize_images=data_cfg.oversize_images, bad_rows=data_cfg.bad_rows,
+                   row_format=RowFormat.from_config(data_cfg))
 
     @classmethod
     def prompts(cls, data_cfg, file: str) -> list[Example]:
@@ -163,35 +186,45 @@ class RowLoader:
 
     # ------------------------------------------------------------------ one row
 
+    def _format_of(self, row: dict) -> str:
+        """The file's format: the configured one, or the first row's (logged once per file)."""
+        if self.format is None:
+            self.format = detect(row, self.row_format)
+            log.info("%s: reading rows as format %r (data.format=auto; detected from the keys %s)",
+                     self.path, self.format, ", ".join(map(str, list(row)[:8])))
+        return self.format
+
     def _example(self, row: object, where: str) -> Example:
         if not isinstance(row, dict):
             raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-        messages = row.get("messages")
-        if messages is None:
-            raise DataError(f"{where}: missing field 'messages'")
-        if isinstance(messages, str):  # Parquet files may hold the chat as a JSON string
-            try:
-                messages = json.loads(messages)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: field 'messages': malformed JSON string: {exc.msg}") from None
+        name = self._format_of(row)
+        if name == "messages" and row.get("messages") is None:
+            raise DataError(f"{where}: missing field 'messages' (nor 'conversations', 'prompt' or "
+                            f"'{self.row_format.prompt_key}' of the other formats)")
+        row = to_project_row(name, row, self.row_format, where)
+        messages = row["messages"]
         image_parts = _check_messages(messages, where)
-        image_paths = row.get("images") or []
-        if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
-            raise DataError(f"{where}: field 'images' must be a list of paths")
-        if image_parts != len(image_paths):
-            raise DataError(f"{where}: field 'images': the messages have {image_parts} image "
-                            f"placeholder(s) but the row lists {len(image_paths)} image(s)")
+        image_key = "image" if name == "llava" else self.row_format.image_key
+        image_refs = row.get("images")
+        image_refs = [] if image_refs is None else image_refs
+        if not isinstance(image_refs, list):
+            raise DataError(f"{where}: field '{image_key}' must be a list of images (paths or "
+                            f"embedded bytes), got {short(image_refs)}")
+        if image_parts != len(image_refs):
+            raise DataError(f"{where}: field '{image_key}': the messages have {image_parts} image "
+                            f"placeholder(s) but the row lists {len(image_refs)} image(s)")
         answer = row.get("answer")
         if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))
                                    or (not isinstance(answer, str) and not _finite(answer))):
             raise DataError(f"{where}: field 'answer' must be a string or a finite number, "
-                            f"got {_short(answer)}")
+                            f"got {short(answer)}")
         if self.require_answer and (answer is None or str(answer).strip() == ""):
             raise DataError(f"{where}: missing field 'answer' (required in this file)")
         known = {"messages", "images", "answer", "difficulty", "pass_rate"}
         return Example(
             messages=messages,
-            images=[self._image(p, where) for p in image_paths],
+            images=[self._image(ref, f"{where}: field '{image_key}'", i)
+                    for i, ref in enumerate(image_refs, start=1)],
             answer=None if answer is None else str(answer),
             difficulty=_optional_number(row, "difficulty", where),
             pass_rate=_optional_number(row, "pass_rate", where, lo=0.0, hi=1.0),
@@ -199,7 +232,21 @@ class RowLoader:
             extra={k: v for k, v in row.items() if k not in known},
         )
 
-    def _image(self, relative: str, where: str) -> Image.Image:
+    def _image(self, ref: object, at: str, number: int) -> Image.Image:
+        """The ``number``-th image of a row, from a path or embedded; ``at`` names the field."""
+        try:
+            source = image_source(ref)
+        except ValueError as exc:  # base64 that does not decode
+            raise DataError(f"{at}: image {number} is not valid base64: {exc}") from None
+        if source is None:
+            raise DataError(f"{at} must be a list of paths or embedded images, got {short(ref)}")
+        if isinstance(source, bytes):
+            label = f"embedded image {number} ({len(source)} bytes)"
+            return self._fit_budget(_open_image(io.BytesIO(source), label, at), label, at)
+        path = self._local_path(source, at)
+        return self._fit_budget(_open_image(path, str(path), at), str(path), at)
+
+    def _local_path(self, relative: str, at: str) -> Path:
         base = self.path.parent.resolve()
         try:
             # resolve() follows symlinks, so a link that points outside is caught below too.
@@ -208,34 +255,36 @@ class RowLoader:
             found = inside and path.is_file()
         except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the system
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise DataError(f"{where}: field 'images': bad path {_short(relative)}: "
-                            f"{_short(reason)}") from None
+            raise DataError(f"{at}: bad path {short(relative)}: {short(reason)}") from None
         if not inside:
-            raise DataError(f"{where}: field 'images': {_short(relative)} points outside the data "
-                            f"directory {base}")
+            raise DataError(f"{at}: {short(relative)} points outside the data directory {base}")
         if not found:
-            raise DataError(f"{where}: field 'images': image file not found: {path}")
-        try:
-            with Image.open(path) as image:
-                image.load()
-                image = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError) as exc:
-            raise DataError(f"{where}: field 'images': cannot read image {path}: {exc}") from None
-        return self._fit_budget(image, path, where)
+            raise DataError(f"{at}: image file not found: {path}")
+        return path
 
-    def _fit_budget(self, image: Image.Image, path: Path, where: str) -> Image.Image:
+    def _fit_budget(self, image: Image.Image, label: str, at: str) -> Image.Image:
         pixels = image.width * image.height
         if pixels <= self.max_pixels:
             return image
         if self.oversize_images == "reject":
-            raise DataError(f"{where}: field 'images': {path} has {image.width}x{image.height} = "
+            raise DataError(f"{at}: {label} has {image.width}x{image.height} = "
                             f"{pixels} pixels, over the budget of {self.max_pixels} "
                             f"(data.max_pixels; set data.oversize_images=resize to shrink it)")
         scale = (self.max_pixels / pixels) ** 0.5
         self.resized += 1
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _open_image(file: Path | io.BytesIO, label: str, at: str) -> Image.Image:
+    """The image decoded in full, as RGB, or a DataError naming the field."""
+    try:
+        with Image.open(file) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"{at}: cannot read image {label}: {exc}") from None
 
 
 def _check_messages(messages: object, where: str) -> int:
@@ -248,10 +297,10 @@ def _check_messages(messages: object, where: str) -> int:
         if not isinstance(message, dict):
             raise DataError(f"{at} must be an object with 'role' and 'content'")
         if message.get("role") not in ROLES:
-            raise DataError(f"{at}: 'role' must be one of {ROLES}, got {_short(message.get('role'))}")
+            raise DataError(f"{at}: 'role' must be one of {ROLES}, got {short(message.get('role'))}")
         reasoning = message.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
-            raise DataError(f"{at}: 'reasoning_content' must be a string, got {_short(reasoning)}")
+            raise DataError(f"{at}: 'reasoning_content' must be a string, got {short(reasoning)}")
         content = message.get("content")
         if isinstance(content, str):
             continue
@@ -263,7 +312,7 @@ def _check_messages(messages: object, where: str) -> int:
                 images += 1
             elif kind != "text" or not isinstance(part.get("text"), str):
                 raise DataError(f"{at}.content[{j}]: expected {{'type': 'text', 'text': ...}} "
-                                f"or {{'type': 'image'}}, got {_short(part)}")
+                                f"or {{'type': 'image'}}, got {short(part)}")
     return images
 
 
@@ -274,21 +323,15 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _short(value: object, limit: int = 200) -> str:
-    """repr of a value for an error message, cut short: rows can hold megabytes."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def _optional_number(row: dict, name: str, where: str, lo: float | None = None,
                      hi: float | None = None) -> Optional[float]:
     value = row.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{where}: field '{name}' must be a number, got {_short(value)}")
+        raise DataError(f"{where}: field '{name}' must be a number, got {short(value)}")
     if not _finite(value):
-        raise DataError(f"{where}: field '{name}' must be a finite number, got {_short(value)}")
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {short(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise DataError(f"{where}: field '{name}' must be in [{lo}, {hi}], got {value}")
     return float(value)
