@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from kimivl_rl.config import ConfigError, dump_config, load_config
+from kimivl_rl.data.formats import FORMATS
 from kimivl_rl.data.rows import DataError
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.ownership import NotOursError
@@ -33,6 +34,28 @@ def _add_config_args(parser: argparse.ArgumentParser, optional: bool = False) ->
                         help="dotted overrides, e.g. rl.samples_per_prompt=8")
     parser.add_argument("--verbose", action="store_true",
                         help="per-step detail on the console too (output.verbose=true)")
+
+
+def _add_row_args(parser: argparse.ArgumentParser) -> None:
+    """A data file and how to read it: the options of the config's data section."""
+    from kimivl_rl.config.schema import DataConfig
+
+    defaults = DataConfig()
+    parser.add_argument("file")
+    parser.add_argument("--require-answer", action="store_true",
+                        help="rows must have an answer (RL and evaluation files)")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels)
+    parser.add_argument("--oversize-images", choices=["resize", "reject"],
+                        default=defaults.oversize_images)
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="count bad rows instead of stopping at the first")
+    parser.add_argument("--format", choices=["auto", *FORMATS], default=defaults.format,
+                        help="the rows' shape (data.format; default: detected from the keys)")
+    parser.add_argument("--prompt-key", default=defaults.prompt_key, help="data.prompt_key")
+    parser.add_argument("--answer-key", default=defaults.answer_key, help="data.answer_key")
+    parser.add_argument("--image-key", default=defaults.image_key, help="data.image_key")
+    parser.add_argument("--prompt-template", default=defaults.prompt_template,
+                        help="data.prompt_template, e.g. '{problem} Answer in \\boxed{}.'")
 
 
 def _config(args):
@@ -78,15 +101,35 @@ def cmd_data_build(args) -> None:
     print(f"built-in data written to {out} (seed {cfg.data.seed})")
 
 
-def cmd_data_check(args) -> None:
+def _row_loader(args):
+    """The loader ``data check`` and ``data convert`` read ``args.file`` with."""
+    from kimivl_rl.config.schema import TEMPLATE_SLOT
+    from kimivl_rl.data.formats import RowFormat
     from kimivl_rl.data.rows import RowLoader
 
-    loader = RowLoader(args.file, require_answer=args.require_answer, max_pixels=args.max_pixels,
-                       oversize_images=args.oversize_images,
-                       bad_rows="skip" if args.skip_bad_rows else "error")
+    if args.prompt_template and TEMPLATE_SLOT not in args.prompt_template:
+        raise ConfigError(f"--prompt-template must hold {TEMPLATE_SLOT} where the row's prompt goes")
+    row_format = RowFormat(args.format, args.prompt_key, args.answer_key, args.image_key,
+                           args.prompt_template)
+    return RowLoader(args.file, require_answer=args.require_answer, max_pixels=args.max_pixels,
+                     oversize_images=args.oversize_images,
+                     bad_rows="skip" if args.skip_bad_rows else "error", row_format=row_format)
+
+
+def cmd_data_check(args) -> None:
+    loader = _row_loader(args)
     count = sum(1 for _ in loader)
-    print(f"OK: {args.file}: {count} row(s) valid, {loader.skipped} skipped, "
-          f"{loader.resized} image(s) resized")
+    print(f"OK: {args.file}: format {loader.format or 'unknown (no readable row)'}, {count} row(s) "
+          f"valid, {loader.skipped} skipped, {loader.resized} image(s) resized")
+
+
+def cmd_data_convert(args) -> None:
+    from kimivl_rl.data.convert import convert_file
+
+    loader = _row_loader(args)
+    done = convert_file(loader, args.out)
+    print(f"{args.file} (format {done['format']}): {done['rows']} row(s) written to {done['file']}"
+          f" with their images, {done['skipped']} skipped, {done['resized']} image(s) resized")
 
 
 def cmd_label_difficulty(args) -> None:
@@ -287,15 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", help="output directory, new, empty or built by it before "
                                      "(default: the config's data.dir)")
     build.set_defaults(func=cmd_data_build)
-    check_data = data.add_parser("check", help="validate a JSONL/Parquet data file")
-    check_data.add_argument("file")
-    check_data.add_argument("--require-answer", action="store_true",
-                            help="rows must have 'answer' (RL and evaluation files)")
-    check_data.add_argument("--max-pixels", type=int, default=448 * 448)
-    check_data.add_argument("--oversize-images", choices=["resize", "reject"], default="resize")
-    check_data.add_argument("--skip-bad-rows", action="store_true",
-                            help="count bad rows instead of stopping at the first")
+    check_data = data.add_parser("check", help="validate a data file (JSONL, JSON or Parquet, any "
+                                               "format of data.format) and name its format")
+    _add_row_args(check_data)
     check_data.set_defaults(func=cmd_data_check)
+    convert = data.add_parser("convert", help="write a data file in the project's own format "
+                                              "(JSONL and PNG images) to see or edit it")
+    _add_row_args(convert)
+    convert.add_argument("--out", required=True, metavar="DIR",
+                         help="output directory, new, empty or written by it before")
+    convert.set_defaults(func=cmd_data_convert)
 
     sft = commands.add_parser("sft", help="run one SFT stage as a Ray Train job")
     _add_config_args(sft)

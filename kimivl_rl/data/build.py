@@ -10,7 +10,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -121,35 +121,45 @@ def _recorded_files(out_dir: Path) -> Optional[dict[str, str]]:
     return None if manifest is None else {**manifest["files"], MANIFEST: sha256_of(out_dir / MANIFEST)}
 
 
-def check_replaceable(out_dir: str | Path, setting: str = "data.dir") -> None:
+def check_replaceable(out_dir: str | Path, setting: str = "data.dir", fix: str = "") -> None:
     """Raise ``NotOursError`` unless ``out_dir`` is missing, empty, or a build of ours that holds
     no other file and no changed one (see ``kimivl_rl.infra.ownership``)."""
     out_dir = Path(out_dir)
-    check_replaceable_dir(out_dir, _recorded_files(out_dir), setting,
-                          f"To train on your own files set data.build_if_missing=false; to build "
-                          f"the built-in data set choose a new or empty {setting}.")
+    check_replaceable_dir(out_dir, _recorded_files(out_dir), setting, fix or (
+        f"To train on your own files set data.build_if_missing=false; to build the built-in data "
+        f"set choose a new or empty {setting}."))
 
 
-def build_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True,
-                  setting: str = "data.dir") -> Path:
-    """Write every split under ``out_dir`` and a manifest with checksums. An existing ``out_dir``
-    is replaced only when it is a build of ours (``check_replaceable``); ``setting`` names where
-    the path came from, for the refusal."""
-    out_dir = Path(out_dir)
-    check_replaceable(out_dir, setting)
+def write_with_manifest(out_dir: Path, write: Callable[[Path], dict], setting: str,
+                        fix: str = "") -> dict:
+    """Fill a new ``out_dir`` with ``write(directory)`` and a manifest of what it returns plus
+    the checksums of the files; an existing ``out_dir`` is replaced only when it is ours
+    (``check_replaceable``). ``setting`` and ``fix`` name the path's origin in a refusal.
+    Returns the manifest."""
+    check_replaceable(out_dir, setting, fix)
     staging = staging_dir(out_dir)
     try:
-        _write_splits(spec, staging, progress)
-        manifest = {"format_version": FORMAT_VERSION, "spec": spec.__dict__,
-                    "files": file_hashes(staging)}
+        manifest = {**write(staging), "files": file_hashes(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        check_replaceable(out_dir, setting)  # again: files may have appeared while it built
-        # Swap in the finished tree only now, so an interrupted build never looks complete.
+        check_replaceable(out_dir, setting, fix)  # again: files may have appeared while it wrote
+        # Swap in the finished tree only now, so an interrupted write never looks complete.
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+    return manifest
+
+
+def build_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True,
+                  setting: str = "data.dir") -> Path:
+    """Write every split under ``out_dir`` and a manifest with checksums (``write_with_manifest``);
+    ``setting`` names where the path came from, for a refusal."""
+    def write(directory: Path) -> dict:
+        _write_splits(spec, directory, progress)
+        return {"format_version": FORMAT_VERSION, "spec": spec.__dict__}
+
+    write_with_manifest(Path(out_dir), write, setting)
+    return Path(out_dir)
 
 
 def dataset_is_current(spec: BuildSpec, out_dir: str | Path) -> bool:
