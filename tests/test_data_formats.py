@@ -1,0 +1,317 @@
+"""The field's row shapes (EasyR1, verl, LLaVA, TRL) load as the project's own examples, with
+embedded images checked like path images, through the loader, ``data check`` and ``data convert``."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from kimivl_rl.cli import main
+from kimivl_rl.config import ConfigError, load_config
+from kimivl_rl.config.schema import DataConfig
+from kimivl_rl.data.convert import convert_file
+from kimivl_rl.data.formats import RowFormat, image_source, text_parts
+from kimivl_rl.data.rows import DataError, RowLoader
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+IMAGE = {"type": "image"}
+
+
+def png(color, size=(28, 28)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def text(words: str) -> dict:
+    return {"type": "text", "text": words}
+
+
+def colours(example) -> list:
+    return [image.getpixel((0, 0)) for image in example.images]
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def easyr1_rows() -> list[dict]:
+    return [{"problem": "<image>Find x.", "answer": "30",
+             "images": [{"bytes": png(RED), "path": "a.png"}]},
+            {"problem": "Is <image> bigger than <image>?", "answer": "no",
+             "images": [{"bytes": png(RED), "path": None}, {"bytes": png(BLUE), "path": None}]}]
+
+
+def verl_rows() -> list[dict]:
+    return [{"data_source": "geo3k",
+             "prompt": [{"role": "system", "content": "Think first."},
+                        {"role": "user", "content": "<image>What is the angle?"}],
+             "images": [{"bytes": png(BLUE), "path": None}], "ability": "math",
+             "reward_model": {"ground_truth": "45", "style": "rule"},
+             "extra_info": {"split": "train", "index": 0}}]
+
+
+def llava_rows() -> list[dict]:
+    return [{"id": "r1", "image": "img/red.png",
+             "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
+                               {"from": "gpt", "value": "Red."}]},
+            {"id": "r2", "conversations": [{"from": "human", "value": "Say hi."},
+                                           {"from": "gpt", "value": "Hi."}]}]
+
+
+def trl_rows() -> list[dict]:
+    encoded = base64.b64encode(png(BLUE)).decode()
+    return [{"messages": [{"role": "user", "content": "<image>How many?"},
+                          {"role": "assistant", "content": "2"}],
+             "images": [f"data:image/png;base64,{encoded}"], "answer": "2"},
+            {"messages": [{"role": "user", "content": "<image><image>Same?"},
+                          {"role": "assistant", "content": "No"}],
+             "images": [encoded, {"bytes": encoded, "path": None}], "answer": "no"}]
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    """One small file of each shape, images embedded except LLaVA's path."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "red.png").write_bytes(png(RED))
+    llava_json = tmp_path / "llava.json"
+    llava_json.write_text(json.dumps(llava_rows()))
+    return {"easyr1": write_parquet(tmp_path / "geo3k.parquet", easyr1_rows()),
+            "verl": write_parquet(tmp_path / "verl.parquet", verl_rows()),
+            "llava": write_jsonl(tmp_path / "llava.jsonl", llava_rows()),
+            "llava_json": llava_json,
+            "trl": write_jsonl(tmp_path / "trl.jsonl", trl_rows())}
+
+
+# ----------------------------------------------------------------------------- pure shaping
+
+def test_placeholders_become_image_parts_in_order():
+    assert text_parts("<image>\nA <image> B") == [IMAGE, text("A"), IMAGE, text("B")]
+    assert text_parts("no images") == "no images"
+
+
+def test_image_sources_of_every_shape():
+    raw = png(RED)
+    encoded = base64.b64encode(raw).decode()
+    assert image_source({"bytes": raw, "path": "x.png"}) == raw
+    assert image_source({"bytes": None, "path": "x.png"}) == "x.png"
+    assert image_source({"bytes": encoded}) == raw
+    assert image_source(f"data:image/png;base64,{encoded}") == raw
+    assert image_source(encoded) == raw
+    assert image_source("images/iVBORw0KGgo.png") == "images/iVBORw0KGgo.png"
+    assert image_source(3) is None
+
+
+# ----------------------------------------------------------------------------- the loader
+
+def test_easyr1_parquet_with_embedded_images(files, caplog):
+    caplog.set_level("INFO")
+    loader = RowLoader(files["easyr1"], require_answer=True)
+    first, second = loader.load_all()
+    assert loader.format == "easyr1" and "format 'easyr1'" in caplog.text
+    assert first.messages == [{"role": "user", "content": [IMAGE, text("Find x.")]}]
+    assert first.answer == "30" and colours(first) == [RED]
+    assert second.messages == [{"role": "user", "content": [text("Is"), IMAGE, text("bigger than"),
+                                                            IMAGE, text("?")]}]
+    assert second.answer == "no" and colours(second) == [RED, BLUE]
+    assert first.source == f"{files['easyr1']}:1" and first.extra == {}
+
+
+def test_verl_parquet(files):
+    (row,) = RowLoader(files["verl"], require_answer=True).load_all()
+    assert row.messages == [{"role": "system", "content": "Think first."},
+                            {"role": "user", "content": [IMAGE, text("What is the angle?")]}]
+    assert row.answer == "45" and colours(row) == [BLUE]
+    assert row.extra == {"data_source": "geo3k", "ability": "math",
+                         "extra_info": {"split": "train", "index": 0}}
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_json"])
+def test_llava_sft_rows(files, name):
+    loader = RowLoader(files[name])
+    image_row, text_row = loader.load_all()
+    assert loader.format == "llava"
+    assert image_row.messages == [{"role": "user", "content": [IMAGE, text("What colour is it?")]},
+                                  {"role": "assistant", "content": "Red."}]
+    assert colours(image_row) == [RED] and image_row.answer is None
+    assert image_row.extra == {"id": "r1"} and image_row.source == f"{files[name]}:1"
+    assert text_row.messages == [{"role": "user", "content": "Say hi."},
+                                 {"role": "assistant", "content": "Hi."}]
+    assert text_row.images == []
+
+
+def test_trl_chat_rows_with_base64_images(files):
+    loader = RowLoader(files["trl"], require_answer=True)
+    one, two = loader.load_all()
+    assert loader.format == "messages"
+    assert one.messages == [{"role": "user", "content": [IMAGE, text("How many?")]},
+                            {"role": "assistant", "content": "2"}]
+    assert colours(one) == [BLUE] and colours(two) == [BLUE, BLUE]
+    assert two.prompt_messages() == [{"role": "user", "content": [IMAGE, IMAGE, text("Same?")]}]
+
+
+def test_typed_rows_keep_a_literal_placeholder_in_their_text(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(RED))
+    messages = [{"role": "user", "content": [IMAGE, text("What does <image> mean in HTML?")]}]
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": messages, "images": ["a.png"]}])
+    assert RowLoader(path).load_all()[0].messages == messages
+
+
+def test_key_mapping_and_prompt_template(tmp_path):
+    rows = [{"question": "2+<image>?", "solution": "5", "pics": [{"bytes": png(RED), "path": None}]}]
+    path = write_parquet(tmp_path / "mine.parquet", rows)
+    cfg = DataConfig(dir=str(tmp_path), prompt_key="question", answer_key="solution",
+                     image_key="pics", prompt_template="{problem} Put it in \\boxed{}.")
+    (row,) = RowLoader.prompts(cfg, "mine.parquet")
+    assert row.messages == [{"role": "user", "content": [text("2+"), IMAGE, text("? Put it in \\boxed{}.")]}]
+    assert row.answer == "5" and colours(row) == [RED]
+
+
+def test_the_template_wraps_typed_rows_too(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(RED))
+    messages = [{"role": "user", "content": [IMAGE, text("How many?")]}]
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": messages, "images": ["a.png"]}])
+    (row,) = RowLoader(path, row_format=RowFormat(prompt_template="Look. {problem} Be brief.")).load_all()
+    assert row.messages[0]["content"] == [text("Look."), IMAGE, text("How many? Be brief.")]
+
+
+def test_sft_sources_read_foreign_formats(files):
+    from sft.sources import stage_examples
+
+    cfg = load_config(None, [f"data.dir={files['llava'].parent}", "sft.joint.train_file=llava.jsonl"])
+    (image_row, _) = stage_examples(cfg, "joint")
+    assert image_row.messages[-1] == {"role": "assistant", "content": "Red."}
+
+
+# ----------------------------------------------------------------------------- errors
+
+ERRORS = {
+    "placeholder count": ("easyr1", {"problem": "<image><image>Compare.", "answer": "1",
+                                     "images": [{"bytes": png(RED), "path": None}]},
+                          "field 'images': the messages have 2 image placeholder(s) but the row "
+                          "lists 1 image(s)"),
+    "undecodable bytes": ("easyr1", {"problem": "<image>?", "answer": "1",
+                                     "images": [{"bytes": b"\x89PNG not an image", "path": None}]},
+                          "field 'images': cannot read image embedded image 1 (17 bytes)"),
+    "missing prompt key": ("easyr1", {"problem": None, "answer": "1", "images": []},
+                           "missing field 'problem' (set by data.prompt_key)"),
+    "missing verl prompt": ("verl", {"reward_model": {"ground_truth": "1"}, "images": []},
+                            "missing field 'prompt'"),
+    "missing answer": ("verl", {"prompt": [{"role": "user", "content": "1+1?"}],
+                                "reward_model": {"style": "rule"}},
+                       "missing field 'answer' (required in this file)"),
+    "bad llava turn": ("llava", {"conversations": [{"from": "robot", "value": "hi"}]},
+                       "field 'conversations[0]': expected"),
+    "bad base64": ("messages", {"messages": [{"role": "user", "content": "<image>?"}], "answer": "1",
+                                "images": [{"bytes": "not base64!", "path": None}]},
+                   "field 'images': image 1 is not valid base64"),
+}
+
+
+@pytest.mark.parametrize("case", ERRORS)
+def test_a_bad_row_names_file_row_and_key(tmp_path, case):
+    name, row, words = ERRORS[case]
+    good = {"easyr1": easyr1_rows, "verl": verl_rows, "llava": llava_rows, "messages": trl_rows}[name]()[0]
+    if name == "llava":  # its good row's image must exist
+        (tmp_path / "img").mkdir()
+        (tmp_path / "img" / "red.png").write_bytes(png(RED))
+    # bytes go in Parquet, as those formats ship them
+    write = write_parquet if name in ("easyr1", "verl") else write_jsonl
+    path = write(tmp_path / f"rows.{'parquet' if name in ('easyr1', 'verl') else 'jsonl'}", [good, row])
+    loader = RowLoader(path, require_answer=name != "llava")
+    with pytest.raises(DataError) as caught:
+        loader.load_all()
+    assert f"{path}:2: " in str(caught.value) and words in str(caught.value)
+
+
+def test_undecodable_parquet_bytes_name_the_row(tmp_path):
+    rows = easyr1_rows()
+    rows[1]["images"][1]["bytes"] = b"garbage"
+    path = write_parquet(tmp_path / "rows.parquet", rows)
+    with pytest.raises(DataError, match=r"rows.parquet:2: field 'images': cannot read image "
+                                         r"embedded image 2 \(7 bytes\)"):
+        RowLoader(path).load_all()
+
+
+def test_embedded_images_follow_the_pixel_budget(tmp_path):
+    rows = [{"problem": "<image>?", "answer": "1",
+             "images": [{"bytes": png(RED, (600, 400)), "path": None}]}]
+    path = write_parquet(tmp_path / "big.parquet", rows)
+    loader = RowLoader(path, max_pixels=240 * 160)
+    assert loader.load_all()[0].images[0].size == (240, 160) and loader.resized == 1
+    with pytest.raises(DataError, match=r"big.parquet:1: field 'images': embedded image 1 .* has "
+                                        r"600x400 = 240000 pixels"):
+        RowLoader(path, max_pixels=240 * 160, oversize_images="reject").load_all()
+
+
+def test_a_forced_format_that_does_not_fit_names_the_key(files):
+    with pytest.raises(DataError, match=r"llava.jsonl:1: missing field 'problem' \(set by data.prompt_key\)"):
+        RowLoader(files["llava"], row_format=RowFormat(name="easyr1")).load_all()
+
+
+def test_the_data_keys_are_checked_with_the_config():
+    with pytest.raises(ConfigError, match="data.prompt_template: must hold {problem}"):
+        load_config(None, ["data.prompt_template=Answer briefly."])
+    with pytest.raises(ConfigError, match="data.format"):
+        load_config(None, ["data.format=alpaca"])
+    with pytest.raises(ConfigError, match="data.image_key: must name a column"):
+        load_config(None, ["data.image_key="])
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.mark.parametrize("name, fmt, rows", [("easyr1", "easyr1", 2), ("verl", "verl", 1),
+                                             ("llava", "llava", 2), ("llava_json", "llava", 2),
+                                             ("trl", "messages", 2)])
+def test_data_check_names_the_format(files, capsys, name, fmt, rows):
+    assert main(["data", "check", str(files[name])]) == 0
+    assert f"format {fmt}, {rows} row(s) valid, 0 skipped" in capsys.readouterr().out
+
+
+def test_data_check_names_a_bad_row_and_skips_it(tmp_path, capsys):
+    rows = easyr1_rows()
+    rows[0]["problem"] = "<image><image>Two?"
+    path = write_parquet(tmp_path / "rows.parquet", rows)
+    assert main(["data", "check", str(path)]) == 2
+    assert f"{path}:1: field 'images': the messages have 2" in capsys.readouterr().err
+    assert main(["data", "check", str(path), "--skip-bad-rows"]) == 0
+    assert "format easyr1, 1 row(s) valid, 1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["easyr1", "verl", "llava_json", "trl"])
+def test_convert_round_trip(files, tmp_path, capsys, name):
+    out = tmp_path / "converted"
+    assert main(["data", "convert", str(files[name]), "--out", str(out)]) == 0
+    converted = out / f"{files[name].stem}.jsonl"
+    assert str(converted) in capsys.readouterr().out
+    before, after = RowLoader(files[name]).load_all(), RowLoader(converted).load_all()
+    assert [(e.messages, e.answer, e.extra) for e in after] == [(e.messages, e.answer, e.extra)
+                                                                for e in before]
+    assert [[i.tobytes() for i in e.images] for e in after] == [[i.tobytes() for i in e.images]
+                                                                for e in before]
+    assert main(["data", "convert", str(files[name]), "--out", str(out)]) == 0  # its own output
+
+
+def test_convert_never_replaces_a_users_directory(files, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(["data", "convert", str(files["easyr1"]), "--out", str(out)]) == 2
+    assert "holds files kimivl-rl did not write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    convert_file(RowLoader(files["easyr1"]), tmp_path / "fresh")
+    (tmp_path / "fresh" / "geo3k.jsonl").write_text("edited by hand\n")
+    with pytest.raises(Exception, match="did not write"):
+        convert_file(RowLoader(files["easyr1"]), tmp_path / "fresh")
