@@ -315,3 +315,12 @@ def test_convert_never_replaces_a_users_directory(files, tmp_path, capsys):
     (tmp_path / "fresh" / "geo3k.jsonl").write_text("edited by hand\n")
     with pytest.raises(Exception, match="did not write"):
         convert_file(RowLoader(files["easyr1"]), tmp_path / "fresh")
+
+
+def test_build_long_cot_asks_for_converted_prompts(files, tmp_path):
+    from kimivl_rl.data.long_cot_builder import build_long_cot
+
+    with pytest.raises(DataError, match=r"geo3k.parquet: build-long-cot reads prompts in the "
+                                        r"project's own format .*easyr1 rows, embedded images.*"
+                                        r"data convert"):
+        build_long_cot(load_config(None), "teacher", files["easyr1"], tmp_path / "out" / "cot.jsonl")

@@ -192,6 +192,25 @@ def _raw_image_paths(path: Path) -> dict[str, list[str]]:
             if isinstance(row, dict)}
 
 
+def _check_paths_only(prompts_file: Path, row_format: str, image_paths: dict[str, list]) -> None:
+    """The output rows reuse the prompts' image files, so prompts in other formats or with
+    embedded images must be converted first."""
+    from kimivl_rl.data.formats import image_source
+
+    def is_path(ref: object) -> bool:
+        try:
+            return isinstance(ref, str) and image_source(ref) == ref
+        except ValueError:  # base64 of a row the loader skipped
+            return False
+
+    embedded = not all(is_path(p) for paths in image_paths.values() for p in paths)
+    if row_format not in (None, "messages") or embedded:
+        raise DataError(f"{prompts_file}: build-long-cot reads prompts in the project's own format "
+                        f"with image files (this file: {row_format} rows"
+                        f"{', embedded images' if embedded else ''}); write one with "
+                        f"`kimivl-rl data convert {prompts_file} --out DIR`")
+
+
 def _place_images(paths: list[str], in_dir: Path, out_dir: Path, images_dir: str) -> list[str]:
     """The output row's image paths, copying the images that are not under ``out_dir``."""
     placed = []
@@ -240,8 +259,10 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
         raise DataError(f"{out_file}: the output would overwrite the prompts file")
     images_dir = out_file.stem + "_images"
     check_targets(out_file, out_file.parent / images_dir)
-    prompts = RowLoader.for_config(prompts_file, cfg.data, require_answer=True).load_all()
+    loader = RowLoader.for_config(prompts_file, cfg.data, require_answer=True)
+    prompts = loader.load_all()
     image_paths = _raw_image_paths(prompts_file)
+    _check_paths_only(prompts_file, loader.format, image_paths)
     filt = trace_filter(cfg)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = staging_file(out_file)
