@@ -324,3 +324,24 @@ def test_build_long_cot_asks_for_converted_prompts(files, tmp_path):
                                         r"project's own format .*easyr1 rows, embedded images.*"
                                         r"data convert"):
         build_long_cot(load_config(None), "teacher", files["easyr1"], tmp_path / "out" / "cot.jsonl")
+
+
+@pytest.mark.slow
+def test_eval_reads_an_easyr1_parquet_as_it_is(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    rows = [{"problem": "<image>What colour is the picture?", "answer": "red",
+             "images": [{"bytes": png(RED, (56, 56)), "path": "0.png"}]},
+            {"problem": "What is 2 + 2?", "answer": "4", "images": []}]
+    path = write_parquet(tmp_path / "geo3k_test.parquet", rows)
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "kimivl_rl.cli", "eval", "configs/tiny.yaml", "--model",
+         str(tiny_model_dir), "--file", str(path), "--out", str(report), "--samples", "0",
+         f"output.dir={tmp_path / 'out'}", "rollout.max_new_tokens=16",
+         "data.prompt_template={problem} Answer in \\boxed{}."],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reading rows as format 'easyr1'" in result.stderr
+    assert json.loads(report.read_text())["examples"] == 2
