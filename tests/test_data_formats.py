@@ -211,7 +211,7 @@ ERRORS = {
                             "missing field 'prompt'"),
     "missing answer": ("verl", {"prompt": [{"role": "user", "content": "1+1?"}],
                                 "reward_model": {"style": "rule"}},
-                       "missing field 'answer' (required in this file)"),
+                       "missing field 'reward_model.ground_truth' (required in this file)"),
     "bad llava turn": ("llava", {"conversations": [{"from": "robot", "value": "hi"}]},
                        "field 'conversations[0]': expected"),
     "bad base64": ("messages", {"messages": [{"role": "user", "content": "<image>?"}], "answer": "1",

@@ -66,6 +66,13 @@ def to_project_row(name: str, row: dict, fmt: RowFormat, where: str) -> dict:
     return converted
 
 
+def source_keys(name: str, fmt: RowFormat) -> tuple[str, str]:
+    """Where a row of format ``name`` keeps its images and its answer, for error messages."""
+    images = "image" if name == "llava" else fmt.image_key
+    answer = {"easyr1": fmt.answer_key, "verl": "reward_model.ground_truth"}.get(name, "answer")
+    return images, answer
+
+
 def _messages_row(row: dict, fmt: RowFormat, where: str) -> dict:
     messages = row["messages"]
     if isinstance(messages, str):  # Parquet files may hold the chat as a JSON string

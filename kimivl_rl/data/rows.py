@@ -33,7 +33,7 @@ from typing import Iterator, Literal, Optional
 from PIL import Image, UnidentifiedImageError
 
 from kimivl_rl.data.errors import DataError, short
-from kimivl_rl.data.formats import RowFormat, detect, image_source, to_project_row
+from kimivl_rl.data.formats import RowFormat, detect, image_source, source_keys, to_project_row
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
@@ -202,30 +202,17 @@ class RowLoader:
             raise DataError(f"{where}: missing field 'messages' (nor 'conversations', 'prompt' or "
                             f"'{self.row_format.prompt_key}' of the other formats)")
         row = to_project_row(name, row, self.row_format, where)
+        image_key, answer_key = source_keys(name, self.row_format)
         messages = row["messages"]
-        image_parts = _check_messages(messages, where)
-        image_key = "image" if name == "llava" else self.row_format.image_key
-        image_refs = row.get("images")
-        image_refs = [] if image_refs is None else image_refs
-        if not isinstance(image_refs, list):
-            raise DataError(f"{where}: field '{image_key}' must be a list of images (paths or "
-                            f"embedded bytes), got {short(image_refs)}")
-        if image_parts != len(image_refs):
-            raise DataError(f"{where}: field '{image_key}': the messages have {image_parts} image "
-                            f"placeholder(s) but the row lists {len(image_refs)} image(s)")
-        answer = row.get("answer")
-        if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))
-                                   or (not isinstance(answer, str) and not _finite(answer))):
-            raise DataError(f"{where}: field 'answer' must be a string or a finite number, "
-                            f"got {short(answer)}")
-        if self.require_answer and (answer is None or str(answer).strip() == ""):
-            raise DataError(f"{where}: missing field 'answer' (required in this file)")
+        image_refs = _image_list(row.get("images"), _check_messages(messages, where),
+                                 f"{where}: field '{image_key}'")
+        answer = _answer(row.get("answer"), self.require_answer, where, answer_key)
         known = {"messages", "images", "answer", "difficulty", "pass_rate"}
         return Example(
             messages=messages,
             images=[self._image(ref, f"{where}: field '{image_key}'", i)
                     for i, ref in enumerate(image_refs, start=1)],
-            answer=None if answer is None else str(answer),
+            answer=answer,
             difficulty=_optional_number(row, "difficulty", where),
             pass_rate=_optional_number(row, "pass_rate", where, lo=0.0, hi=1.0),
             source=where,
@@ -285,6 +272,28 @@ def _open_image(file: Path | io.BytesIO, label: str, at: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as exc:
         raise DataError(f"{at}: cannot read image {label}: {exc}") from None
+
+
+def _answer(answer: object, required: bool, where: str, key: str) -> Optional[str]:
+    """A row's reference answer as text; ``key`` is the field the file keeps it in."""
+    if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))
+                               or (not isinstance(answer, str) and not _finite(answer))):
+        raise DataError(f"{where}: field '{key}' must be a string or a finite number, "
+                        f"got {short(answer)}")
+    if required and (answer is None or str(answer).strip() == ""):
+        raise DataError(f"{where}: missing field '{key}' (required in this file)")
+    return None if answer is None else str(answer)
+
+
+def _image_list(refs: object, placeholders: int, at: str) -> list:
+    """A row's images (paths or embedded), as many as its messages have image parts."""
+    refs = [] if refs is None else refs
+    if not isinstance(refs, list):
+        raise DataError(f"{at} must be a list of images (paths or embedded bytes), got {short(refs)}")
+    if placeholders != len(refs):
+        raise DataError(f"{at}: the messages have {placeholders} image placeholder(s) but the row "
+                        f"lists {len(refs)} image(s)")
+    return refs
 
 
 def _check_messages(messages: object, where: str) -> int:
