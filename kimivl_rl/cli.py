@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--think-close", default="</think>")
     init.set_defaults(func=cmd_model_init)
 
-    data = commands.add_parser("data", help="build or check data").add_subparsers(
+    data = commands.add_parser("data", help="build, check or convert data").add_subparsers(
         dest="action", metavar="ACTION", required=True)
     build = data.add_parser("build", help="write the built-in data set (config's data section)")
     _add_config_args(build, optional=True)

@@ -345,3 +345,10 @@ def test_eval_reads_an_easyr1_parquet_as_it_is(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reading rows as format 'easyr1'" in result.stderr
     assert json.loads(report.read_text())["examples"] == 2
+
+
+def test_a_json_file_must_hold_a_list_of_rows(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"conversations": []}))
+    with pytest.raises(DataError, match=r"rows.json: a .json data file must hold a list of rows, got dict"):
+        RowLoader(path).load_all()
