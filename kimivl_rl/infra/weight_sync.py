@@ -18,6 +18,7 @@ copies them through a ring of buffers the two processes share.
 from __future__ import annotations
 
 import datetime
+from abc import ABC, abstractmethod
 import json
 import math
 import socket
@@ -192,7 +193,7 @@ class ObjectStoreTransport:
         pass  # nothing outlives a push
 
 
-class ConnectedTransport:
+class ConnectedTransport(ABC):
     """A transport whose learner rank 0 and engines are connected (``_connect``) on the first
     push, and again when the rollout workers pushed to change (a restarted one's recovery push,
     then the next full one); each push runs the learners' ``send`` and the engines' ``receive``
@@ -220,8 +221,9 @@ class ConnectedTransport:
         wait_all(sends, "learner", f"send weights version {version}", self.timeout_s)
         return SyncStats(version, time.perf_counter() - started)
 
+    @abstractmethod
     def _connect(self, learner, rollout_workers: list) -> None:
-        raise NotImplementedError
+        """Connect learner rank 0 with every engine worker of ``rollout_workers``."""
 
 
 class CollectiveTransport(ConnectedTransport):
