@@ -140,7 +140,7 @@ def cmd_label_difficulty(args) -> None:
 
     cfg = with_absolute_paths(_config(args))
     in_file = Path(args.input or Path(cfg.data.dir) / cfg.rl.train_file)
-    out_file = Path(args.out or in_file.with_name(in_file.stem + ".labelled.jsonl"))
+    out_file = Path(args.out or in_file.with_name(f"{in_file.stem}.labelled{in_file.suffix}"))
     check_label_paths(in_file, out_file)  # before the model or the data are built
     model = checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args, writes_output=False)
@@ -382,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "sampler.label_samples samples (vLLM + reward service)")
     _add_config_args(label, optional=True)
     label.add_argument("--model", help="checkpoint to sample from (default: model.path)")
-    label.add_argument("--input", help="RL prompts (default: the config's rl.train_file)")
-    label.add_argument("--out", help="output JSONL next to the input (default: <input>.labelled.jsonl)")
+    label.add_argument("--input", help="RL prompts, in any format data.format reads (default: the "
+                                       "config's rl.train_file)")
+    label.add_argument("--out", help="output next to the input, in its format with a pass_rate per "
+                                     "row (default: <input stem>.labelled<input suffix>)")
     label.set_defaults(func=cmd_label_difficulty)
 
     long_cot = data.add_parser(

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from kimivl_rl.infra.checkpoint import verify_manifest, write_manifest
 from kimivl_rl.config import Config, config_from_dict, config_to_dict
 from kimivl_rl.training.linear_cross_entropy import causal_lm_loss_sum, target_rows
-from kimivl_rl.training.engine import (build_engine, load_engine_state, process_group_backend, save_engine_state,
-                                       save_pretrained)
+from kimivl_rl.training.engine import (build_engine, enable_gradient_checkpointing, load_engine_state,
+                                       process_group_backend, save_engine_state, save_pretrained)
 from kimivl_rl.evaluation import format_report
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import MetricsSink, detail_level, follow_progress
@@ -145,7 +145,7 @@ def train_loop(loop_config: dict) -> None:
 
     model, processor = load_policy(loop_config["input_model"], cfg, training=True)
     if cfg.sft.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
     family = family_of(model)

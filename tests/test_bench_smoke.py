@@ -224,3 +224,49 @@ def test_rl_async_unit_costs_by_hand(tmp_path):
     assert figures["s_per_response"] == pytest.approx(0.1, rel=1e-12)
     assert figures["samples_per_s"] == pytest.approx(5.0, rel=1e-12)
     assert figures["s_per_iter"] == figures["s_per_iter_2+"] == 8.0
+
+
+@pytest.mark.slow
+def test_rl_colocated_bench_tiny(tmp_path):
+    """bench/rl_colocated.py's whole path on CPU (the tiny model, colocated over the shared-memory
+    ring, optimizer offloaded, activations recomputed): one iteration, its figures printed; a
+    second call reports them without running again."""
+    out = run_bench("bench/rl_colocated.py", "--tiny", "--out", str(tmp_path / "run"), "--iterations", "1")
+    assert "iteration 1: 4 responses" in out and "trained tokens/s/GPU" in out
+    assert run_bench("bench/rl_colocated.py", "--tiny", "--out", str(tmp_path / "run"), "--iterations",
+                     "1", "--report").splitlines()[-2:] == out.splitlines()[-2:]
+
+
+def test_rl_colocated_figures_by_hand():
+    """2 updates of 1,000 trained tokens (10 responses of 50) in 2 s of learning, a 4 s
+    iteration, N_body 1e6, N_head 1e5, a 1 TFLOP/s peak: 2 x 6 x (1e6 x 1000 + 1e5 x 500) FLOPs
+    = 1.26e10 in 2 s is 0.63% MFU; 1,000 learner tokens/s; 250 trained tokens/s per GPU."""
+    from kimivl_rl.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["rl.updates_per_iteration=2"])
+    row = {"learner_tokens": 1000, "response_length_mean": 50.0, "learner_responses": 10,
+           "time_learn_s": 2.0, "time_iteration_s": 4.0, "generated_tokens_per_s": 300.0,
+           "time_generate_s": 1.5, "time_sync_s": 0.1, "learner_idle_s": 1.5, "rollout_idle_s": 2.1,
+           "engine_sleep_freed_gib": 0.0}
+    figures = bench_module("rl_colocated").figures(row, cfg, body=10**6, head=10**5, peak_tflops=1.0)
+    assert figures["learner_mfu"] == pytest.approx(0.0063, rel=1e-12)
+    assert figures["learner_tokens_per_s"] == pytest.approx(1000.0, rel=1e-12)
+    assert figures["trained_tokens_per_s_per_gpu"] == pytest.approx(250.0, rel=1e-12)
+
+
+def test_rl_colocated_pads_the_vocabulary_so_every_id_decodes(tmp_path, tiny_model_dir):
+    """Every id below the size decodes (a placeholder where the tokenizer had none); text encodes
+    to the ids it did before."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    before = AutoTokenizer.from_pretrained(tmp_path)
+    bench_module("rl_colocated").pad_vocabulary(tmp_path / "tokenizer.json", 2000)
+    after = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(before) < 2000 == len(after)
+    text = "What is 3 + 4? <think>7</think>"
+    assert after.encode(text) == before.encode(text)
+    assert after.decode([1999]) == "<x1999>" and after.decode([len(before) - 1]) == before.decode([len(before) - 1])

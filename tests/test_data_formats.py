@@ -352,3 +352,24 @@ def test_a_json_file_must_hold_a_list_of_rows(tmp_path):
     path.write_text(json.dumps({"conversations": []}))
     with pytest.raises(DataError, match=r"rows.json: a .json data file must hold a list of rows, got dict"):
         RowLoader(path).load_all()
+
+
+def test_difficulty_labels_keep_the_files_own_format(tmp_path, files):
+    """``data label-difficulty`` writes each rated row back in its file's format: the Parquet
+    table keeps its embedded images and gains pass_rate, JSONL rows keep their keys; a row the
+    loader skipped is left out; the rates read back through the loader."""
+    from kimivl_rl.system.difficulty import row_number, write_labelled
+
+    cases = (("easyr1", {1: 0.25, 2: 1.0}), ("verl", {1: 0.5}), ("llava", {2: 0.0}), ("trl", {1: 0.5, 2: 0.125}),
+             ("llava_json", {1: 0.75}))
+    for name, rates in cases:
+        source = files[name]
+        out = source.with_name(f"labelled_{name}{source.suffix}")
+        write_labelled(source, out, rates)
+        examples = RowLoader(out).load_all()
+        assert [e.pass_rate for e in examples] == list(rates.values()), name
+        kept = [e for e in RowLoader(source).load_all() if row_number(e.source) in rates]
+        assert [colours(e) for e in kept] == [colours(e) for e in examples], name
+        assert [e.messages for e in kept] == [e.messages for e in examples], name
+    assert pq.read_table(files["easyr1"].with_name("labelled_easyr1.parquet")).column_names == [
+        "problem", "answer", "images", "pass_rate"]

@@ -12,7 +12,8 @@ from PIL import Image
 from kimivl_rl.config import load_config
 from kimivl_rl.system.learner import encode_trajectories, response_logprobs
 from kimivl_rl.models.families import family_of
-from kimivl_rl.models.loading import load_policy
+from kimivl_rl.models.loading import language_model, load_policy
+from kimivl_rl.training.engine import enable_gradient_checkpointing
 from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack
 from kimivl_rl.rl.experience import Trajectory
 from test_linear_cross_entropy import float32_tolerance
@@ -143,3 +144,34 @@ def test_responses_to_one_image_share_one_vision_pass_with_the_same_logprobs_and
         # sums over the vocabulary, the hidden size and the patches of the shared image
         terms = text_config.vocab_size + text_config.hidden_size + 4 * 64
         torch.testing.assert_close(got_grads[name], w, rtol=0, atol=float32_tolerance(w, terms), msg=name)
+
+
+def test_gradient_checkpointing_runs_each_decoder_layer_again_in_backward_with_the_same_gradients(
+        tiny_model_dir):
+    """``rl.gradient_checkpointing`` (``enable_gradient_checkpointing``) on the learner's own loss
+    path: each language-model layer's forward runs once more during backward, and the
+    log-probabilities and gradients are those of the plain pass."""
+    model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)
+    family = family_of(model)
+    sequences = encode_trajectories(_trajectories(model.config), processor, family)
+    weights = torch.randn(21, generator=torch.Generator().manual_seed(0))
+    layers = language_model(model).layers
+    calls = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: calls.append(module))
+    results = []
+    for checkpointed in (False, True):
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        calls.clear()
+        logprobs = response_logprobs(model, sequences, family)
+        forward_calls = len(calls)
+        (torch.cat(logprobs) * weights).sum().backward()
+        results.append((logprobs, _grads(model), forward_calls, len(calls)))
+    (plain, plain_grads, *plain_calls), (got, got_grads, *got_calls) = results
+    assert model.training and plain_calls == [len(layers)] * 2 and got_calls == [len(layers), 2 * len(layers)]
+    for g, w in zip(got, plain, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert got_grads.keys() == plain_grads.keys()
+    for name, want in plain_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=0, atol=float32_tolerance(want, 1), msg=name)

@@ -79,6 +79,8 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
             assert "libtcmalloc" in ray.get(actor.__ray_call__.remote(mapped_files))
         requests = generation_requests(prompts, processor)
         trajectories, fresh = learn_from_alternate_rewards(actors, cfg, prompts, requests)
+        assert fresh["learner_tokens"] == sum(len(t.prompt_token_ids) + len(t.response_token_ids)
+                                              for t in trajectories)
         ObjectStoreTransport(cfg.cluster.call_timeout_s).push(actors.learners, actors.rollouts, 1)
         assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
         # The update moved the policy the right way: rewarded responses gained probability
@@ -101,11 +103,13 @@ def test_a_colocated_engine_takes_each_update_through_the_shared_ring(tmp_path, 
                                                                      small_data_dir, ray_cluster):
     """cluster.colocate with the ipc transport on CPU: the ring lives in shared memory, buckets
     small enough that the two slots are reused within one sync, and a second sync reuses the
-    ring. Before each sync the engine scores unlike the learner, after it alike."""
+    ring. Before each sync the engine scores unlike the learner, after it alike. The learner
+    recomputes activations in backward, as a colocated learner of a real shape does."""
     from transformers import AutoProcessor
 
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "cluster.colocate=true",
-                 "cluster.weight_transport=ipc", f"cluster.weight_bucket_bytes={256 * 1024}")
+                 "cluster.weight_transport=ipc", f"cluster.weight_bucket_bytes={256 * 1024}",
+                 "rl.gradient_checkpointing=true")
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)[:2]
     requests = generation_requests(prompts, processor)

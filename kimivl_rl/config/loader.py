@@ -300,6 +300,9 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
         raise where.error("rollout.token_budget", "partial rollouts need rl.max_staleness >= 2: "
                           "responses are sampled one version behind the learner, and a continued "
                           "one is a version older still")
+    if cfg.rl.offload_optimizer and not cfg.rl.zero_stage:
+        raise where.error("rl.offload_optimizer", "ZeRO-Offload moves ZeRO's optimizer partitions: "
+                          "set rl.zero_stage to 1, 2 or 3")
     _check_colocation(cfg, where)
     for role in ("learner", "rollout", "reward"):
         # Ray sets these from an actor's num_cpus and num_gpus and refuses them as custom resources.

@@ -181,6 +181,13 @@ class RLConfig:
     format_penalty: float = bounded(0.0, ge=0.0)
     length_penalty_start_iteration: int = bounded(10, ge=0)
     micro_batch_tokens: int = bounded(4096, ge=16)
+    # Recompute each layer's activations in backward (as sft.gradient_checkpointing): what lets a
+    # 3B policy's micro-batch of 16K tokens fit beside its optimizer on one GPU.
+    gradient_checkpointing: bool = False
+    # Adam's moments, fp32 master weights and gradients in CPU memory, the step on the CPU
+    # (ZeRO-Offload; zero_stage >= 1): the GPU keeps the bf16 weights, so a 3B policy's optimizer
+    # fits beside a colocated engine on one 80 GB GPU, for a slower step.
+    offload_optimizer: bool = False
     zero_stage: int = bounded(2, ge=0, le=3)
     eval_every: int = bounded(5, ge=1)
     eval_prompts: int = bounded(64, ge=1)

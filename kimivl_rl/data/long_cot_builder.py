@@ -186,9 +186,9 @@ def format_summary(stats: dict) -> str:
 
 def _raw_image_paths(path: Path) -> dict[str, list[str]]:
     """Each row's ``images`` as written in the file, by the loader's ``file:line`` source."""
-    from kimivl_rl.data.rows import _raw_rows  # the loader's own numbering of rows
+    from kimivl_rl.data.rows import raw_rows  # the loader's own numbering of rows
 
-    return {f"{path}:{number}": list(row.get("images") or []) for number, row in _raw_rows(path)
+    return {f"{path}:{number}": list(row.get("images") or []) for number, row in raw_rows(path)
             if isinstance(row, dict)}
 
 

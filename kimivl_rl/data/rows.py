@@ -117,7 +117,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, object]]:
     yield from enumerate(rows, start=1)
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, object]]:
+def raw_rows(path: Path) -> Iterator[tuple[int, object]]:
     """(line or row number, decoded row or the DataError for it), streaming."""
     if path.suffix == ".parquet":
         yield from _parquet_rows(path)
@@ -168,7 +168,7 @@ class RowLoader:
     def __iter__(self) -> Iterator[Example]:
         if not self.path.is_file():
             raise DataError(f"{self.path}: data file not found")
-        for number, row in _raw_rows(self.path):
+        for number, row in raw_rows(self.path):
             try:
                 if isinstance(row, DataError):
                     raise row

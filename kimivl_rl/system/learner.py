@@ -30,8 +30,9 @@ from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
 from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
-from kimivl_rl.training.engine import (build_engine, process_group_backend, full_state_dict, load_engine_state,
-                                       reset_optimizer, save_engine_state, save_pretrained)
+from kimivl_rl.training.engine import (build_engine, enable_gradient_checkpointing, process_group_backend,
+                                       full_state_dict, load_engine_state, reset_optimizer,
+                                       save_engine_state, save_pretrained)
 from kimivl_rl.training.linear_cross_entropy import causal_lm_target_logprobs, target_rows
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack
 
@@ -132,13 +133,16 @@ class LearnerWorker:
                                 world_size=self.world)
         torch.manual_seed(self.cfg.seed)
         model, self.processor = load_policy(self.model_path, self.cfg, training=True)
+        if self.cfg.rl.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.family = family_of(model)
         self.loss = get_loss(self.cfg.rl.loss)
         self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip,
                                   dual_clip=self.cfg.rl.grpo_dual_clip,
                                   is_cap=self.cfg.rl.truncated_is_cap)
         self.engine = build_engine(model, lambda step: self.cfg.rl.lr, zero_stage=self.cfg.rl.zero_stage,
-                                   bf16=self.cfg.cluster.use_gpu)
+                                   bf16=self.cfg.cluster.use_gpu,
+                                   offload_optimizer=self.cfg.rl.offload_optimizer)
         return self.rank
 
     # ------------------------------------------------------------------ learning
@@ -156,9 +160,8 @@ class LearnerWorker:
         return batches + [None] * (int(count) - len(batches))
 
     def learn(self, trajectories: list[Trajectory]) -> dict[str, float]:
-        """One RL iteration's update; returns metrics averaged over ranks."""
-        if self.cfg.rl.reset_optimizer_each_iteration:
-            reset_optimizer(self.engine)
+        """One RL iteration's update; returns metrics averaged over ranks, and the tokens (prompt
+        and response) each update trained on."""
         rewards = torch.tensor([t.reward for t in trajectories])
         groups = torch.tensor([t.prompt_index for t in trajectories])
         advantages = get_advantage(self.cfg.rl.advantage or self.loss.advantage)(rewards, groups)
@@ -173,9 +176,14 @@ class LearnerWorker:
         metrics: dict[str, float] = {}
         for _ in range(self.cfg.rl.updates_per_iteration):
             metrics, old = self._update(batches, old, sampled, my_advantages, normalizer)
+        if self.cfg.rl.reset_optimizer_each_iteration:
+            # now rather than at the next iteration: a colocated engine gets the moments' memory
+            reset_optimizer(self.engine)
         if self.cfg.cluster.colocate and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the engine wakes into what this process held cached
-        return {**metrics, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old)}
+        return {**metrics, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old),
+                "learner_tokens": sum(len(t.prompt_token_ids) + len(t.response_token_ids)
+                                      for t in trajectories)}
 
     def _update(self, batches, old: Optional[list[torch.Tensor]], sampled: Optional[list[torch.Tensor]],
                 advantages: torch.Tensor, normalizer: float

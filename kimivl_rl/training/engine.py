@@ -22,12 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def deepspeed_config(zero_stage: int, grad_accum_steps: int, bf16: bool,
-                     grad_clip: float = 1.0) -> dict:
+                     grad_clip: float = 1.0, offload_optimizer: bool = False) -> dict:
+    zero = {"stage": zero_stage}
+    if offload_optimizer:
+        # pageable host memory: pinning tens of GB can fail where the bench runs
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
+        # torch's AdamW steps the offloaded partitions (DeepSpeedCPUAdam needs a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # progress is ours to report
@@ -51,17 +57,24 @@ def trainable_parameters(model: torch.nn.Module, freeze_prefixes: tuple[str, ...
 
 def build_engine(model: torch.nn.Module, lr_at_step: Callable[[int], float], *, zero_stage: int,
                  grad_accum_steps: int = 1, weight_decay: float = 0.0, bf16: bool = False,
-                 freeze_prefixes: tuple[str, ...] = ()):
+                 freeze_prefixes: tuple[str, ...] = (), offload_optimizer: bool = False):
     """A DeepSpeed engine whose learning rate at optimizer step k is ``lr_at_step(k)``."""
     params = trainable_parameters(model, freeze_prefixes)
     # lr=1.0 so that LambdaLR's factor is the learning rate itself.
     # On GPU one fused kernel updates every parameter (measured in bench/learner_gpu.py).
     optimizer = torch.optim.AdamW(params, lr=1.0, betas=(0.9, 0.95), weight_decay=weight_decay,
-                                  fused=torch.cuda.is_available())
+                                  fused=torch.cuda.is_available() and not offload_optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at_step)
+    config = deepspeed_config(zero_stage, grad_accum_steps, bf16, offload_optimizer=offload_optimizer)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(zero_stage, grad_accum_steps, bf16))
+                                      config=config)
     return engine
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward: memory for one layer's instead of
+    every layer's, for about a third more compute."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
