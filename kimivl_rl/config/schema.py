@@ -29,7 +29,7 @@ class ModelConfig:
     init_seed: int = 0
     # The architecture (kimivl_rl/models/families): auto reads a local model's config.json;
     # it is also the architecture of a tiny model built here. A hub name needs it set.
-    family: Literal["auto", "qwen2_5_vl", "kimi_k25"] = "auto"
+    family: Literal["auto", "qwen2_5_vl", "kimi_k25", "kimi_vl"] = "auto"
     trust_remote_code: bool = False
     # Thinking-section markers; Kimi's own checkpoints use "◁think▷" and "◁/think▷".
     think_open: str = "<think>"

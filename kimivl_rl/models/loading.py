@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.packed_attention import PACKED_SDPA
-from kimivl_rl.models.families import family_of, inner_model
+from kimivl_rl.models.families import family_of, inner_model, register_local_classes
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def compile_decoder_layers(model) -> None:
 
 def load_policy(path: str, cfg, training: bool = False):
     """(model, processor) for ``path``; bf16 on GPU, fp32 on CPU unless model.dtype says."""
+    register_local_classes(path)
     check_remote_code(path, cfg.model.trust_remote_code)
     use_gpu = cfg.cluster.use_gpu
     dtype = {"auto": torch.bfloat16 if use_gpu else torch.float32, "float32": torch.float32,
@@ -153,6 +154,7 @@ def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if not base:
         raise ConfigError(f"{checkpoint}: this checkpoint does not record the model its run "
                           f"started from (written by an older kimivl-rl); use the run's rl/model")
+    register_local_classes(base)
     model = AutoModelForImageTextToText.from_pretrained(base)
     model.load_state_dict(load_state(checkpoint / "weights"))
     model.save_pretrained(out_dir)

@@ -159,6 +159,7 @@ class VLLMEngine:
 
         self.options = options
         self.family = FAMILIES[options.family]
+        self.family.register_classes()  # vLLM builds the family's processor here and in its engine core
         with _engine_placement(options) as executor:
             self.llm = LLM(
                 model=options.model, tensor_parallel_size=options.tensor_parallel_size,

@@ -7,9 +7,10 @@ from pathlib import Path
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.families.base import ModelFamily, inner_model
 from kimivl_rl.models.families.kimi_k25 import KimiK25
+from kimivl_rl.models.families.kimi_vl import KimiVL
 from kimivl_rl.models.families.qwen2_5_vl import Qwen25VL
 
-FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (Qwen25VL, KimiK25)}
+FAMILIES: dict[str, type[ModelFamily]] = {f.name: f for f in (Qwen25VL, KimiK25, KimiVL)}
 DEFAULT_FAMILY = Qwen25VL.name   # the tiny model's architecture unless model.family says
 TINY_BUILD_INFO = "kimivl_tiny.json"  # marks a tiny model of ours (kimivl_rl.models.tiny)
 
@@ -68,6 +69,14 @@ def configured_family(cfg, path: str | Path | None = None) -> type[ModelFamily]:
                       f"to read); set model.family to one of {', '.join(FAMILIES)}")
 
 
+def register_local_classes(path: str | Path) -> None:
+    """Before transformers reads the local model at ``path``: its family's classes, where
+    transformers has none of its own (``ModelFamily.register_classes``)."""
+    model_type = local_model_type(path)
+    if model_type is not None:
+        family_class(model_type, f"{path}/config.json").register_classes()
+
+
 def rebuilt_as_tiny(cfg, path: str | Path) -> bool:
     """Whether ``path`` is the tiny model's to build (missing, or a tiny model of ours, which
     is rebuilt when its settings change) rather than a model to load as it is."""
@@ -76,4 +85,4 @@ def rebuilt_as_tiny(cfg, path: str | Path) -> bool:
 
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILY", "ModelFamily", "family_of", "family_class",
-           "configured_family", "inner_model"]
+           "configured_family", "inner_model", "register_local_classes"]

@@ -68,6 +68,11 @@ class ModelFamily(ABC):
         return {"position_ids": positions}
 
     @classmethod
+    def register_classes(cls) -> None:
+        """Make the family's model and processor classes known to transformers' Auto classes
+        in this process, where transformers itself has none (no-op by default)."""
+
+    @classmethod
     @abstractmethod
     def tiny_parts(cls):
         """The module that describes this family's tiny model (``kimivl_rl.models.tiny``):
