@@ -1,4 +1,4 @@
-"""The Kimi K2.5 family through all three stages from the command line, as a user runs
+"""The Kimi families (K2.5 and Kimi-VL) through all three stages from the command line, as a user runs
 `kimivl-rl run configs/tiny_kimi.yaml`: the tiny Kimi model is built, joint and long-CoT SFT
 train it under DeepSpeed, vLLM samples it for evaluation and RL, the learner updates it and its
 weights reach the engine (the engine's log-probabilities then match the learner's)."""
@@ -17,8 +17,9 @@ SHORT_PHASE = "[{max_seq_len: 256, epochs: 1, lr_peak: 1.0e-3, lr_final: 1.0e-4,
 
 
 @pytest.mark.slow
-def test_tiny_kimi_runs_joint_sft_long_cot_sft_and_rl(tmp_path):
-    run = [sys.executable, "-m", "kimivl_rl.cli", "run", "configs/tiny_kimi.yaml",
+@pytest.mark.parametrize("family", ["kimi_k25", "kimi_vl"])
+def test_tiny_kimi_runs_joint_sft_long_cot_sft_and_rl(tmp_path, family):
+    run = [sys.executable, "-m", "kimivl_rl.cli", "run", "configs/tiny_kimi.yaml", f"model.family={family}",
            f"model.path={tmp_path}/model", f"data.dir={tmp_path}/data", f"output.dir={tmp_path}/out",
            "data.joint_sft_examples=60", "data.long_cot_examples=30", "data.rl_prompts=40",
            "data.eval_examples=20", f"sft.joint.phases={SHORT_PHASE}",
@@ -33,7 +34,7 @@ def test_tiny_kimi_runs_joint_sft_long_cot_sft_and_rl(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     assert "RL over 3 iterations, held-out greedy accuracy" in done.stdout
     out = tmp_path / "out"
-    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == "kimi_k25"
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["model_type"] == family
     for stage in ("sft_joint", "sft_long_cot", "rl"):
         assert (out / stage / "model" / "model.safetensors").is_file(), stage
     rows = [json.loads(line) for line in (out / "rl" / "metrics.jsonl").read_text().splitlines()]

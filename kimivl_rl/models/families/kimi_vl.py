@@ -23,8 +23,7 @@ class KimiVL(ModelFamily):
     pixels_per_vision_token = 28 * 28
     image_markers = 5                 # start, "image" (2 tokens in the tiny tokenizer), content, end
     vllm_image_field = "image"
-    # vLLM 0.24 has Kimi-VL too, but its loader and the Kimi K2.5 family's floor agree: the
-    # oracle test ran on 0.32 only.
+    # The release the oracle test (tests/test_family_parity.py) ran on; not tried on older ones.
     vllm_min_version = (0, 32)
 
     @classmethod

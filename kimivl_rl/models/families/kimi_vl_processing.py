@@ -67,7 +67,7 @@ class KimiVLImageProcessor(BaseImageProcessor):
             padded = Image.new("RGB", (w + (pw - w % pw) % pw, h + (ph - h % ph) % ph))
             padded.paste(image, (0, 0))
             return padded
-        left, top = (w % p) // 2, (h % p) // 2
+        left, top = round((w % p) / 2), round((h % p) / 2)   # torchvision's center_crop
         return image.crop((left, top, left + w - w % p, top + h - h % p))
 
 
