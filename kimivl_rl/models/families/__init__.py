@@ -77,6 +77,13 @@ def register_local_classes(path: str | Path) -> None:
         family_class(model_type, f"{path}/config.json").register_classes()
 
 
+def register_all_classes() -> None:
+    """Every family's classes (vLLM's plugin hook, setup.cfg: vLLM may spawn its processes,
+    which import nothing of ours before they build a processor)."""
+    for family in FAMILIES.values():
+        family.register_classes()
+
+
 def rebuilt_as_tiny(cfg, path: str | Path) -> bool:
     """Whether ``path`` is the tiny model's to build (missing, or a tiny model of ours, which
     is rebuilt when its settings change) rather than a model to load as it is."""
