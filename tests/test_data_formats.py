@@ -373,3 +373,41 @@ def test_difficulty_labels_keep_the_files_own_format(tmp_path, files):
         assert [e.messages for e in kept] == [e.messages for e in examples], name
     assert pq.read_table(files["easyr1"].with_name("labelled_easyr1.parquet")).column_names == [
         "problem", "answer", "images", "pass_rate"]
+
+
+@pytest.mark.slow
+def test_rl_labels_and_trains_on_a_geometry3k_shaped_parquet_as_it_is(tmp_path, tiny_model_dir):
+    """EasyR1's geometry3k shape (``problem`` with ``<image>``, ``answer``, embedded images) end
+    to end, without conversion: ``data label-difficulty`` writes a labelled Parquet beside it,
+    and ``rl`` trains one iteration on that file with a verl-shaped evaluation file."""
+    import subprocess
+    import sys
+
+    colours = {"red": RED, "blue": BLUE}
+    train = [{"problem": f"<image>Which colour fills the picture? ({i})", "answer": name,
+              "images": [{"bytes": png(rgb, (56, 56)), "path": f"{i}.png"}]}
+             for i, (name, rgb) in enumerate(list(colours.items()) * 3)]
+    write_parquet(tmp_path / "geo3k_train.parquet", train)
+    write_parquet(tmp_path / "verl_test.parquet", verl_rows() * 2)
+    common = ["configs/tiny.yaml", "--model", str(tiny_model_dir), f"model.path={tiny_model_dir}",
+              "model.init_if_missing=false", f"data.dir={tmp_path}",
+              "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
+              "rollout.max_new_tokens=12", "rollout.gpu_memory_utilization=0.1",
+              "data.prompt_template={problem} Answer in \\boxed{}."]
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "kimivl_rl.cli", *args], capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    log = cli("data", "label-difficulty", *common, "--input", str(tmp_path / "geo3k_train.parquet"),
+              "sampler.label_samples=2")
+    assert "reading rows as format 'easyr1'" in log
+    labelled = RowLoader(tmp_path / "geo3k_train.labelled.parquet", require_answer=True).load_all()
+    assert len(labelled) == 6 and all(e.pass_rate in (0.0, 0.5, 1.0) for e in labelled)
+    cli("rl", *common, "rl.train_file=geo3k_train.labelled.parquet", "rl.eval_file=verl_test.parquet",
+        "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.samples_per_prompt=2", "rl.eval_prompts=2",
+        "rl.drop_zero_advantage_groups=false", "rl.dynamic_sampling_rounds=0", "eval.samples=0")
+    trained = [json.loads(line) for line in (tmp_path / "out" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["learner_responses"] for r in trained if "learner_responses" in r] == [4]

@@ -73,8 +73,9 @@ def register_local_classes(path: str | Path) -> None:
     """Before transformers reads the local model at ``path``: its family's classes, where
     transformers has none of its own (``ModelFamily.register_classes``)."""
     model_type = local_model_type(path)
-    if model_type is not None:
-        family_class(model_type, f"{path}/config.json").register_classes()
+    for family in FAMILIES.values():
+        if model_type in family.model_types:  # another type is refused, and why, by the checks after
+            family.register_classes()
 
 
 def register_all_classes() -> None:
