@@ -39,7 +39,7 @@ def test_an_rl_iteration_logs_its_metrics_only_when_verbose(caplog):
 def test_ray_train_logs_reports_only_when_verbose():
     from ray.train.v2._internal.execution import context
 
-    from sft.trainer import ray_train_log_level, set_report_log_level
+    from kimivl_rl.sft.trainer import ray_train_log_level, set_report_log_level
 
     level = context.logger.level
     try:

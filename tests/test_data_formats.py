@@ -188,7 +188,7 @@ def test_the_template_wraps_typed_rows_too(tmp_path):
 
 
 def test_sft_sources_read_foreign_formats(files):
-    from sft.sources import stage_examples
+    from kimivl_rl.sft.sources import stage_examples
 
     cfg = load_config(None, [f"data.dir={files['llava'].parent}", "sft.joint.train_file=llava.jsonl"])
     (image_row, _) = stage_examples(cfg, "joint")

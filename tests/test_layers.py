@@ -75,7 +75,7 @@ def test_every_module_imports_only_its_own_layer_or_lower_ones():
 
 def test_data_jobs_and_sft_stand_below_the_rl_controller():
     graph = module_imports()
-    for module in ("kimivl_rl.system.difficulty", "kimivl_rl.data.long_cot_builder", "sft.trainer",
+    for module in ("kimivl_rl.system.difficulty", "kimivl_rl.data.long_cot_builder", "kimivl_rl.sft.trainer",
                    "kimivl_rl.system.actors", "kimivl_rl.evaluation"):
         assert "kimivl_rl.system.controller" not in reachable(graph, module), module
     assert not any(m.startswith("sft") for m in reachable(graph, "kimivl_rl.system.controller"))
