@@ -151,7 +151,7 @@ def cmd_label_difficulty(args) -> None:
 def cmd_build_long_cot(args) -> None:
     from pathlib import Path
 
-    from kimivl_rl.data.long_cot_builder import build_long_cot, format_summary
+    from kimivl_rl.system.long_cot_builder import build_long_cot, format_summary
     from kimivl_rl.prepare import with_absolute_paths
 
     # The flags are config overrides, so they are checked (and reported) like any other.

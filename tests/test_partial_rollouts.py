@@ -8,7 +8,7 @@ import pytest
 
 from kimivl_rl.rl.partial_rollouts import (REPEAT, UNFINISHED, PartialGroup, PartialRollouts,
                                            ends_in_repeat, extend, mark_segment)
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 
 def sample(tokens: list[int], finish: str = "length") -> Sample:

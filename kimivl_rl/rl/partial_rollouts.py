@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 UNFINISHED = "budget"  # finish reason of a response cut by the token budget: to be continued
 REPEAT = "repeat"      # finish reason of a response ended by repeat detection

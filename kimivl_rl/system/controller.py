@@ -39,7 +39,7 @@ from kimivl_rl.infra.remote import (ActorFailed, ActorStranded, LearnerGroupLost
 from kimivl_rl.reward.extract import thinks_then_answers
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rollout.limits import fit_images
-from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
+from kimivl_rl.types import GenerationRequest, Sample
 from kimivl_rl.rl.experience import (Trajectory, add_length_penalty, assign_rewards,
                                      informative_groups, trajectories_from_samples)
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
