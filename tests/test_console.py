@@ -24,14 +24,14 @@ class Sink:
 
 
 def test_an_rl_iteration_logs_its_metrics_only_when_verbose(caplog):
-    from kimivl_rl.system.controller import record_iteration
+    from kimivl_rl.system.controller import RLRun
 
     for verbose in (False, True):
         cfg = load_config(TINY, [f"output.verbose={verbose}", "rl.checkpoint_every=5"])
         sink = Sink()
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            record_iteration(None, cfg, sink, None, 1, {"reward_mean": 0.25}, "model")
+            RLRun(cfg, None, None, None, sink, []).record(1, {"reward_mean": 0.25})
         assert sink.logged == [(1, {"reward_mean": 0.25})]  # not a checkpoint iteration
         assert any("'reward_mean': 0.25" in r.getMessage() for r in caplog.records) == verbose
 
