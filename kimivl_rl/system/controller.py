@@ -81,6 +81,8 @@ class Lockstep(Collector):
     ahead: Optional[Groups] = None  # groups already collected for the next iteration
 
     def run_iteration(self, iteration: int) -> dict:
+        """Collect scored groups, add the length penalty, learn on the informative ones, send the
+        new weights to the engines; the iteration's metrics."""
         started = time.perf_counter()
         groups = self.collect(iteration)
         batch, weight = self.training_batch(groups, iteration)
