@@ -82,6 +82,13 @@ def test_data_jobs_and_sft_stand_below_the_rl_controller():
     assert not any(m.startswith("kimivl_rl.sft") for m in reachable(graph, "kimivl_rl.system.controller"))
 
 
+def test_models_stand_beside_data_not_on_it():
+    """One layer, but the tiny model takes its tokenizer corpus from the caller (``prepare``)."""
+    graph = module_imports()
+    for module in [m for m in graph if m.startswith("kimivl_rl.models")]:
+        assert not any(d.startswith("kimivl_rl.data") for d in reachable(graph, module)), module
+
+
 def test_the_generation_types_import_neither_torch_nor_vllm():
     """So the RL maths, below the engines, can speak ``Sample`` (``kimivl_rl.types``)."""
     tree = ast.parse((ROOT / "kimivl_rl" / "types.py").read_text())
