@@ -8,8 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kimivl_rl",)
-# Lowest first, as in the README's layout table: a folder (or a module of the package root) is
-# one layer's, all of it.
+# Lowest first (the README's layout table, read bottom up): a folder, or a module of the package
+# root, is one layer's, all of it.
 LAYERS = (
     ("kimivl_rl.config", "kimivl_rl.types"),
     ("kimivl_rl.infra",),
