@@ -291,7 +291,7 @@ def chunked_loss(model, batch: Batch) -> torch.Tensor:
 
 
 def fused_loss(model, batch: Batch) -> torch.Tensor:
-    """The SFT trainer's loss (``sft.trainer.answer_loss_sum``), as a mean."""
+    """The SFT trainer's loss (``kimivl_rl.sft.trainer.answer_loss_sum``), as a mean."""
     return causal_lm_loss_sum(model, batch.inputs, batch.targets, batch.rows) / batch.rows.numel()
 
 

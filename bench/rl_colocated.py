@@ -42,8 +42,8 @@ from kimivl_rl.config import load_config
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import read_jsonl
 from kimivl_rl.models.loading import language_model
-from kimivl_rl.models.tiny import build_tiny_vlm
-from kimivl_rl.prepare import ensure_data, with_absolute_paths
+from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import ensure_data, tiny_corpus, with_absolute_paths
 from kimivl_rl.system.controller import run_rl
 from learner_gpu import matmul_peak_tflops, vlm_config
 
@@ -98,7 +98,7 @@ def shaped_config(tiny_config: Qwen2_5_VLConfig) -> Qwen2_5_VLConfig:
 def build_policy(out: Path, tiny: bool) -> Path:
     """The tiny model (--tiny), or the 3B-shaped policy around its tokenizer and processor."""
     base = out / "tiny_model"
-    build_tiny_vlm(base)
+    build_tiny_vlm(base, TinyVLMSpec(), tiny_corpus())
     policy = out / "policy_3b"
     if tiny or (policy / BUILT).is_file():
         return base if tiny else policy

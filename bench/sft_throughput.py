@@ -70,7 +70,7 @@ def main() -> None:
     from kimivl_rl.models.loading import use_language_model_attention
     from kimivl_rl.models.packed_attention import PACKED_SDPA
     from kimivl_rl.prepare import ensure_data, ensure_model, with_absolute_paths
-    from sft.encode import encode_example
+    from kimivl_rl.sft.encode import encode_example
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model")

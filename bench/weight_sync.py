@@ -218,6 +218,7 @@ def engine_main(args, transports: list[str]) -> None:
     from safetensors.torch import load_file
 
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+    from kimivl_rl.prepare import tiny_corpus
     from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
 
     ray.init(num_cpus=2, include_dashboard=False)
@@ -227,7 +228,7 @@ def engine_main(args, transports: list[str]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             spec = TinyVLMSpec(text_hidden=hidden, text_intermediate=4 * hidden, text_heads=hidden // 64,
                                vision_hidden=128)
-            model_dir = build_tiny_vlm(Path(tmp) / "m", spec)
+            model_dir = build_tiny_vlm(Path(tmp) / "m", spec, tiny_corpus())
             weights = {k: v + 0.01 for k, v in load_file(model_dir / "model.safetensors").items()}
             size = sum(t.numel() * t.element_size() for t in weights.values())
             params = sum(t.numel() for t in weights.values())

@@ -85,10 +85,11 @@ def cmd_config_check(args) -> None:
 
 def cmd_model_init(args) -> None:
     from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+    from kimivl_rl.prepare import tiny_corpus
 
     spec = TinyVLMSpec(seed=args.seed, family=args.family, think_open=args.think_open,
                        think_close=args.think_close)
-    out = build_tiny_vlm(args.out, spec, setting="--out")
+    out = build_tiny_vlm(args.out, spec, tiny_corpus(), setting="--out")
     print(f"tiny {args.family} VLM written to {out} (seed {args.seed})")
 
 
@@ -150,7 +151,7 @@ def cmd_label_difficulty(args) -> None:
 def cmd_build_long_cot(args) -> None:
     from pathlib import Path
 
-    from kimivl_rl.data.long_cot_builder import build_long_cot, format_summary
+    from kimivl_rl.system.long_cot_builder import build_long_cot, format_summary
     from kimivl_rl.prepare import with_absolute_paths
 
     # The flags are config overrides, so they are checked (and reported) like any other.
@@ -190,7 +191,7 @@ def _prepared_config(args, writes_output: bool = True):
 def cmd_sft(args) -> None:
     model = checked_model_argument(args.model)
     cfg, base_model, _ = _prepared_config(args)
-    from sft.trainer import run_stage  # after the checks: it imports torch and Ray
+    from kimivl_rl.sft.trainer import run_stage  # after the checks: it imports torch and Ray
 
     summary = run_stage(cfg, args.stage, base_model, input_model=model)
     print(json.dumps({"stage": args.stage, "output_model": summary["output_model"],

@@ -22,7 +22,7 @@ from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
 from kimivl_rl.reward.extract import split_thinking
 from kimivl_rl.reward.service import count_reasons
-from kimivl_rl.rollout.vllm_engine import GenerationRequest, Sample
+from kimivl_rl.types import GenerationRequest, Sample
 
 ALL = "all"
 TIER = "tier"

@@ -36,7 +36,7 @@ def run_pipeline(cfg: Config, stages: tuple[str, ...] | list[str] = STAGES) -> d
     """Run (or continue) the given stages in order; return the run's summary."""
     from kimivl_rl.prepare import checked_config, ensure_data, ensure_model
     from kimivl_rl.system.controller import rl_input_model, run_rl
-    from sft.trainer import run_stage
+    from kimivl_rl.sft.trainer import run_stage
 
     base_model = ensure_model(cfg)
     ensure_data(cfg)

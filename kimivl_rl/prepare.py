@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Iterable
 
 from kimivl_rl.config import Config
-from kimivl_rl.data.build import BuildSpec, check_replaceable, dataset_is_current, ensure_dataset
+from kimivl_rl.data.build import (FORMAT_VERSION, BuildSpec, check_replaceable, corpus_texts,
+                                  dataset_is_current, ensure_dataset)
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.infra.ownership import OUTPUT_MARKER, claim_output_dir
 from kimivl_rl.rollout.limits import check_images, most_images, with_image_limit
@@ -43,10 +44,18 @@ def ensure_model(cfg: Config) -> str:
     family = configured_family(cfg).name
     spec = TinyVLMSpec(seed=cfg.model.init_seed, family=family, think_open=cfg.model.think_open,
                        think_close=cfg.model.think_close)
-    if not tiny_vlm_is_current(path, spec):
+    if not tiny_vlm_is_current(path, spec, tiny_corpus()):
         log.info("building the tiny model at %s (seed %d)", path, spec.seed)
-        build_tiny_vlm(path, spec)
+        build_tiny_vlm(path, spec, tiny_corpus())
     return str(path)
+
+
+def tiny_corpus():
+    """The tiny model's tokenizer corpus: the built-in data set's questions, answers and traces,
+    so a new data format means a new model."""
+    from kimivl_rl.models.tiny import TokenizerCorpus
+
+    return TokenizerCorpus(corpus_texts, FORMAT_VERSION)
 
 
 def ensure_data(cfg: Config, progress: bool = True) -> Path:

@@ -5,6 +5,7 @@ import pytest
 
 from kimivl_rl.data.build import BuildSpec, build_dataset
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import tiny_corpus
 
 SMALL_DATA = BuildSpec(seed=0, joint_sft_examples=60, long_cot_examples=30, rl_prompts=40,
                        eval_examples=20)
@@ -12,7 +13,7 @@ SMALL_DATA = BuildSpec(seed=0, joint_sft_examples=60, long_cot_examples=30, rl_p
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", TinyVLMSpec(seed=0))
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny") / "model", TinyVLMSpec(seed=0), tiny_corpus())
 
 
 @pytest.fixture(scope="session")

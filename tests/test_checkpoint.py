@@ -8,7 +8,7 @@ import sys
 from kimivl_rl.config import load_config
 from kimivl_rl.infra.checkpoint import atomic_dir, load_state, save_state
 from kimivl_rl.infra.layout import OutputLayout
-from kimivl_rl.system.controller import latest_checkpoint
+from kimivl_rl.system.checkpoints import latest_checkpoint
 
 
 def _cfg(tmp_path):

@@ -87,16 +87,16 @@ def test_overrides_without_the_optional_config_use_the_default(tmp_path):
 
 
 def test_sft_starts_from_the_model_given(tmp_path, monkeypatch, tiny_model_dir, small_data_dir):
-    import sft.trainer
+    import kimivl_rl.sft.trainer
     from kimivl_rl.cli import main
 
     started = []
 
     def run_stage(cfg, stage, base_model, check=True, input_model=None):
-        started.append(sft.trainer.stage_input_model(cfg, stage, base_model, input_model))
+        started.append(kimivl_rl.sft.trainer.stage_input_model(cfg, stage, base_model, input_model))
         return {"output_model": "-", "eval": {}}
 
-    monkeypatch.setattr(sft.trainer, "run_stage", run_stage)
+    monkeypatch.setattr(kimivl_rl.sft.trainer, "run_stage", run_stage)
     config = [str(Path("configs/tiny.yaml").resolve()), f"model.path={tiny_model_dir}",
               "model.init_if_missing=false", f"data.dir={small_data_dir}",
               "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}"]

@@ -24,14 +24,14 @@ class Sink:
 
 
 def test_an_rl_iteration_logs_its_metrics_only_when_verbose(caplog):
-    from kimivl_rl.system.controller import record_iteration
+    from kimivl_rl.system.controller import RLRun
 
     for verbose in (False, True):
         cfg = load_config(TINY, [f"output.verbose={verbose}", "rl.checkpoint_every=5"])
         sink = Sink()
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            record_iteration(None, cfg, sink, None, 1, {"reward_mean": 0.25}, "model")
+            RLRun(cfg, None, None, None, sink, []).record(1, {"reward_mean": 0.25})
         assert sink.logged == [(1, {"reward_mean": 0.25})]  # not a checkpoint iteration
         assert any("'reward_mean': 0.25" in r.getMessage() for r in caplog.records) == verbose
 
@@ -39,7 +39,7 @@ def test_an_rl_iteration_logs_its_metrics_only_when_verbose(caplog):
 def test_ray_train_logs_reports_only_when_verbose():
     from ray.train.v2._internal.execution import context
 
-    from sft.trainer import ray_train_log_level, set_report_log_level
+    from kimivl_rl.sft.trainer import ray_train_log_level, set_report_log_level
 
     level = context.logger.level
     try:

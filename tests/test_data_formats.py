@@ -188,7 +188,7 @@ def test_the_template_wraps_typed_rows_too(tmp_path):
 
 
 def test_sft_sources_read_foreign_formats(files):
-    from sft.sources import stage_examples
+    from kimivl_rl.sft.sources import stage_examples
 
     cfg = load_config(None, [f"data.dir={files['llava'].parent}", "sft.joint.train_file=llava.jsonl"])
     (image_row, _) = stage_examples(cfg, "joint")
@@ -318,7 +318,7 @@ def test_convert_never_replaces_a_users_directory(files, tmp_path, capsys):
 
 
 def test_build_long_cot_asks_for_converted_prompts(files, tmp_path):
-    from kimivl_rl.data.long_cot_builder import build_long_cot
+    from kimivl_rl.system.long_cot_builder import build_long_cot
 
     with pytest.raises(DataError, match=r"geo3k.parquet: build-long-cot reads prompts in the "
                                         r"project's own format .*easyr1 rows, embedded images.*"

@@ -164,7 +164,7 @@ def test_a_two_image_row_rolls_out_scores_in_the_learner_and_encodes_for_sft(eng
     from kimivl_rl.rl.experience import trajectories_from_samples
     from kimivl_rl.models.families import family_of
     from kimivl_rl.system.learner import encode_trajectories, response_logprobs
-    from sft.encode import encode_example
+    from kimivl_rl.sft.encode import encode_example
 
     (row,) = RowLoader(two_image_data(tmp_path) / "rl" / "train.jsonl", require_answer=True)
     model, processor = load_policy(str(tiny_model_dir), load_config(TINY), training=True)

@@ -12,7 +12,7 @@ from kimivl_rl.data.rows import Example
 from kimivl_rl.evaluation import (difficulties_in_band, evaluation_report, format_report,
                                   settle_tier, tier_name, tier_of)
 from kimivl_rl.reward.contract import RewardOutput
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 
 def ex(answer: str, difficulty: int, task: str = "arith") -> Example:

@@ -12,6 +12,7 @@ from kimivl_rl.config import load_config
 from kimivl_rl.data.rows import Example
 from kimivl_rl.models.families import FAMILIES, family_of
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import tiny_corpus
 from test_tiny_model import red_squares_image
 
 TINY = "configs/tiny.yaml"
@@ -33,7 +34,7 @@ ROWS = [_row("What is 3 plus 4?"),
 def peaked(request, tmp_path_factory):
     """(config, model directory) of a peaked tiny model of one family."""
     model_dir = build_tiny_vlm(tmp_path_factory.mktemp(request.param) / "model",
-                               TinyVLMSpec(family=request.param, peaked=True))
+                               TinyVLMSpec(family=request.param, peaked=True), tiny_corpus())
     return load_config(TINY, [f"model.path={model_dir}", f"model.family={request.param}"]), model_dir
 
 

@@ -13,10 +13,9 @@ import kimivl_rl.reward.pool as reward_pool
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.infra.remote import RemoteTimeout, wait_all
-from kimivl_rl.rl.partial_rollouts import PartialRollouts
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.system.actors import RLActors, generate, score
-from kimivl_rl.system.controller import CollectAhead, run_iteration
+from kimivl_rl.system.controller import CollectAhead, Lockstep
 from test_rl_ray import rl_cfg
 
 pytestmark = pytest.mark.slow
@@ -109,8 +108,8 @@ def rl_setup(tmp_path_factory, tiny_model_dir, small_data_dir, ray_cluster):
 
 def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_setup, monkeypatch):
     cfg, actors, processor, prompts = rl_setup
-    sampler = PromptSampler(len(prompts), "uniform", seed=0)
-    run_iteration(actors, cfg, processor, prompts, sampler, 0, PartialRollouts())  # engines: version 1
+    loop = Lockstep(actors, cfg, processor, prompts, PromptSampler(len(prompts), "uniform", seed=0))
+    loop.run_iteration(0)  # engines: version 1
     synced = []
     real_sync = actors.sync_weights
     monkeypatch.setattr(actors, "sync_weights",
@@ -118,7 +117,7 @@ def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_s
                         real_sync(version, rollouts))
     killed = _kill_after_first_submit(monkeypatch, "generate", lambda: actors.rollouts[0])
 
-    metrics = run_iteration(actors, cfg, processor, prompts, sampler, 1, PartialRollouts())
+    metrics = loop.run_iteration(1)
 
     assert killed and _pid(actors.rollouts[0]) != killed[0]  # a new process
     assert metrics["restarts_rollout"] == 1 and metrics["restarts_reward"] == 0

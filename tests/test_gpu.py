@@ -17,6 +17,7 @@ import torch
 from kimivl_rl.config import ConfigError, load_config
 from kimivl_rl.models.families import FAMILIES, family_of
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import tiny_corpus
 from test_family_parity import NEW_TOKENS, ROWS, TINY, _learner_logprobs
 
 pytestmark = [pytest.mark.gpu,
@@ -51,7 +52,7 @@ def test_bf16_engine_and_learner_agree_as_closely_as_bf16_allows(family, tmp_pat
         check_vllm_version(FAMILIES[family])
     except ConfigError as exc:  # the family's refusal is what users see; nothing to compare
         pytest.skip(str(exc))
-    model_dir = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(family=family, peaked=True))
+    model_dir = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(family=family, peaked=True), tiny_corpus())
     cfg = gpu_config(model_dir, family)
     bf16, processor = load_policy(str(model_dir), cfg)
     fp32, _ = load_policy(str(model_dir), gpu_config(model_dir, family, "model.dtype=float32"))
@@ -95,7 +96,7 @@ def test_cuda_ipc_sync_gives_the_engine_exactly_the_weights_it_would_load(tmp_pa
     from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
     from transformers import AutoProcessor
 
-    model_a = build_tiny_vlm(tmp_path / "a", TinyVLMSpec(peaked=True))
+    model_a = build_tiny_vlm(tmp_path / "a", TinyVLMSpec(peaked=True), tiny_corpus())
     model_b = _scaled_copy(model_a, tmp_path / "b", 1.05)
     cfg = gpu_config(model_b, "qwen2_5_vl")
     requests = generation_requests(ROWS, AutoProcessor.from_pretrained(model_b))

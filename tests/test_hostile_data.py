@@ -342,11 +342,11 @@ def previous_output(tmp_path) -> Path:
 def no_ray(monkeypatch):
     """Starting Ray is what a failed start must never get to."""
     import kimivl_rl.system.controller
-    import sft.trainer
+    import kimivl_rl.sft.trainer
 
     def refuse(cfg):
         raise AssertionError("Ray was started although the data is bad")
-    monkeypatch.setattr(sft.trainer, "init_ray", refuse)
+    monkeypatch.setattr(kimivl_rl.sft.trainer, "init_ray", refuse)
     monkeypatch.setattr(kimivl_rl.system.controller, "init_ray", refuse)
 
 

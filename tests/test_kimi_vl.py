@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from kimivl_rl.config import load_config
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import tiny_corpus
 
 CODE_FILES = {"configuration_kimi_vl.py", "modeling_kimi_vl.py", "processing_kimi_vl.py",
               "image_processing_kimi_vl.py"}
@@ -28,7 +29,7 @@ CONFIG_AUTO_MAP = {"AutoConfig": "configuration_kimi_vl.KimiVLConfig",
 def published(tmp_path_factory):
     """A tiny Kimi-VL as the hub publishes one: config.json with its auto_map and the code files
     beside it, each raising if anything runs it."""
-    model_dir = build_tiny_vlm(tmp_path_factory.mktemp("kimi_vl") / "model", TinyVLMSpec(family="kimi_vl"))
+    model_dir = build_tiny_vlm(tmp_path_factory.mktemp("kimi_vl") / "model", TinyVLMSpec(family="kimi_vl"), tiny_corpus())
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "auto_map": CONFIG_AUTO_MAP}))
     for name in CODE_FILES:

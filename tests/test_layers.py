@@ -1,29 +1,30 @@
 """The import graph looks only down the layers of the package tree and has no cycle: every
-kimivl_rl or sft module, imports inside functions included, reaches only modules of its own layer
-or lower ones, and only modules that do not reach it back."""
+kimivl_rl module, imports inside functions included, reaches only modules of its own layer or
+lower ones, and only modules that do not reach it back. No module is an exception."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kimivl_rl", "sft")
-# Lowest first, as in the README's layout table. A module is in the layer of the longest prefix
-# that names it.
+PACKAGES = ("kimivl_rl",)
+# Lowest first (the README's layout table, read bottom up): a folder, or a module of the package
+# root, is one layer's, all of it.
 LAYERS = (
-    ("kimivl_rl.config",),
+    ("kimivl_rl.config", "kimivl_rl.types"),
     ("kimivl_rl.infra",),
-    # the method's parts: RL maths, rewards, rollout engines, data, models, training kernels
-    ("kimivl_rl.rl", "kimivl_rl.reward", "kimivl_rl.rollout", "kimivl_rl.data", "kimivl_rl.models",
-     "kimivl_rl.training"),
+    ("kimivl_rl.reward",),
+    ("kimivl_rl.rl",),  # the RL maths, on rewards and samples
+    ("kimivl_rl.data", "kimivl_rl.models"),
+    ("kimivl_rl.rollout", "kimivl_rl.training"),  # the engines, on models and data
     # shared by SFT and RL
     ("kimivl_rl.prepare", "kimivl_rl.evaluation", "kimivl_rl.summary"),
-    # the RL system, the data job that samples a teacher through its actors, and SFT
-    ("kimivl_rl.system", "kimivl_rl.data.long_cot_builder", "sft"),
+    # the RL system (its actors, the data jobs that sample through them) and SFT
+    ("kimivl_rl.system", "kimivl_rl.sft"),
     ("kimivl_rl.pipeline",),
     ("kimivl_rl.cli",),
 )
-
+MAX_LAYERS = 10
 
 def module_imports() -> dict[str, set[str]]:
     graph = {}
@@ -50,12 +51,12 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def layer_of(module: str) -> int:
-    """The index in ``LAYERS`` of the longest prefix naming ``module``; KeyError if none does."""
-    found = [(len(prefix), i) for i, layer in enumerate(LAYERS) for prefix in layer
+    """The index in ``LAYERS`` of the prefix naming ``module``; KeyError if none does."""
+    found = [i for i, layer in enumerate(LAYERS) for prefix in layer
              if module == prefix or module.startswith(prefix + ".")]
     if not found:
         raise KeyError(f"{module} is in no layer: add it to LAYERS")
-    return max(found)[1]
+    return found[0]
 
 
 def test_no_module_imports_one_that_imports_it_back():
@@ -75,13 +76,33 @@ def test_every_module_imports_only_its_own_layer_or_lower_ones():
 
 def test_data_jobs_and_sft_stand_below_the_rl_controller():
     graph = module_imports()
-    for module in ("kimivl_rl.system.difficulty", "kimivl_rl.data.long_cot_builder", "sft.trainer",
-                   "kimivl_rl.system.actors", "kimivl_rl.evaluation"):
+    for module in ("kimivl_rl.system.difficulty", "kimivl_rl.system.long_cot_builder",
+                   "kimivl_rl.sft.trainer", "kimivl_rl.system.actors", "kimivl_rl.evaluation"):
         assert "kimivl_rl.system.controller" not in reachable(graph, module), module
-    assert not any(m.startswith("sft") for m in reachable(graph, "kimivl_rl.system.controller"))
+    assert not any(m.startswith("kimivl_rl.sft") for m in reachable(graph, "kimivl_rl.system.controller"))
+
+
+def test_models_stand_beside_data_not_on_it():
+    """One layer, but the tiny model takes its tokenizer corpus from the caller (``prepare``)."""
+    graph = module_imports()
+    for module in [m for m in graph if m.startswith("kimivl_rl.models")]:
+        assert not any(d.startswith("kimivl_rl.data") for d in reachable(graph, module)), module
+
+
+def test_the_generation_types_import_neither_torch_nor_vllm():
+    """So the RL maths, below the engines, can speak ``Sample`` (``kimivl_rl.types``)."""
+    tree = ast.parse((ROOT / "kimivl_rl" / "types.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert not {m.split(".")[0] for m in imported} & {"torch", "vllm"}
+
+
+def test_layers_are_few_and_every_package_is_under_kimivl_rl():
+    assert len(LAYERS) <= MAX_LAYERS
+    assert [p.parent.name for p in ROOT.glob("*/__init__.py")] == ["kimivl_rl"]
 
 
 def test_a_cycle_and_an_upward_import_are_found():
     assert reachable({"a": {"b"}, "b": {"a"}}, "a") == {"a", "b"}
-    assert layer_of("kimivl_rl.data.long_cot_builder") > layer_of("kimivl_rl.data.rows")
+    assert layer_of("kimivl_rl.system.long_cot_builder") > layer_of("kimivl_rl.data.rows")
     assert layer_of("kimivl_rl.infra.remote") < layer_of("kimivl_rl.system.actors")

@@ -16,7 +16,8 @@ from kimivl_rl.cli import main
 from kimivl_rl.infra.checkpoint import load_state
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import read_jsonl
-from kimivl_rl.system.controller import latest_checkpoint, run_rl
+from kimivl_rl.system.checkpoints import latest_checkpoint
+from kimivl_rl.system.controller import run_rl
 from test_fault_tolerance import _kill_after_first_submit
 from test_rl_ray import rl_cfg
 from test_rl_resume import _rl_command

@@ -10,14 +10,14 @@ from PIL import Image
 
 import kimivl_rl.system.actors
 from kimivl_rl.config import load_config
-from kimivl_rl.data import long_cot_builder as lcb
-from kimivl_rl.data.long_cot_builder import (PromptStats, TraceFilter, Verdict, dedup_key, filter_prompt,
+from kimivl_rl.system import long_cot_builder as lcb
+from kimivl_rl.system.long_cot_builder import (PromptStats, TraceFilter, Verdict, dedup_key, filter_prompt,
                                              format_summary, judge_trace, long_cot_row, normalise_text,
                                              place_image, total_stats)
 from kimivl_rl.data.rows import DataError, Example, RowLoader
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.reward.contract import RewardInput, RewardOutput, answer_only_reward
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 THINKING = ("First I will add the numbers. 2 + 2 = 4. Let me check: 4 - 2 = 2, right. "
             "Wait, did I use both numbers? Yes. Let me try another way: 2 * 2 = 4.")

@@ -8,7 +8,7 @@ import pytest
 
 from kimivl_rl.rl.partial_rollouts import (REPEAT, UNFINISHED, PartialGroup, PartialRollouts,
                                            ends_in_repeat, extend, mark_segment)
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 
 def sample(tokens: list[int], finish: str = "length") -> Sample:
@@ -91,7 +91,7 @@ def test_continuations_ask_one_more_segment_of_each_unfinished_response_within_t
     the call's n, behind the prompt's own text."""
     from kimivl_rl.config import load_config
     from kimivl_rl.data.rows import Example
-    from kimivl_rl.system.controller import continuation_requests
+    from kimivl_rl.system.collection import continuation_requests
 
     cfg = load_config(None, ["rollout.token_budget=4", "rollout.max_new_tokens=10", "rl.max_staleness=2"])
     prompts = [Example([{"role": "user", "content": f"q{i}"}], [], "1", None, None, f"f:{i}")

@@ -9,7 +9,8 @@ import torch
 
 from kimivl_rl.config import load_config
 from kimivl_rl.system.actors import RLActors, generate
-from kimivl_rl.system.controller import latest_checkpoint, run_rl
+from kimivl_rl.system.checkpoints import latest_checkpoint
+from kimivl_rl.system.controller import run_rl
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import by_difficulty, difficulties_in_band, generation_requests
 from kimivl_rl.infra.layout import OutputLayout

@@ -16,11 +16,11 @@ from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import language_model, load_policy, use_language_model_attention
 from kimivl_rl.models.packed_attention import PACKED_SDPA, example_lengths
 from kimivl_rl.training.packing import IGNORE_INDEX, collate_pack, fit_to_length, plan_packs
-from sft.encode import encode_example
-from sft.plan import build_plan
-from sft.schedule import phase_lr, stage_lr
-from sft.sources import rows_to_keep, with_system_prompt
-from sft.trainer import answer_loss_sum
+from kimivl_rl.sft.encode import encode_example
+from kimivl_rl.sft.plan import build_plan
+from kimivl_rl.sft.schedule import phase_lr, stage_lr
+from kimivl_rl.sft.sources import rows_to_keep, with_system_prompt
+from kimivl_rl.sft.trainer import answer_loss_sum
 
 
 def image(colour) -> Image.Image:

@@ -15,7 +15,7 @@ import pytest
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.infra.layout import OutputLayout
-from sft.trainer import run_stage, train_stage
+from kimivl_rl.sft.trainer import run_stage, train_stage
 
 pytestmark = pytest.mark.slow
 SHORT_PHASE = "[{max_seq_len: 256, epochs: 1, lr_peak: 1.0e-3, lr_final: 1.0e-4, warmup_steps: 2}]"
@@ -86,7 +86,7 @@ def test_stopped_stage_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
                  f"data.dir={small_data_dir}", "data.build_if_missing=false",
                  f"output.dir={tmp_path / 'out'}", "sft.checkpoint_every=2",
                  f"sft.joint.phases={SHORT_PHASE}", "sft.cpus_per_worker=0.5"]
-    command = [sys.executable, "-c", "from sft.trainer import train_stage; "
+    command = [sys.executable, "-c", "from kimivl_rl.sft.trainer import train_stage; "
                "from kimivl_rl.config import load_config; from kimivl_rl.prepare import with_absolute_paths; "
                "import sys; cfg = with_absolute_paths(load_config('configs/tiny.yaml', sys.argv[1:])); "
                "train_stage(cfg, 'joint', cfg.model.path)", *overrides]

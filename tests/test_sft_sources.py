@@ -12,7 +12,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from kimivl_rl.config import load_config
 from kimivl_rl.prepare import with_absolute_paths
 from kimivl_rl.reward.extract import extract_answer, split_thinking
-from sft.sources import ensure_solved_rows, stage_examples
+from kimivl_rl.sft.sources import ensure_solved_rows, stage_examples
 
 pytestmark = pytest.mark.slow
 MAX_NEW_TOKENS = 12

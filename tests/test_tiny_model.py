@@ -12,6 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.infra.ownership import NotOursError
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
+from kimivl_rl.prepare import tiny_corpus
 
 IMAGE_PROMPT = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "How many red squares are in the image?"}]}]
@@ -25,40 +26,40 @@ def red_squares_image() -> Image.Image:
 
 
 def test_same_seed_same_files_other_seed_other_weights(tmp_path, tiny_model_dir):
-    again = build_tiny_vlm(tmp_path / "again", TinyVLMSpec(seed=0))
+    again = build_tiny_vlm(tmp_path / "again", TinyVLMSpec(seed=0), tiny_corpus())
     for name in ("tokenizer.json", "config.json", "chat_template.jinja", "processor_config.json"):
         assert (again / name).read_bytes() == (tiny_model_dir / name).read_bytes(), name
     ours, theirs = load_file(tiny_model_dir / "model.safetensors"), load_file(again / "model.safetensors")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    other = load_file(build_tiny_vlm(tmp_path / "other", TinyVLMSpec(seed=1)) / "model.safetensors")
+    other = load_file(build_tiny_vlm(tmp_path / "other", TinyVLMSpec(seed=1), tiny_corpus()) / "model.safetensors")
     assert not all(torch.equal(ours[k], other[k]) for k in ours)
 
 
 def test_a_tiny_model_is_replaced_only_while_it_holds_nothing_else(tmp_path):
-    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0))
-    build_tiny_vlm(out, TinyVLMSpec(seed=1))  # only what the build wrote: replaced
+    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0), tiny_corpus())
+    build_tiny_vlm(out, TinyVLMSpec(seed=1), tiny_corpus())  # only what the build wrote: replaced
     (out / "notes.txt").write_text("mine")
     with pytest.raises(NotOursError, match="notes.txt"):
-        build_tiny_vlm(out, TinyVLMSpec(seed=2))
+        build_tiny_vlm(out, TinyVLMSpec(seed=2), tiny_corpus())
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
     (out / "config.json").write_text("{}")  # a file of the build, changed by someone
     with pytest.raises(NotOursError, match="config.json"):
-        build_tiny_vlm(out, TinyVLMSpec(seed=2))
+        build_tiny_vlm(out, TinyVLMSpec(seed=2), tiny_corpus())
     assert (out / "config.json").read_text() == "{}"
 
 
 def test_a_tiny_model_recorded_before_builds_listed_their_files_is_replaced_by_its_names(tmp_path):
-    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0))
+    out = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(seed=0), tiny_corpus())
     older = json.loads((out / "kimivl_tiny.json").read_text())
     del older["files"], older["family"]
     (out / "kimivl_tiny.json").write_text(json.dumps(older))
     (out / "notes.txt").write_text("mine")
     with pytest.raises(NotOursError, match="notes.txt"):
-        build_tiny_vlm(out, TinyVLMSpec(seed=1))
+        build_tiny_vlm(out, TinyVLMSpec(seed=1), tiny_corpus())
     (out / "notes.txt").unlink()
-    build_tiny_vlm(out, TinyVLMSpec(seed=1))  # only a build's file names: replaced
+    build_tiny_vlm(out, TinyVLMSpec(seed=1), tiny_corpus())  # only a build's file names: replaced
     assert json.loads((out / "kimivl_tiny.json").read_text())["seed"] == 1
     assert not list(tmp_path.glob("*.partial"))  # no staging left behind, refused or not
 
@@ -93,7 +94,7 @@ def test_chat_template_renders_thinking_and_images(tiny_model_dir):
 
 def test_custom_thinking_markers(tmp_path):
     spec = TinyVLMSpec(think_open="◁think▷", think_close="◁/think▷", vocab_size=300)
-    processor = AutoProcessor.from_pretrained(build_tiny_vlm(tmp_path / "kimi", spec))
+    processor = AutoProcessor.from_pretrained(build_tiny_vlm(tmp_path / "kimi", spec, tiny_corpus()))
     chat = [{"role": "user", "content": "1 + 1?"},
             {"role": "assistant", "reasoning_content": "easy", "content": "2"}]
     assert "◁think▷easy◁/think▷2" in processor.apply_chat_template(chat, tokenize=False)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kimivl_rl.config import load_config
-from kimivl_rl.rollout.vllm_engine import EngineOptions, GenerationRequest, VLLMEngine, engine_options
+from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine, engine_options
+from kimivl_rl.types import GenerationRequest
 from test_tiny_model import hf_inputs, red_squares_image
 
 

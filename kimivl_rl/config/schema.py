@@ -98,7 +98,7 @@ class SFTStageConfig:
     replay_system_prompt: str = ""
     # Train only on the stage's own rows whose prompt its starting model already answers
     # correctly (greedy, scored by the answer-only reward): rejection sampling against the
-    # student, so a small model does not memorise answers it cannot compute (sft/sources.py).
+    # student, so a small model does not memorise answers it cannot compute (kimivl_rl/sft/sources.py).
     keep_solved: bool = False
     # With keep_solved: the share of the other rows kept anyway, evenly spaced, so that kinds
     # of question the model never solves still have traces to follow.

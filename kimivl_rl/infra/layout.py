@@ -4,7 +4,8 @@
     summary.json                 the run's table of held-out accuracy per stage
     sft_joint/, sft_long_cot/    model/ (HF checkpoint), metrics.jsonl, summary.json, ray_train/,
                                  solved_rows.json
-    rl/                          model/, checkpoints/iter_N/, metrics.jsonl, summary.json
+    rl/                          model/, checkpoints/iter_N/ (``CheckpointFiles``), metrics.jsonl,
+                                 summary.json
     tensorboard/<stage dir>/     one run per stage
     plots/                       sft_loss.png, rl.png
     eval/<model>.json            ``kimivl-rl eval`` reports
@@ -92,3 +93,31 @@ class OutputLayout:
         """Real directories (no symlinks) under ``rl_checkpoints`` whose whole name matches ``name``."""
         return [p for p in self.rl_checkpoints.glob(pattern)
                 if re.fullmatch(name, p.name) and p.is_dir() and not p.is_symlink()]
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The files of one checkpoint directory (an RL ``iter_N``, its staging directory while it is
+    written, or an SFT step's): the learner's engine state, and in RL the controller's."""
+    directory: Path
+
+    # The RL loop's state besides the learner and sampler, by the key the loop saves it under.
+    LOOP_STATE = {"groups_ahead": "groups_ahead.json",  # rl.max_staleness >= 1: the next groups
+                  "partial_responses": "partial_responses.json"}  # rollout.token_budget
+
+    @property
+    def controller_state(self) -> Path:
+        """The iteration, the sampler's state and the run's starting model."""
+        return self.directory / "controller_state.json"
+
+    @property
+    def weights(self) -> Path:
+        """Rank 0's full weights: the prefix of ``infra.checkpoint.save_state``'s two files."""
+        return self.directory / "weights"
+
+    def optimizer(self, rank: int) -> Path:
+        """Rank ``rank``'s optimizer partition and scheduler position, as ``weights``."""
+        return self.directory / f"optimizer_rank{rank}"
+
+    def loop_state(self, key: str) -> Path:
+        return self.directory / self.LOOP_STATE[key]

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from kimivl_rl.config import ConfigError
+from kimivl_rl.infra.layout import CheckpointFiles
 from kimivl_rl.models.packed_attention import PACKED_SDPA
 from kimivl_rl.models.families import family_of, inner_model, register_local_classes
 
@@ -141,7 +142,8 @@ def _vision_attention(model, attention: str) -> str:
 
 def is_rl_checkpoint(path: str | Path) -> bool:
     """An RL checkpoint directory (``rl/checkpoints/iter_N``), not a Hugging Face model."""
-    return (Path(path) / "controller_state.json").is_file() and (Path(path) / "weights.json").is_file()
+    files = CheckpointFiles(Path(path))
+    return files.controller_state.is_file() and Path(f"{files.weights}.json").is_file()
 
 
 def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -150,13 +152,14 @@ def export_rl_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from kimivl_rl.infra.checkpoint import load_state
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    base = json.loads((checkpoint / "controller_state.json").read_text()).get("input_model")
+    files = CheckpointFiles(checkpoint)
+    base = json.loads(files.controller_state.read_text()).get("input_model")
     if not base:
         raise ConfigError(f"{checkpoint}: this checkpoint does not record the model its run "
                           f"started from (written by an older kimivl-rl); use the run's rl/model")
     register_local_classes(base)
     model = AutoModelForImageTextToText.from_pretrained(base)
-    model.load_state_dict(load_state(checkpoint / "weights"))
+    model.load_state_dict(load_state(files.weights))
     model.save_pretrained(out_dir)
     family_of(model).finish_checkpoint(out_dir)
     AutoProcessor.from_pretrained(base).save_pretrained(out_dir)

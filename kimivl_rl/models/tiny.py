@@ -12,17 +12,25 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from kimivl_rl.data.build import FORMAT_VERSION, corpus_texts
 from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES, TINY_BUILD_INFO
 
 TURN_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BUILD_INFO = TINY_BUILD_INFO
+
+
+@dataclass(frozen=True)
+class TokenizerCorpus:
+    """The text the tokenizer learns its merges from (``texts(seed)``), and the version of that
+    text: the caller owns the data, so a new version means a new model."""
+    texts: Callable[[int], Iterable[str]]
+    version: int
 
 
 @dataclass(frozen=True)
@@ -74,8 +82,8 @@ def chat_template(think_open: str, think_close: str, image_markup: str) -> str:
     )
 
 
-def _train_tokenizer(spec: TinyVLMSpec) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on the built-in corpus with the family's media tokens; digits are single
+def _train_tokenizer(spec: TinyVLMSpec, corpus: TokenizerCorpus) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on ``corpus`` with the family's media tokens; digits are single
     tokens (arithmetic)."""
     family = FAMILIES[spec.family]
     tok = Tokenizer(models.BPE())
@@ -87,7 +95,7 @@ def _train_tokenizer(spec: TinyVLMSpec) -> PreTrainedTokenizerFast:
                                   special_tokens=TURN_TOKENS + list(family.placeholder_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(corpus_texts(spec.seed), trainer)
+    tok.train_from_iterator(corpus.texts(spec.seed), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token=None,
                                    model_max_length=spec.max_position_embeddings)
@@ -97,15 +105,15 @@ def _train_tokenizer(spec: TinyVLMSpec) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
+def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec, corpus: TokenizerCorpus,
                    setting: str = "model.path") -> Path:
-    """Write the tiny model to ``out_dir``; same spec, same files. An existing ``out_dir`` is
-    replaced only when it is empty or a tiny model of ours holding no other file and no changed
+    """Write the tiny model to ``out_dir``, its tokenizer learnt on ``corpus``; same spec and
+    corpus, same files. An existing ``out_dir`` is replaced only when it is empty or a tiny model of ours holding no other file and no changed
     one (``_recorded_files``); ``setting`` names where the path came from, for the refusal."""
     out_dir = Path(out_dir)
     staging = staging_dir(out_dir)
     try:
-        _save_model(spec, staging)
+        _save_model(spec, corpus, staging)
         check_replaceable_dir(out_dir, _recorded_files(out_dir, staging), setting,
                               "Choose a new or empty directory.")
         # Swap in the finished model only now, so an interrupted build never looks complete.
@@ -116,10 +124,10 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec = TinyVLMSpec(),
     return out_dir
 
 
-def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
+def _save_model(spec: TinyVLMSpec, corpus: TokenizerCorpus, directory: Path) -> None:
     family = FAMILIES[spec.family]
     parts = family.tiny_parts()
-    tokenizer = _train_tokenizer(spec)
+    tokenizer = _train_tokenizer(spec, corpus)
     config = parts.model_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
@@ -132,13 +140,12 @@ def _save_model(spec: TinyVLMSpec, directory: Path) -> None:
     model.save_pretrained(directory)
     family.finish_checkpoint(directory)
     parts.save_processor(tokenizer, directory)
-    info = {**_build_info(spec), "files": file_hashes(directory)}
+    info = {**_build_info(spec, corpus), "files": file_hashes(directory)}
     (directory / BUILD_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
 
 
-def _build_info(spec: TinyVLMSpec) -> dict:
-    # The tokenizer is trained on the built-in corpus, so a new data format means a new model.
-    return {**asdict(spec), "corpus_format_version": FORMAT_VERSION}
+def _build_info(spec: TinyVLMSpec, corpus: TokenizerCorpus) -> dict:
+    return {**asdict(spec), "corpus_format_version": corpus.version}
 
 
 def _read_info(out_dir: Path) -> dict:
@@ -164,7 +171,7 @@ def _recorded_files(out_dir: Path, fresh: Path):
     return {**files, BUILD_INFO: sha256_of(out_dir / BUILD_INFO)}
 
 
-def tiny_vlm_is_current(out_dir: str | Path, spec: TinyVLMSpec) -> bool:
+def tiny_vlm_is_current(out_dir: str | Path, spec: TinyVLMSpec, corpus: TokenizerCorpus) -> bool:
     info = _read_info(Path(out_dir))
     info.pop("files", None)
-    return info == _build_info(spec)
+    return info == _build_info(spec, corpus)

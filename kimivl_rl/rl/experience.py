@@ -9,7 +9,7 @@ from PIL import Image
 
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.rl.length_penalty import grouped_length_penalty
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 
 @dataclass

@@ -2,12 +2,12 @@
 budget (``rollout.token_budget``) wait here with their tokens and log-probabilities until a later
 iteration continues them; a group trains once all its responses are done, and a group whose
 oldest tokens have grown too stale is given up (``take_stale``). Repeat detection ends a
-response that loops. The controller does the generating and scoring."""
+response that loops. ``kimivl_rl.system.collection`` does the generating and scoring."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from kimivl_rl.rollout.vllm_engine import Sample
+from kimivl_rl.types import Sample
 
 UNFINISHED = "budget"  # finish reason of a response cut by the token budget: to be continued
 REPEAT = "repeat"      # finish reason of a response ended by repeat detection

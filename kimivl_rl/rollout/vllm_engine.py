@@ -1,7 +1,7 @@
 """The one module that touches vLLM: engine construction, generation, weight reload.
 
-Everything else in kimivl-rl speaks in ``GenerationRequest`` / ``Sample`` (token ids in, token
-ids and log-probabilities out), so a vLLM upgrade changes this file only.
+Everything else in kimivl-rl speaks in ``GenerationRequest`` / ``Sample`` (``kimivl_rl.types``:
+token ids in, token ids and log-probabilities out), so a vLLM upgrade changes this file only.
 """
 from __future__ import annotations
 
@@ -11,40 +11,18 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from PIL import Image
 
 from kimivl_rl.config import ConfigError
 from kimivl_rl.models.families import DEFAULT_FAMILY, FAMILIES, configured_family
 from kimivl_rl.rollout.limits import images_per_prompt, max_model_len
+from kimivl_rl.types import GenerationRequest, Sample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationRequest:
-    prompt: str                      # rendered chat prompt, generation header included
-    images: list[Image.Image] = field(default_factory=list)
-    request_id: str = ""
-    # A partial response to continue: the tokens sampled so far follow the prompt, and the
-    # samples hold only the new tokens (partial rollouts).
-    continuation: list[int] = field(default_factory=list)
-    max_new_tokens: Optional[int] = None  # this request's limit; None: the call's
-    n: Optional[int] = None               # this request's number of samples; None: the call's
-
-
-@dataclass
-class Sample:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    logprobs: list[float]            # log p of each sampled token under the sampling policy
-    finish_reason: str               # "stop" or "length"
-    text: str
 
 
 @dataclass(frozen=True)

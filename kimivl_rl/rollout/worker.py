@@ -6,7 +6,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from kimivl_rl.rollout.vllm_engine import EngineOptions, GenerationRequest, Sample, VLLMEngine
+from kimivl_rl.rollout.vllm_engine import EngineOptions, VLLMEngine
+from kimivl_rl.types import GenerationRequest, Sample
 
 
 class RolloutWorker:

@@ -16,6 +16,7 @@ import deepspeed
 import torch
 
 from kimivl_rl.infra.checkpoint import load_state, save_state
+from kimivl_rl.infra.layout import CheckpointFiles
 from kimivl_rl.models.families import family_of
 
 log = logging.getLogger(__name__)
@@ -120,24 +121,24 @@ def save_pretrained(engine, out_dir: str | Path, processor=None) -> None:
 
 def save_engine_state(engine, directory: str | Path) -> None:
     """Weights (rank 0) plus every rank's optimizer partition and scheduler position."""
-    directory = Path(directory)
+    files = CheckpointFiles(Path(directory))
     weights = full_state_dict(engine)
     if engine.global_rank == 0:
-        save_state(weights, directory / "weights")
+        save_state(weights, files.weights)
     with _optimizer_groups_attached(engine):
         state = {"optimizer": _base_optimizer(engine).state_dict(),
                  "scheduler": engine.lr_scheduler.state_dict()}
-    save_state(state, directory / f"optimizer_rank{engine.global_rank}")
+    save_state(state, files.optimizer(engine.global_rank))
 
 
 def load_engine_state(engine, directory: str | Path) -> None:
     """Restore what ``save_engine_state`` wrote, with the same world size."""
-    directory = Path(directory)
-    weights = load_state(directory / "weights")
+    files = CheckpointFiles(Path(directory))
+    weights = load_state(files.weights)
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=0,
                                            enabled=engine.zero_optimization_stage() == 3):
         engine.module.load_state_dict(weights)
-    state = load_state(directory / f"optimizer_rank{engine.global_rank}")
+    state = load_state(files.optimizer(engine.global_rank))
     with _optimizer_groups_attached(engine):
         _base_optimizer(engine).load_state_dict(state["optimizer"])
     engine.lr_scheduler.load_state_dict(state["scheduler"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from kimivl_rl.config.schema import PhaseConfig
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, fit_to_length, plan_packs
-from sft.schedule import stage_lr
+from kimivl_rl.sft.schedule import stage_lr
 
 log = logging.getLogger(__name__)
 

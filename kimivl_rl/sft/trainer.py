@@ -30,9 +30,9 @@ from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.training.packing import collate_pack
 from kimivl_rl.infra.ray_runtime import init_ray
-from sft.encode import encode_example
-from sft.plan import StagePlan, Step, build_plan
-from sft.sources import ensure_solved_rows, stage_examples
+from kimivl_rl.sft.encode import encode_example
+from kimivl_rl.sft.plan import StagePlan, Step, build_plan
+from kimivl_rl.sft.sources import ensure_solved_rows, stage_examples
 
 log = logging.getLogger(__name__)
 STAGES = ("joint", "long_cot")
