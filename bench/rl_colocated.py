@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ from kimivl_rl.models.loading import language_model
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
 from kimivl_rl.prepare import ensure_data, tiny_corpus, with_absolute_paths
 from kimivl_rl.system.controller import run_rl
-from learner_gpu import matmul_peak_tflops, vlm_config
+
+sys.path.insert(0, str(Path(__file__).parent))  # bench/ is no package: its learner_gpu.py beside this
+from learner_gpu import matmul_peak_tflops, vlm_config  # noqa: E402
 
 MARKER = "rl_colocated.json"  # what this bench built in DIR
 BUILT = "built"  # the 3B policy was written to the end
@@ -77,10 +80,13 @@ def claim(out: Path) -> None:
 
 
 def pad_vocabulary(tokenizer_file: Path, size: int) -> None:
-    """Give every unused id below ``size`` a placeholder token (never produced by encoding)."""
+    """Give every unused id below ``size`` a placeholder token (never produced by encoding). The
+    added tokens go into the vocabulary at their ids first: transformers renumbers an added
+    token whose id lies inside the vocabulary's range but not in it."""
     spec = json.loads(tokenizer_file.read_text())
     vocab = spec["model"]["vocab"]
-    used = set(vocab.values()) | {token["id"] for token in spec["added_tokens"]}
+    vocab.update({token["content"]: token["id"] for token in spec["added_tokens"]})
+    used = set(vocab.values())
     vocab.update({f"<x{i}>": i for i in range(size) if i not in used})
     tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False))
 

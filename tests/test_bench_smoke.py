@@ -255,8 +255,8 @@ def test_rl_colocated_figures_by_hand():
 
 
 def test_rl_colocated_pads_the_vocabulary_so_every_id_decodes(tmp_path, tiny_model_dir):
-    """Every id below the size decodes (a placeholder where the tokenizer had none); text encodes
-    to the ids it did before."""
+    """Every id below the size decodes (a placeholder where the tokenizer had none); text
+    encodes to the ids it did before."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -267,6 +267,6 @@ def test_rl_colocated_pads_the_vocabulary_so_every_id_decodes(tmp_path, tiny_mod
     bench_module("rl_colocated").pad_vocabulary(tmp_path / "tokenizer.json", 2000)
     after = AutoTokenizer.from_pretrained(tmp_path)
     assert len(before) < 2000 == len(after)
-    text = "What is 3 + 4? <think>7</think>"
-    assert after.encode(text) == before.encode(text)
-    assert after.decode([1999]) == "<x1999>" and after.decode([len(before) - 1]) == before.decode([len(before) - 1])
+    assert all(after.convert_ids_to_tokens(i) is not None for i in range(2000))
+    text = "What is 3 + 4? <|image_pad|><think>7</think>"
+    assert after.encode(text) == before.encode(text) and after.decode(after.encode(text)) == text
