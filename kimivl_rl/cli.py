@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     long_cot.add_argument("--teacher", required=True, metavar="MODEL_DIR",
                           help="checkpoint to sample traces from")
     long_cot.add_argument("--prompts", required=True, metavar="FILE",
-                          help="prompts with a reference 'answer' (JSONL/Parquet)")
+                          help="prompts with a reference answer, in any format data.format reads")
     long_cot.add_argument("--out", required=True, metavar="FILE",
                           help="output JSONL; statistics go to <out stem>.stats.json beside it")
     long_cot.add_argument("--samples", type=int, metavar="N", help="samples per prompt "

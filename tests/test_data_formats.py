@@ -317,13 +317,31 @@ def test_convert_never_replaces_a_users_directory(files, tmp_path, capsys):
         convert_file(RowLoader(files["easyr1"]), tmp_path / "fresh")
 
 
-def test_build_long_cot_asks_for_converted_prompts(files, tmp_path):
+def test_build_long_cot_reads_an_easyr1_parquet_and_writes_its_images(files, tmp_path, monkeypatch):
+    """Prompts with embedded images in another trainer's format need no conversion: each kept row
+    gets its prompt's images, as the loader decoded them, as PNG files beside the output. (The
+    teacher here answers by rule; tests/test_long_cot_builder.py samples a real one.)"""
+    import kimivl_rl.system.actors
+    from kimivl_rl.reward.contract import RewardInput, answer_only_reward
     from kimivl_rl.system.long_cot_builder import build_long_cot
+    from test_long_cot_builder import sample
 
-    with pytest.raises(DataError, match=r"geo3k.parquet: build-long-cot reads prompts in the "
-                                        r"project's own format .*easyr1 rows, embedded images.*"
-                                        r"data convert"):
-        build_long_cot(load_config(None), "teacher", files["easyr1"], tmp_path / "out" / "cot.jsonl")
+    trace = ("<think>First I will look. Let me check it. Wait, the shapes are clear. Let me try "
+             "another way: {a}.</think>\\boxed{{{a}}}")
+
+    def teacher(cfg, model_path, prompts, n, temperature, desc):
+        samples = [[sample(trace.format(a=p.answer))] * n for p in prompts]
+        scores = [answer_only_reward(RewardInput(s.text, p.answer)) for p, g in zip(prompts, samples) for s in g]
+        yield prompts, samples, scores
+
+    monkeypatch.setattr(kimivl_rl.system.actors, "sample_and_score", teacher)
+    cfg = load_config(None, ["long_cot_builder.samples_per_prompt=1"])
+    out = tmp_path / "out" / "cot.jsonl"
+    stats = build_long_cot(cfg, "teacher", files["easyr1"], out)
+    rows = RowLoader(out, require_answer=True).load_all()
+    assert stats["totals"]["kept"] == 2 and [r.answer for r in rows] == ["30", "no"]
+    assert [colours(r) for r in rows] == [colours(e) for e in RowLoader(files["easyr1"]).load_all()]
+    assert sorted(stats["copied_images"]) == ["row000001_1.png", "row000002_1.png", "row000002_2.png"]
 
 
 @pytest.mark.slow
@@ -358,7 +376,8 @@ def test_difficulty_labels_keep_the_files_own_format(tmp_path, files):
     """``data label-difficulty`` writes each rated row back in its file's format: the Parquet
     table keeps its embedded images and gains pass_rate, JSONL rows keep their keys; a row the
     loader skipped is left out; the rates read back through the loader."""
-    from kimivl_rl.system.difficulty import row_number, write_labelled
+    from kimivl_rl.data.rows import row_number
+    from kimivl_rl.system.difficulty import write_labelled
 
     cases = (("easyr1", {1: 0.25, 2: 1.0}), ("verl", {1: 0.5}), ("llava", {2: 0.0}), ("trl", {1: 0.5, 2: 0.125}),
              ("llava_json", {1: 0.75}))

@@ -131,6 +131,11 @@ def raw_rows(path: Path) -> Iterator[tuple[int, object]]:
                 yield number, _decode_line(raw, path, number)
 
 
+def row_number(source: str) -> int:
+    """The row (line) number of an example's ``file:number`` source."""
+    return int(source.rsplit(":", 1)[1])
+
+
 class RowLoader:
     """Streams ``Example``s from a JSONL or Parquet file, checking each row.
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from kimivl_rl.config import Config
-from kimivl_rl.data.rows import DataError, RowLoader, raw_rows
+from kimivl_rl.data.rows import DataError, RowLoader, raw_rows, row_number
 from kimivl_rl.infra.ownership import (SHA_KEY, check_replaceable_file, sha256_of, sidecar_path,
                                        staging_file)
 
@@ -28,11 +28,6 @@ def check_label_paths(in_file: Path, out_file: Path) -> None:
     if out_file.suffix != in_file.suffix:
         raise DataError(f"{out_file}: the labels keep {in_file}'s format; name a {in_file.suffix} file")
     check_replaceable_file(out_file, "--out", "Choose another --out file, or move that one away.")
-
-
-def row_number(source: str) -> int:
-    """The row (line) number of an example's ``file:number`` source."""
-    return int(source.rsplit(":", 1)[1])
 
 
 def write_labelled(in_file: Path, out_file: Path, rates: dict[int, float]) -> None:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from kimivl_rl.data.rows import DataError, Example
+from kimivl_rl.data.rows import DataError, Example, row_number
 from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
 from kimivl_rl.infra.ownership import (SHA_KEY, check_replaceable_dir, check_replaceable_file,
                                        file_hashes, read_sidecar, sha256_of, sidecar_path,
@@ -192,9 +192,9 @@ def _raw_image_paths(path: Path) -> dict[str, list[str]]:
             if isinstance(row, dict)}
 
 
-def _check_paths_only(prompts_file: Path, row_format: str, image_paths: dict[str, list]) -> None:
-    """The output rows reuse the prompts' image files, so prompts in other formats or with
-    embedded images must be converted first."""
+def _uses_image_files(row_format: str, image_paths: dict[str, list]) -> bool:
+    """Whether the prompts are rows of the project's own format whose images are files, which the
+    output rows can reuse (copied beside them); otherwise the decoded images are written out."""
     from kimivl_rl.data.formats import image_source
 
     def is_path(ref: object) -> bool:
@@ -203,12 +203,18 @@ def _check_paths_only(prompts_file: Path, row_format: str, image_paths: dict[str
         except ValueError:  # base64 of a row the loader skipped
             return False
 
-    embedded = not all(is_path(p) for paths in image_paths.values() for p in paths)
-    if row_format not in (None, "messages") or embedded:
-        raise DataError(f"{prompts_file}: build-long-cot reads prompts in the project's own format "
-                        f"with image files (this file: {row_format} rows"
-                        f"{', embedded images' if embedded else ''}); write one with "
-                        f"`kimivl-rl data convert {prompts_file} --out DIR`")
+    return row_format in (None, "messages") and all(is_path(p) for paths in image_paths.values()
+                                                    for p in paths)
+
+
+def _save_images(example, out_dir: Path, images_dir: str) -> list[str]:
+    """The example's images, as the loader decoded them, written as PNG files named by its row."""
+    paths = [f"{images_dir}/row{row_number(example.source):06d}_{i}.png"
+             for i in range(1, len(example.images) + 1)]
+    (out_dir / images_dir).mkdir(parents=True, exist_ok=True)
+    for image, path in zip(example.images, paths):
+        image.save(out_dir / path)
+    return paths
 
 
 def _place_images(paths: list[str], in_dir: Path, out_dir: Path, images_dir: str) -> list[str]:
@@ -262,7 +268,7 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
     loader = RowLoader.for_config(prompts_file, cfg.data, require_answer=True)
     prompts = loader.load_all()
     image_paths = _raw_image_paths(prompts_file)
-    _check_paths_only(prompts_file, loader.format, image_paths)
+    image_files = _uses_image_files(loader.format, image_paths)
     filt = trace_filter(cfg)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = staging_file(out_file)
@@ -276,8 +282,9 @@ def build_long_cot(cfg, teacher: str, prompts_file: Path, out_file: Path) -> dic
                     kept, stats = filter_prompt(example.source, group, scores[i * k:(i + 1) * k], filt)
                     per_prompt.append(stats)
                     if kept:
-                        paths = _place_images(image_paths[example.source], prompts_file.parent,
-                                              out_file.parent, images_dir)
+                        paths = (_place_images(image_paths[example.source], prompts_file.parent,
+                                               out_file.parent, images_dir) if image_files
+                                 else _save_images(example, out_file.parent, images_dir))
                         for verdict in kept:
                             row = long_cot_row(example, verdict, paths)
                             f.write(json.dumps(row, ensure_ascii=False) + "\n")
