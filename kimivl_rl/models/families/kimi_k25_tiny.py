@@ -23,18 +23,18 @@ ROPE = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
         "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
-def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
-    """The architecture of ``spec`` (a ``TinyVLMSpec``)."""
+def tiny_deepseek_v3_text(spec, tokenizer: PreTrainedTokenizerFast, **family_settings) -> dict:
+    """The tiny DeepSeek-V3 language model of both Kimi families (``spec`` a ``TinyVLMSpec``),
+    with each family's own settings laid over it."""
     ids = tokenizer.convert_tokens_to_ids
     head = spec.text_hidden // spec.text_heads
-    text = dict(
-        model_type="deepseek_v3", vocab_size=-(-len(tokenizer) // 64) * 64,
-        hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
-        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
+    return dict(
+        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_heads,
         # MLA: vLLM's CPU decode kernel takes only a 512 + 64 wide latent.
-        q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=head,
-        v_head_dim=head, rope_interleave=True, rope_parameters=ROPE,
+        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=head, v_head_dim=head,
+        rope_parameters=ROPE,
         # Experts after a dense first layer; vLLM's DeepSeek-V3 routing needs noaux_tc + sigmoid.
         first_k_dense_replace=1, n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_PER_TOKEN,
         n_shared_experts=1, moe_intermediate_size=spec.text_intermediate // EXPERTS_PER_TOKEN,
@@ -43,7 +43,14 @@ def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False)
+        pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False, **family_settings)
+
+
+def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:
+    """The architecture of ``spec`` (a ``TinyVLMSpec``)."""
+    ids = tokenizer.convert_tokens_to_ids
+    text = tiny_deepseek_v3_text(spec, tokenizer, model_type="deepseek_v3", q_lora_rank=64,
+                                 rope_interleave=True)
     vision = dict(
         patch_size=14, merge_kernel_size=[2, 2], hidden_size=spec.vision_hidden,
         num_attention_heads=spec.vision_heads, num_hidden_layers=spec.vision_depth,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from kimivl_rl.models.families.kimi_k25_tiny import EXPERTS, EXPERTS_PER_TOKEN, ROPE
+from kimivl_rl.models.families.kimi_k25_tiny import tiny_deepseek_v3_text
 from kimivl_rl.models.families.kimi_vl_model import KimiVLConfig, KimiVLForConditionalGeneration
 from kimivl_rl.models.families.kimi_vl_processing import KimiVLImageProcessor, KimiVLProcessor
 
@@ -27,21 +27,7 @@ POS_EMB_GRID = 16        # a 112 px image is 8 x 8 patches: its position table i
 def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> KimiVLConfig:
     """The architecture of ``spec`` (a ``TinyVLMSpec``)."""
     ids = tokenizer.convert_tokens_to_ids
-    head = spec.text_hidden // spec.text_heads
-    text = dict(
-        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_heads,
-        q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=head,
-        v_head_dim=head, rope_parameters=ROPE,
-        first_k_dense_replace=1, n_routed_experts=EXPERTS, num_experts_per_tok=EXPERTS_PER_TOKEN,
-        n_shared_experts=1, moe_intermediate_size=spec.text_intermediate // EXPERTS_PER_TOKEN,
-        n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
-        topk_method="noaux_tc", scoring_func="sigmoid",
-        max_position_embeddings=spec.max_position_embeddings,
-        initializer_range=spec.initializer_range,
-        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False)
+    text = tiny_deepseek_v3_text(spec, tokenizer, q_lora_rank=None)  # as published: no query low rank
     vision = dict(patch_size=14, init_pos_emb_height=POS_EMB_GRID, init_pos_emb_width=POS_EMB_GRID,
                   num_attention_heads=spec.vision_heads, num_hidden_layers=spec.vision_depth,
                   hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
