@@ -32,7 +32,9 @@ class KimiVL(ModelFamily):
 
     @classmethod
     def register_classes(cls) -> None:
-        import kimivl_rl.models.families.kimi_vl_processing  # noqa: F401  (registers model and processor)
+        from kimivl_rl.models.families.kimi_vl_processing import register
+
+        register()
 
     def encode_images(self, processor, images: list):
         """Patches in the model's dtype, and each image's (1, rows, columns) patch grid: the

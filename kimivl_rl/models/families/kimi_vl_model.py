@@ -282,7 +282,9 @@ class KimiVLForConditionalGeneration(KimiVLPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 
-def _register() -> None:
+def register() -> None:
+    """Our classes for ``kimi_vl`` in this process, again each time: an in-process vLLM engine
+    registers its own config class under the same name."""
     AutoConfig.register(KimiVLConfig.model_type, KimiVLConfig, exist_ok=True)
     AutoConfig.register(MoonViTConfig.model_type, MoonViTConfig, exist_ok=True)
     AutoModelForImageTextToText.register(KimiVLConfig, KimiVLForConditionalGeneration, exist_ok=True)
@@ -291,4 +293,4 @@ def _register() -> None:
                                   for published, inside in CHECKPOINT_PREFIXES], overwrite=True)
 
 
-_register()
+register()

@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-from kimivl_rl.models.families.kimi_vl_model import KimiVLConfig
+from kimivl_rl.models.families.kimi_vl_model import KimiVLConfig, register as register_model
 
 IMAGE_TOKEN = "<|media_pad|>"
 
@@ -97,5 +97,13 @@ class KimiVLProcessor(ProcessorMixin):
                         for i, part in enumerate(text.split(IMAGE_TOKEN))) for text in texts]
 
 
-AutoImageProcessor.register(KimiVLConfig, slow_image_processor_class=KimiVLImageProcessor, exist_ok=True)
-AutoProcessor.register(KimiVLConfig, KimiVLProcessor, exist_ok=True)
+def register() -> None:
+    """The model's classes, then the processor's, for ``KimiVLConfig`` (again each time, as
+    ``kimi_vl_model.register``)."""
+    register_model()
+    AutoImageProcessor.register(KimiVLConfig, slow_image_processor_class=KimiVLImageProcessor,
+                                exist_ok=True)
+    AutoProcessor.register(KimiVLConfig, KimiVLProcessor, exist_ok=True)
+
+
+register()
