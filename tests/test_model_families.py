@@ -29,8 +29,8 @@ def test_a_local_model_decides_the_family_and_a_contradicting_setting_is_refused
 
 
 def test_an_unsupported_architecture_is_named(tmp_path):
-    other = _model_dir(tmp_path, "kimi_vl")
-    with pytest.raises(ConfigError, match=r"config.json: model type 'kimi_vl' is not supported.*qwen2_5_vl, kimi_k25"):
+    other = _model_dir(tmp_path, "internvl")
+    with pytest.raises(ConfigError, match=r"config.json: model type 'internvl' is not supported.*qwen2_5_vl, kimi_k25, kimi_vl"):
         configured_family(load_config(TINY, [f"model.path={other}"]))
 
 

@@ -105,12 +105,12 @@ def test_every_config_names_a_supported_family_and_runs_no_remote_code(path):
 
 
 def test_config_check_refuses_a_model_of_an_unsupported_architecture(tmp_path, capsys):
-    model = tmp_path / "kimi-vl"
+    model = tmp_path / "internvl"
     model.mkdir()
-    (model / "config.json").write_text('{"model_type": "kimi_vl"}')
+    (model / "config.json").write_text('{"model_type": "internvl"}')
     assert main(["config", "check", "configs/tiny.yaml", f"model.path={model}"]) == 2
     err = capsys.readouterr().err
-    assert f"{model}/config.json: model type 'kimi_vl' is not supported" in err
+    assert f"{model}/config.json: model type 'internvl' is not supported" in err
 
 
 def test_a_typo_in_a_prod_config_fails_with_exit_code_2_naming_the_key(tmp_path, capsys):
