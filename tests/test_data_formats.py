@@ -145,11 +145,24 @@ def test_llava_sft_rows(files, name):
     assert loader.format == "llava"
     assert image_row.messages == [{"role": "user", "content": [IMAGE, text("What colour is it?")]},
                                   {"role": "assistant", "content": "Red."}]
-    assert colours(image_row) == [RED] and image_row.answer is None
+    assert colours(image_row) == [RED] and image_row.answer == "Red"
     assert image_row.extra == {"id": "r1"} and image_row.source == f"{files[name]}:1"
     assert text_row.messages == [{"role": "user", "content": "Say hi."},
                                  {"role": "assistant", "content": "Hi."}]
-    assert text_row.images == []
+    assert text_row.images == [] and text_row.answer == "Hi"
+
+
+def test_a_llava_rows_reference_is_its_answer_field_or_its_last_gpt_turn(tmp_path):
+    """An ``answer`` field wins; else the last ``gpt`` turn read as the reward reads a response
+    (its last ``\\boxed{}`` here); a row ending on a human turn has none, which an RL or
+    evaluation file refuses with the row's place."""
+    turns = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "So \\boxed{4}."}]
+    path = write_jsonl(tmp_path / "llava.jsonl", [
+        {"conversations": turns, "answer": "four"}, {"conversations": turns},
+        {"conversations": turns[:1]}])
+    assert [e.answer for e in RowLoader(path).load_all()] == ["four", "4", None]
+    with pytest.raises(DataError, match=r"llava.jsonl:3: missing field 'answer' \(required in this file\)"):
+        RowLoader(path, require_answer=True).load_all()
 
 
 def test_trl_chat_rows_with_base64_images(files):
@@ -394,39 +407,64 @@ def test_difficulty_labels_keep_the_files_own_format(tmp_path, files):
         "problem", "answer", "images", "pass_rate"]
 
 
+def cli_in(tmp_path: Path, tiny_model_dir, command: list[str], *args: str) -> str:
+    """``kimivl-rl COMMAND`` on the tiny config with ``tmp_path`` as data directory; its stderr."""
+    import subprocess
+    import sys
+
+    common = ["configs/tiny.yaml", "--model", str(tiny_model_dir), f"model.path={tiny_model_dir}",
+              "model.init_if_missing=false", f"data.dir={tmp_path}",
+              "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
+              "rollout.max_new_tokens=12", "rollout.gpu_memory_utilization=0.1"]
+    done = subprocess.run([sys.executable, "-m", "kimivl_rl.cli", *command, *common, *args],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def one_short_rl_iteration(tmp_path: Path, tiny_model_dir, *keys: str) -> str:
+    """One RL iteration of 2 prompts x 2 samples on the given files; all 4 responses trained."""
+    log = cli_in(tmp_path, tiny_model_dir, ["rl"], *keys, "rl.iterations=1", "rl.prompts_per_iteration=2",
+           "rl.samples_per_prompt=2", "rl.eval_prompts=2", "rl.drop_zero_advantage_groups=false",
+           "rl.dynamic_sampling_rounds=0", "eval.samples=0")
+    trained = [json.loads(line) for line in (tmp_path / "out" / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["learner_responses"] for r in trained if "learner_responses" in r] == [4]
+    return log
+
+
 @pytest.mark.slow
 def test_rl_labels_and_trains_on_a_geometry3k_shaped_parquet_as_it_is(tmp_path, tiny_model_dir):
     """EasyR1's geometry3k shape (``problem`` with ``<image>``, ``answer``, embedded images) end
     to end, without conversion: ``data label-difficulty`` writes a labelled Parquet beside it,
     and ``rl`` trains one iteration on that file with a verl-shaped evaluation file."""
-    import subprocess
-    import sys
-
     colours = {"red": RED, "blue": BLUE}
     train = [{"problem": f"<image>Which colour fills the picture? ({i})", "answer": name,
               "images": [{"bytes": png(rgb, (56, 56)), "path": f"{i}.png"}]}
              for i, (name, rgb) in enumerate(list(colours.items()) * 3)]
     write_parquet(tmp_path / "geo3k_train.parquet", train)
     write_parquet(tmp_path / "verl_test.parquet", verl_rows() * 2)
-    common = ["configs/tiny.yaml", "--model", str(tiny_model_dir), f"model.path={tiny_model_dir}",
-              "model.init_if_missing=false", f"data.dir={tmp_path}",
-              "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
-              "rollout.max_new_tokens=12", "rollout.gpu_memory_utilization=0.1",
-              "data.prompt_template={problem} Answer in \\boxed{}."]
-
-    def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "kimivl_rl.cli", *args], capture_output=True,
-                              text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stderr
-
-    log = cli("data", "label-difficulty", *common, "--input", str(tmp_path / "geo3k_train.parquet"),
-              "sampler.label_samples=2")
+    template = "data.prompt_template={problem} Answer in \\boxed{}."
+    log = cli_in(tmp_path, tiny_model_dir, ["data", "label-difficulty"], template, "--input",
+                 str(tmp_path / "geo3k_train.parquet"), "sampler.label_samples=2")
     assert "reading rows as format 'easyr1'" in log
     labelled = RowLoader(tmp_path / "geo3k_train.labelled.parquet", require_answer=True).load_all()
     assert len(labelled) == 6 and all(e.pass_rate in (0.0, 0.5, 1.0) for e in labelled)
-    cli("rl", *common, "rl.train_file=geo3k_train.labelled.parquet", "rl.eval_file=verl_test.parquet",
-        "rl.iterations=1", "rl.prompts_per_iteration=2", "rl.samples_per_prompt=2", "rl.eval_prompts=2",
-        "rl.drop_zero_advantage_groups=false", "rl.dynamic_sampling_rounds=0", "eval.samples=0")
-    trained = [json.loads(line) for line in (tmp_path / "out" / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["learner_responses"] for r in trained if "learner_responses" in r] == [4]
+    one_short_rl_iteration(tmp_path, tiny_model_dir, template, "rl.train_file=geo3k_train.labelled.parquet",
+                           "rl.eval_file=verl_test.parquet")
+
+
+@pytest.mark.slow
+def test_rl_trains_on_a_llava_shaped_jsonl_as_it_is(tmp_path, tiny_model_dir):
+    """LLaVA's shape (``conversations``, one ``image`` path, no answer field) as RL prompts and
+    evaluation file: the last ``gpt`` turn is each row's reference."""
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, (name, rgb) in enumerate([("red", RED), ("blue", BLUE)] * 2):
+        (tmp_path / "img" / f"{i}.png").write_bytes(png(rgb, (56, 56)))
+        rows.append({"id": f"c{i}", "image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich colour fills the picture? Answer in \\boxed{}."},
+            {"from": "gpt", "value": f"\\boxed{{{name}}}"}]})
+    write_jsonl(tmp_path / "llava.jsonl", rows)
+    log = one_short_rl_iteration(tmp_path, tiny_model_dir, "rl.train_file=llava.jsonl",
+                                 "rl.eval_file=llava.jsonl")
+    assert "llava.jsonl: reading rows as format 'llava'" in log

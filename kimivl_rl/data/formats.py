@@ -7,7 +7,8 @@ own format (``rows.py``), so that one validator checks them all.
   ``data.prompt_key``, ``data.answer_key``, ``data.image_key``).
 - ``verl``: ``prompt`` (a chat list whose text holds ``<image>``), ``images``,
   ``reward_model.ground_truth``; ``data_source`` and ``extra_info`` are kept as extra fields.
-- ``llava``: ``conversations`` of ``{from: human|gpt|system, value}`` and one ``image`` path.
+- ``llava``: ``conversations`` of ``{from: human|gpt|system, value}`` and one ``image`` path; the
+  reference answer is an ``answer`` field or else the last ``gpt`` turn's answer.
 
 The functions here only reshape: images stay as the file has them (paths, bytes, ``{bytes,
 path}`` structs, base64 strings) for the loader to decode and check.
@@ -21,6 +22,7 @@ from typing import Callable
 
 from kimivl_rl.config.schema import TEMPLATE_SLOT
 from kimivl_rl.data.errors import DataError, short
+from kimivl_rl.reward.extract import extract_answer
 
 FORMATS = ("messages", "easyr1", "verl", "llava")
 PLACEHOLDER = "<image>"
@@ -113,8 +115,17 @@ def _llava_row(row: dict, fmt: RowFormat, where: str) -> dict:
         raise DataError(f"{where}: field 'conversations' must be a list of turns")
     image = row.get("image")
     rest = {k: v for k, v in row.items() if k not in ("conversations", "image")}
-    return {**rest, "messages": split_placeholders([_llava_turn(t, i, where) for i, t in enumerate(turns)]),
+    messages = [_llava_turn(t, i, where) for i, t in enumerate(turns)]
+    return {"answer": _llava_reference(messages), **rest, "messages": split_placeholders(messages),
             "images": [] if image is None else image if isinstance(image, list) else [image]}
+
+
+def _llava_reference(messages: list[dict]) -> str | None:
+    """A LLaVA row's reference answer when it has no ``answer`` field: its last ``gpt`` turn,
+    read as the reward reads a response (``\\boxed{}``, "Answer: X", a choice, or short text)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return None
+    return extract_answer(messages[-1]["content"]).answer
 
 
 def _llava_turn(turn: object, i: int, where: str) -> dict:
