@@ -453,18 +453,32 @@ def test_rl_labels_and_trains_on_a_geometry3k_shaped_parquet_as_it_is(tmp_path, 
                            "rl.eval_file=verl_test.parquet")
 
 
-@pytest.mark.slow
-def test_rl_trains_on_a_llava_shaped_jsonl_as_it_is(tmp_path, tiny_model_dir):
-    """LLaVA's shape (``conversations``, one ``image`` path, no answer field) as RL prompts and
-    evaluation file: the last ``gpt`` turn is each row's reference."""
+def colour_prompts(tmp_path: Path, name: str) -> str:
+    """Four colour prompts in the shape of ``name`` (LLaVA: image paths and no answer field;
+    verl: embedded images and ``reward_model.ground_truth``); the file's name."""
+    prompt = "Which colour fills the picture? Answer in \\boxed{}."
+    pairs = [("red", RED), ("blue", BLUE)] * 2
+    if name == "verl":
+        write_parquet(tmp_path / "verl.parquet", [
+            {"prompt": [{"role": "user", "content": f"<image>{prompt}"}], "data_source": "colours",
+             "images": [{"bytes": png(rgb, (56, 56))}], "reward_model": {"ground_truth": colour}}
+            for colour, rgb in pairs])
+        return "verl.parquet"
     (tmp_path / "img").mkdir()
-    rows = []
-    for i, (name, rgb) in enumerate([("red", RED), ("blue", BLUE)] * 2):
+    for i, (_, rgb) in enumerate(pairs):
         (tmp_path / "img" / f"{i}.png").write_bytes(png(rgb, (56, 56)))
-        rows.append({"id": f"c{i}", "image": f"img/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhich colour fills the picture? Answer in \\boxed{}."},
-            {"from": "gpt", "value": f"\\boxed{{{name}}}"}]})
-    write_jsonl(tmp_path / "llava.jsonl", rows)
-    log = one_short_rl_iteration(tmp_path, tiny_model_dir, "rl.train_file=llava.jsonl",
-                                 "rl.eval_file=llava.jsonl")
-    assert "llava.jsonl: reading rows as format 'llava'" in log
+    write_jsonl(tmp_path / "llava.jsonl", [
+        {"id": f"c{i}", "image": f"img/{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": f"\\boxed{{{colour}}}"}]}
+        for i, (colour, _) in enumerate(pairs)])
+    return "llava.jsonl"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llava", "verl"])
+def test_rl_trains_on_a_foreign_file_as_it_is(tmp_path, tiny_model_dir, name):
+    """A LLaVA-shaped JSONL (the last ``gpt`` turn is each row's reference) and a verl-shaped
+    Parquet, each as RL prompts and evaluation file of one RL iteration."""
+    file = colour_prompts(tmp_path, name)
+    log = one_short_rl_iteration(tmp_path, tiny_model_dir, f"rl.train_file={file}", f"rl.eval_file={file}")
+    assert f"{file}: reading rows as format '{name}'" in log
