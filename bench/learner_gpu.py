@@ -1,7 +1,7 @@
 r"""Learner throughput and MFU on one GPU for a realistic-size random model (no download).
 
     export TORCH_CUDA_ARCH_LIST=9.0   # DeepSpeed's op builder cannot parse 9.0a
-    torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm|kimi] [--seq 8192] [--doc 1024]
+    torchrun --nproc_per_node 1 bench/learner_gpu.py [--shape lm|vlm|kimi|kimi_vl] [--seq 8192] [--doc 1024]
         [--attention flex_attention] [--variants plain,deepspeed,ds+chunked,ds+fused] [--accum 4]
         [--compile] [--grad-ckpt] [--steps 10] [--rl [--loss kimi_pmd]]
         [--vision-attention loop,varlen] [--experts eager,grouped_mm]
@@ -24,6 +24,9 @@ of --doc tokens, each with its own positions from 0 (block-diagonal attention):
        1152) and a DeepSeek-V3-style language model (hidden 2048, MLA with a 512-wide latent,
        a dense first layer, then 64 routed experts of which 6 per token plus 2 shared, 164K
        vocabulary); documents as for vlm, through kimivl_rl.models.families.kimi_k25
+  kimi_vl the same sizes in Kimi-VL's own architecture (kimivl_rl.models.families.kimi_vl_model:
+       MoonViT with fused wqkv and the published names, the projector, transformers' DeepSeek-V3),
+       what a published Kimi-VL-A3B checkpoint loads into
 Variants, measured in the same run:
   plain      torch, fused AdamW, full-vocabulary float logits (the baseline)
   deepspeed  kimivl_rl.training.engine (DeepSpeed ZeRO-2, bf16), same loss
@@ -45,7 +48,7 @@ after building (same loss as SDPA).
   varlen  kimivl_rl.models.families.qwen2_5_vl_vision (what kimivl_rl.models.loading installs with
           FlexAttention): one FlexAttention call per block over all windows or images (on CPU
           one SDPA call with a block-diagonal mask)
---experts (kimi), each measured with every variant, the ratio printed: transformers' experts
+--experts (kimi, kimi_vl), each measured with every variant, the ratio printed: transformers' experts
 implementation, eager (a Python loop over the experts that received tokens) or grouped_mm (one
 grouped GEMM per projection).
 --compile compiles each decoder layer of the language model on its own (regional compilation,
@@ -58,7 +61,7 @@ its embedding) + 6·N_head per target token (the vocabulary projection; the vari
 logits also project the non-targets, uncounted) + 6·layers·hidden·context per sequence token
 (causal attention) + for vlm 6·N_vision per image patch, where the merger's MLP counts
 6·N_merger per merged token instead (vision attention, about 2% of the vision FLOPs at 448
-pixels, is not counted). For kimi, N_body counts active parameters: of each layer's routed
+pixels, is not counted). For kimi and kimi_vl, N_body counts active parameters: of each layer's routed
 experts only the 6 of 64 a token goes through. Recomputation (--grad-ckpt) is not counted. An RL update
 counts 4/3 of that: its old log-probs pass is a forward (2 of the 6 FLOPs per parameter). MFU divides by a bf16
 8192³ matmul rate measured in this run; it is printed with context = --seq (the issue's
@@ -83,6 +86,7 @@ from kimivl_rl.training.linear_cross_entropy import (causal_lm_loss_sum, causal_
 from kimivl_rl.models.loading import compile_decoder_layers, language_model, use_language_model_attention
 from kimivl_rl.models.families.qwen2_5_vl_vision import use_varlen_vision_attention
 from kimivl_rl.models.families import family_of, inner_model
+from kimivl_rl.models.families.kimi_vl_model import KimiVLConfig, KimiVLForConditionalGeneration
 from kimivl_rl.training.packing import IGNORE_INDEX, Encoded, collate_pack
 from kimivl_rl.rl.losses import LossConfig, get_loss, pad_rows
 
@@ -112,6 +116,9 @@ TINY_KIMI_TEXT = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, nu
                       n_shared_experts=1, moe_intermediate_size=32)
 TINY_KIMI_VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128)
+# Kimi-VL-A3B's <|media_start|>, <|media_end|> and <|media_pad|>.
+KIMI_VL_TOKEN_IDS = dict(vision_start_token_id=163602, vision_end_token_id=163604, image_token_id=163605)
+KIMI_SHAPES = ("kimi", "kimi_vl")
 EXPERTS = ("eager", "grouped_mm")
 LOSS_CHUNK = 2048
 RL_FLOPS = 4 / 3  # an RL update's model FLOPs per training step's (module docstring)
@@ -147,21 +154,23 @@ def sync(device: torch.device) -> None:
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype, option: str | None = None):
-    """The shape's model; ``option`` is its vision attention (vlm) or experts (kimi)."""
+    """The shape's model; ``option`` is its vision attention (vlm) or experts (kimi, kimi_vl)."""
     if args.shape == "lm":
         cls, config = Qwen2ForCausalLM, Qwen2Config(**(TINY_TEXT if args.tiny else LM_TEXT),
                                                     max_position_embeddings=32768,
                                                     tie_word_embeddings=True)
     elif args.shape == "kimi":
         cls, config = Kimi_K25ForConditionalGeneration, kimi_config(args.tiny)
+    elif args.shape == "kimi_vl":
+        cls, config = KimiVLForConditionalGeneration, kimi_vl_config(args.tiny)
     else:
         cls, config = Qwen2_5_VLForConditionalGeneration, vlm_config(args.tiny)
     torch.manual_seed(0)
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)
     use_language_model_attention(model, args.attention)  # as kimivl_rl's loader does
-    if args.shape == "kimi":
-        # Kimi K2.5's wrapper declares none; its DeepSeek-V3 language model reads this per call.
+    if args.shape in KIMI_SHAPES:
+        # The Kimi wrappers declare none; their DeepSeek-V3 language model reads this per call.
         language_model(model).config._experts_implementation = option
     elif option == "varlen" and not use_varlen_vision_attention(model):
         raise ValueError("--vision-attention varlen: the model has no Qwen2.5-VL vision encoder")
@@ -183,14 +192,29 @@ def vlm_config(tiny: bool) -> Qwen2_5_VLConfig:
         vision_config=vision, tie_word_embeddings=True, **(TINY_TOKEN_IDS if tiny else {}))
 
 
-def kimi_config(tiny: bool) -> Kimi_K25Config:
-    """The kimi shape (module docstring), with the tiny Kimi model's rope and routing."""
+def kimi_text(tiny: bool) -> dict:
+    """The language model of both Kimi shapes, with the tiny Kimi model's rope and routing."""
     from kimivl_rl.models.families.kimi_k25_tiny import ROPE
 
-    text = dict(TINY_KIMI_TEXT if tiny else KIMI_TEXT, model_type="deepseek_v3",
+    return dict(TINY_KIMI_TEXT if tiny else KIMI_TEXT, model_type="deepseek_v3",
                 rope_interleave=True, rope_parameters=ROPE, max_position_embeddings=4096,
                 n_group=1, topk_group=1, norm_topk_prob=True, topk_method="noaux_tc",
                 scoring_func="sigmoid", tie_word_embeddings=False)
+
+
+def kimi_vl_config(tiny: bool) -> KimiVLConfig:
+    """The kimi_vl shape: Kimi-VL-A3B's sizes (module docstring) in its own config."""
+    vision = TINY_KIMI_VISION if tiny else KIMI_VISION
+    ids = TINY_TOKEN_IDS if tiny else KIMI_VL_TOKEN_IDS
+    markers = {k: ids[k] for k in ("vision_start_token_id", "vision_end_token_id")}  # for vlm_batch
+    return KimiVLConfig(text_config=kimi_text(tiny), vision_config=dict(
+        vision, patch_size=14, merge_kernel_size=[2, 2], init_pos_emb_height=64, init_pos_emb_width=64),
+        media_placeholder_token_id=ids["image_token_id"], tie_word_embeddings=False, **markers)
+
+
+def kimi_config(tiny: bool) -> Kimi_K25Config:
+    """The kimi shape (module docstring)."""
+    text = kimi_text(tiny)
     vision = dict(TINY_KIMI_VISION if tiny else KIMI_VISION, patch_size=14,
                   merge_kernel_size=[2, 2])
     return Kimi_K25Config(text_config=text, vision_config=vision,
@@ -212,7 +236,7 @@ def vlm_batch(model, seq: int, doc: int, image: int) -> dict[str, torch.Tensor]:
     side = image // vision.patch_size
     grid = torch.tensor([[1, side, side]])
     image_tokens = side * side // 4  # merged 2x2
-    pixel_shape = ((3, vision.patch_size, vision.patch_size) if config.model_type == "kimi_k25"
+    pixel_shape = ((3, vision.patch_size, vision.patch_size) if config.model_type in ("kimi_k25", "kimi_vl")
                    else (vision.in_channels * vision.temporal_patch_size * vision.patch_size**2,))
     head = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * image_tokens
                         + [config.vision_end_token_id])
@@ -246,8 +270,8 @@ def step_flops(model, batch: Batch, context: int) -> float:
     body = _count(lm) - embed - _inactive_experts(lm)
     flops = 6 * body * seq + 6 * model.lm_head.weight.numel() * batch.rows.numel()
     flops += 6 * cfg.num_hidden_layers * cfg.hidden_size * context * seq
-    if batch.patches and model.config.model_type == "kimi_k25":
-        projector = _count(core.mm_projector)
+    if batch.patches and model.config.model_type in ("kimi_k25", "kimi_vl"):
+        projector = _count(core.mm_projector if hasattr(core, "mm_projector") else core.multi_modal_projector)
         flops += 6 * _count(core.vision_tower) * batch.patches + 6 * projector * batch.patches // 4
     elif batch.patches:
         merger = _count(core.visual.merger.mlp)
@@ -419,7 +443,7 @@ def release(device: torch.device) -> None:
 def arg_parser() -> argparse.ArgumentParser:
     """The command line, also read by tests/test_bench_smoke.py for bench/README.md's commands."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=["lm", "vlm", "kimi"], default="lm")
+    parser.add_argument("--shape", choices=["lm", "vlm", *KIMI_SHAPES], default="lm")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--doc", type=int, default=1024)
     parser.add_argument("--image", type=int, default=448, help="vlm: image side in pixels")
@@ -438,16 +462,16 @@ def arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-attention", default="loop,varlen",
                         help="vlm: loop and/or varlen, comma-separated (module docstring)")
     parser.add_argument("--experts", default="grouped_mm",
-                        help="kimi: eager and/or grouped_mm, comma-separated (module docstring)")
+                        help="kimi, kimi_vl: eager and/or grouped_mm, comma-separated (module docstring)")
     return parser
 
 
 def main() -> None:
     parser = arg_parser()
     args = parser.parse_args()
-    # The second axis measured with every variant: vision attention (vlm) or experts (kimi).
+    # The second axis measured with every variant: vision attention (vlm) or experts (Kimi shapes).
     options = {"vlm": ("--vision-attention", args.vision_attention, VISION_ATTENTION),
-               "kimi": ("--experts", args.experts, EXPERTS)}.get(args.shape)
+               **{shape: ("--experts", args.experts, EXPERTS) for shape in KIMI_SHAPES}}.get(args.shape)
     visions = options[1].split(",") if options else [None]
     if options and (not visions or set(visions) - set(options[2])):
         parser.error(f"{options[0]}: comma-separated {' and/or '.join(options[2])}")

@@ -33,6 +33,7 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
         return
     from transformers import AutoConfig
 
+    register_local_classes(path)   # a family of ours (Kimi-VL) needs none of the directory's code
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=False)  # runs nothing when refusing
     except ValueError as exc:

@@ -127,7 +127,9 @@ def build_tiny_vlm(out_dir: str | Path, spec: TinyVLMSpec, corpus: TokenizerCorp
 def _save_model(spec: TinyVLMSpec, corpus: TokenizerCorpus, directory: Path) -> None:
     family = FAMILIES[spec.family]
     parts = family.tiny_parts()
-    tokenizer = _train_tokenizer(spec, corpus)
+    # A family may write its tokenizer in its own published layout (Kimi-VL: tiktoken.model).
+    tokenizer = (parts.tokenizer(spec, corpus.texts(spec.seed), directory) if hasattr(parts, "tokenizer")
+                 else _train_tokenizer(spec, corpus))
     config = parts.model_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)

@@ -20,6 +20,29 @@ def _render(processor, messages: list[dict], generation_prompt: bool = False) ->
                                          add_generation_prompt=generation_prompt)
 
 
+def renders_reasoning(processor) -> bool:
+    """Whether the chat template writes an assistant's ``reasoning_content`` (the tiny models'
+    does; Qwen2.5-VL's and Kimi-VL's published ones drop it)."""
+    probe = [{"role": "user", "content": "q"},
+             {"role": "assistant", "reasoning_content": "kimivl-rl reasoning probe", "content": "a"}]
+    return "kimivl-rl reasoning probe" in _render(processor, probe)
+
+
+def with_reasoning_in_content(messages: list[dict], think: tuple[str, str]) -> list[dict]:
+    """Each assistant turn's ``reasoning_content`` written at the start of its content between
+    the ``think`` markers, as a thinking model's own output holds it."""
+    def folded(message: dict) -> dict:
+        reasoning = message.get("reasoning_content")
+        if message["role"] != "assistant" or not reasoning:
+            return message
+        content = message["content"]
+        opening = f"{think[0]}{reasoning}{think[1]}"
+        rest = {k: v for k, v in message.items() if k != "reasoning_content"}
+        return {**rest, "content": opening + content if isinstance(content, str)
+                else [{"type": "text", "text": opening}, *content]}
+    return [folded(m) for m in messages]
+
+
 def answer_char_spans(processor, messages: list[dict]) -> list[tuple[int, int]]:
     """Character spans (in the unexpanded rendered text) of every assistant answer."""
     spans = []
@@ -49,11 +72,16 @@ def _shift(position: int, shifts: list[tuple[int, int]]) -> int:
     return position + sum(added for at, added in shifts if at < position)
 
 
-def encode_example(example: Example, processor, family) -> Encoded:
+def encode_example(example: Example, processor, family,
+                   think: tuple[str, str] = ("<think>", "</think>")) -> Encoded:
     """Tokenize an example, label its answers and compute its (restarting) positions, for the
-    model ``family`` is bound to (``family_of``)."""
-    text = _render(processor, example.messages)
-    spans = answer_char_spans(processor, example.messages)
+    model ``family`` is bound to (``family_of``). A template that drops ``reasoning_content``
+    gets it in the content, between the ``think`` markers, so no trace is lost to it."""
+    messages = example.messages
+    if any(m.get("reasoning_content") for m in messages) and not renders_reasoning(processor):
+        messages = with_reasoning_in_content(messages, think)
+    text = _render(processor, messages)
+    spans = answer_char_spans(processor, messages)
     pixel_values = grid = None
     counts: list[int] = []
     if example.images:

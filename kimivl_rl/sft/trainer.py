@@ -149,7 +149,8 @@ def train_loop(loop_config: dict) -> None:
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
     family = family_of(model)
-    examples = [encode_example(ex, processor, family) for ex in stage_examples(cfg, stage)]
+    think = (cfg.model.think_open, cfg.model.think_close)
+    examples = [encode_example(ex, processor, family, think) for ex in stage_examples(cfg, stage)]
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=family.image_token_id)
     freeze = (family.vision_prefixes if cfg.sft.freeze_vision else ()) + \

@@ -42,8 +42,9 @@ def tiny_deepseek_v3_text(spec, tokenizer: PreTrainedTokenizerFast, **family_set
         topk_method="noaux_tc", scoring_func="sigmoid",
         max_position_embeddings=spec.max_position_embeddings,
         initializer_range=spec.initializer_range,
-        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False, **family_settings)
+        bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token else tokenizer.pad_token_id,
+        eos_token_id=ids("<|im_end|>"), pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False, **family_settings)
 
 
 def model_config(spec, tokenizer: PreTrainedTokenizerFast) -> Kimi_K25Config:

@@ -3,9 +3,9 @@ resolution (14-pixel patches merged 2x2, 2-D rotary positions), a projector, and
 DeepSeek-V3-architecture language model with plain 1-D positions.
 
 transformers has no Kimi-VL class and the published checkpoints' own code is never run: the
-learner's model and processor are kimivl-rl's (``kimi_vl_model``, ``kimi_vl_processing``),
-registered with transformers' Auto classes under the published names before anything loads
-one. vLLM 0.32 samples it with its native ``KimiVLForConditionalGeneration``, whose processing
+learner's model, processor and tokenizer are kimivl-rl's (``kimi_vl_model``,
+``kimi_vl_processing``, ``kimi_vl_tokenizer``), registered with transformers' Auto classes under
+the published names before anything loads one. vLLM 0.32 samples it with its native ``KimiVLForConditionalGeneration``, whose processing
 asks transformers for that processor. Weights leave in the published layout.
 """
 from __future__ import annotations
@@ -32,9 +32,11 @@ class KimiVL(ModelFamily):
 
     @classmethod
     def register_classes(cls) -> None:
-        from kimivl_rl.models.families.kimi_vl_processing import register
+        from kimivl_rl.models.families.kimi_vl_processing import register as register_processor
+        from kimivl_rl.models.families.kimi_vl_tokenizer import register as register_tokenizer
 
-        register()
+        register_processor()
+        register_tokenizer()
 
     def encode_images(self, processor, images: list):
         """Patches in the model's dtype, and each image's (1, rows, columns) patch grid: the

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import (AutoConfig, AutoModelForImageTextToText, DeepseekV3Config, DeepseekV3Model,
                           GenerationMixin, PreTrainedConfig, PreTrainedModel)
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import (BaseModelOutputWithPast, BaseModelOutputWithPooling,
@@ -99,13 +100,20 @@ def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return turned.flatten(-2).type_as(x)
 
 
+class MoonVisionPositions(nn.Module):
+    """The learnt (height, width, hidden) table of patch positions, ``pos_emb.weight`` as published."""
+
+    def __init__(self, config: MoonViTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.init_pos_emb_height, config.init_pos_emb_width,
+                                               config.hidden_size))
+
+
 class MoonVisionPatchEmbed(nn.Module):
     def __init__(self, config: MoonViTConfig):
         super().__init__()
         self.proj = nn.Conv2d(3, config.hidden_size, config.patch_size, stride=config.patch_size)
-        self.pos_emb = nn.Module()
-        self.pos_emb.weight = nn.Parameter(torch.empty(config.init_pos_emb_height,
-                                                       config.init_pos_emb_width, config.hidden_size))
+        self.pos_emb = MoonVisionPositions(config)
 
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         hidden = self.proj(pixel_values).flatten(1)
@@ -126,7 +134,7 @@ class MoonViTMLP(nn.Module):
         return self.fc1(ACT2FN["gelu_pytorch_tanh"](self.fc0(x)))
 
 
-class MoonViTBlock(nn.Module):
+class MoonViTBlock(GradientCheckpointingLayer):
     def __init__(self, config: MoonViTConfig):
         super().__init__()
         self.heads = config.num_attention_heads
@@ -141,10 +149,11 @@ class MoonViTBlock(nn.Module):
         return hidden + self.mlp(self.norm1(hidden))
 
     def _attention(self, x: torch.Tensor, angles: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Full attention among each image's patches (images never see each other)."""
+        """Full attention among each image's patches (images never see each other); 4-D
+        (1, heads, patches, head_dim) inputs, which SDPA's fused GPU kernels require."""
         q, k, v = self.wqkv(x).unflatten(-1, (3, self.heads, -1)).unbind(1)
         q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
-        outputs = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in parts)).transpose(0, 1)
+        outputs = [F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in parts))[0].transpose(0, 1)
                    for parts in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return torch.cat(outputs).flatten(1)
 
@@ -209,8 +218,9 @@ class KimiVLPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, MoonVisionPatchEmbed):
-            nn.init.normal_(module.pos_emb.weight, std=self.config.text_config.initializer_range)
+        # Its own module: transformers initialises a module only by the parameters it holds itself.
+        if isinstance(module, MoonVisionPositions):
+            nn.init.normal_(module.weight, std=self.config.text_config.initializer_range)
 
 
 class KimiVLModel(KimiVLPreTrainedModel):
