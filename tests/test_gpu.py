@@ -18,7 +18,7 @@ from kimivl_rl.config import ConfigError, load_config
 from kimivl_rl.models.families import FAMILIES, family_of
 from kimivl_rl.models.tiny import TinyVLMSpec, build_tiny_vlm
 from kimivl_rl.prepare import tiny_corpus
-from test_family_parity import NEW_TOKENS, ROWS, TINY, _learner_logprobs
+from test_family_parity import NEW_TOKENS, ROWS, TINY, _learner_logprobs, samples_of_a_fresh_engine
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -44,9 +44,8 @@ def test_bf16_engine_and_learner_agree_as_closely_as_bf16_allows(family, tmp_pat
     inequality bounds their gap by twice it: mean |engine - learner| <= 2 x mean |learner_bf16 -
     learner_fp32|, and per token 4 x the learner's largest error (kernels round differently per
     token). The model is peaked, so a flat model cannot pass by being uniform."""
-    from kimivl_rl.evaluation import generation_requests
     from kimivl_rl.models.loading import load_policy
-    from kimivl_rl.rollout.vllm_engine import VLLMEngine, check_vllm_version, engine_options
+    from kimivl_rl.rollout.vllm_engine import check_vllm_version
 
     try:
         check_vllm_version(FAMILIES[family])
@@ -56,12 +55,7 @@ def test_bf16_engine_and_learner_agree_as_closely_as_bf16_allows(family, tmp_pat
     cfg = gpu_config(model_dir, family)
     bf16, processor = load_policy(str(model_dir), cfg)
     fp32, _ = load_policy(str(model_dir), gpu_config(model_dir, family, "model.dtype=float32"))
-    engine = VLLMEngine(engine_options(cfg, str(model_dir)))
-    try:
-        samples = engine.generate(generation_requests(ROWS, processor), n=4, temperature=1.0,
-                                  max_new_tokens=NEW_TOKENS, seed=0)
-    finally:
-        engine.shutdown()
+    samples = samples_of_a_fresh_engine(cfg, model_dir, processor, n=4)
     learner = _learner_logprobs(bf16.cuda(), processor, samples)
     exact = _learner_logprobs(fp32.cuda(), processor, samples)
     gap = token_gaps(samples, learner)
