@@ -57,6 +57,9 @@ LEARNER_RUNS = {
                              "--vision-attention loop",
     "kimi": "--shape kimi --accum 2 --variants ds+fused --experts eager,grouped_mm",
     "kimi-compile": "--shape kimi --accum 2 --compile --variants ds+fused --experts grouped_mm",
+    "kimi-grad-ckpt": "--shape kimi --accum 2 --grad-ckpt --variants plain --experts grouped_mm",
+    "kimi_vl-grad-ckpt": "--shape kimi_vl --accum 2 --grad-ckpt --variants plain,ds+fused "
+                         "--experts eager,grouped_mm",
 }
 PINNED_ATTENTION = "flex_attention"  # no backward on CPU: test_learner_bench_flex_attention_on_cpu
 
@@ -71,7 +74,8 @@ def learner_axes(bench, argv: list[str]) -> tuple[tuple, list[str], list, str]:
     """(shape and switches, variants, vision attentions or experts, attention) of a command."""
     args = bench.arg_parser().parse_args(argv)
     variants = (args.variants or (bench.RL_VARIANTS if args.rl else bench.SFT_VARIANTS)).split(",")
-    options = {"vlm": args.vision_attention, "kimi": args.experts}.get(args.shape, "").split(",")
+    options = {"vlm": args.vision_attention, **dict.fromkeys(bench.KIMI_SHAPES, args.experts)
+               }.get(args.shape, "").split(",")
     switches = (args.shape, args.rl, args.compile, args.grad_ckpt, args.accum > 1)
     return switches, variants, [o or None for o in options], args.attention
 
@@ -149,13 +153,14 @@ def test_compile_decoder_layers(shape, option, vision_blocks):
     assert len(compiled) == len(language_model(model).layers) + vision_blocks
 
 
-def test_learner_bench_counts_only_the_experts_a_token_goes_through():
-    """MFU of the kimi shape: of each layer's routed experts, 2 of 4 (tiny) count."""
-    bench = bench_module("learner_gpu")
-    from transformers import Kimi_K25ForConditionalGeneration
+@pytest.mark.parametrize("shape", ["kimi", "kimi_vl"])
+def test_learner_bench_counts_only_the_experts_a_token_goes_through(shape):
+    """MFU of the Kimi shapes: of each layer's routed experts, 2 of 4 (tiny) count."""
+    import torch
 
-    model = Kimi_K25ForConditionalGeneration._from_config(bench.kimi_config(tiny=True))
-    lm = bench.language_model(model)
+    bench = bench_module("learner_gpu")
+    args = bench.arg_parser().parse_args(["--tiny", "--shape", shape])
+    lm = bench.language_model(bench.build_model(args, torch.device("cpu"), torch.float32, "grouped_mm"))
     experts = sum(p.numel() for name, p in lm.named_parameters() if ".mlp.experts." in name)
     assert experts > 0 and bench._inactive_experts(lm) == experts // 2
 
