@@ -117,11 +117,18 @@ class MoonVisionPatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> torch.Tensor:
         hidden = self.proj(pixel_values).flatten(1)
+        grids = [tuple(g) for g in grid_hws.tolist()]
+        resized = {grid: self._positions(*grid) for grid in set(grids)}  # once per image size
+        return hidden + torch.cat([resized[grid] for grid in grids])
+
+    def _positions(self, h: int, w: int) -> torch.Tensor:
+        """The table resampled bicubically to (h, w), flattened row-major; in float32, where the
+        GPU kernels are several times faster than in bfloat16 (forward and backward)."""
         table = self.pos_emb.weight
-        positions = [table.flatten(0, 1) if [h, w] == list(table.shape[:2]) else
-                     F.interpolate(table.permute(2, 0, 1)[None], size=(h, w), mode="bicubic")[0]
-                     .permute(1, 2, 0).flatten(0, 1) for h, w in grid_hws.tolist()]
-        return hidden + torch.cat(positions)
+        if (h, w) == tuple(table.shape[:2]):
+            return table.flatten(0, 1)
+        resized = F.interpolate(table.float().permute(2, 0, 1)[None], size=(h, w), mode="bicubic")
+        return resized[0].permute(1, 2, 0).flatten(0, 1).to(table.dtype)
 
 
 class MoonViTMLP(nn.Module):
@@ -177,10 +184,12 @@ class MoonViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_hws: torch.Tensor) -> list[torch.Tensor]:
         hidden = self.patch_embed(pixel_values, grid_hws)
+        # Made on the host, copied to the device once (not once per block).
         angles = rotary_angles(grid_hws, self.config.hidden_size // self.config.num_attention_heads)
+        angles = angles.to(hidden.device)
         lengths = grid_hws.prod(-1).tolist()
         for block in self.encoder.blocks:
-            hidden = block(hidden, angles.to(hidden.device), lengths)
+            hidden = block(hidden, angles, lengths)
         hidden = self.encoder.final_layernorm(hidden)
         return [self._merge(image, h, w) for image, (h, w) in zip(hidden.split(lengths), grid_hws.tolist())]
 
