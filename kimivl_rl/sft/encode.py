@@ -9,6 +9,8 @@ outside every span.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kimivl_rl.data.rows import Example
@@ -73,13 +75,14 @@ def _shift(position: int, shifts: list[tuple[int, int]]) -> int:
 
 
 def encode_example(example: Example, processor, family,
-                   think: tuple[str, str] = ("<think>", "</think>")) -> Encoded:
+                   fold_reasoning: Optional[tuple[str, str]] = None) -> Encoded:
     """Tokenize an example, label its answers and compute its (restarting) positions, for the
-    model ``family`` is bound to (``family_of``). A template that drops ``reasoning_content``
-    gets it in the content, between the ``think`` markers, so no trace is lost to it."""
+    model ``family`` is bound to (``family_of``). ``fold_reasoning``: the thinking markers to
+    write ``reasoning_content`` between, in the content, for a template that drops it
+    (``renders_reasoning``), so no trace is lost to it."""
     messages = example.messages
-    if any(m.get("reasoning_content") for m in messages) and not renders_reasoning(processor):
-        messages = with_reasoning_in_content(messages, think)
+    if fold_reasoning is not None:
+        messages = with_reasoning_in_content(messages, fold_reasoning)
     text = _render(processor, messages)
     spans = answer_char_spans(processor, messages)
     pixel_values = grid = None

@@ -30,7 +30,7 @@ from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import attention_implementation, compile_decoder_layers, load_policy
 from kimivl_rl.training.packing import collate_pack
 from kimivl_rl.infra.ray_runtime import init_ray
-from kimivl_rl.sft.encode import encode_example
+from kimivl_rl.sft.encode import encode_example, renders_reasoning
 from kimivl_rl.sft.plan import StagePlan, Step, build_plan
 from kimivl_rl.sft.sources import ensure_solved_rows, stage_examples
 
@@ -149,8 +149,8 @@ def train_loop(loop_config: dict) -> None:
     if cfg.sft.compile_layers:
         compile_decoder_layers(model)
     family = family_of(model)
-    think = (cfg.model.think_open, cfg.model.think_close)
-    examples = [encode_example(ex, processor, family, think) for ex in stage_examples(cfg, stage)]
+    fold = None if renders_reasoning(processor) else (cfg.model.think_open, cfg.model.think_close)
+    examples = [encode_example(ex, processor, family, fold) for ex in stage_examples(cfg, stage)]
     plan = build_plan(examples, stage_cfg.phases, world * cfg.sft.grad_accum_steps, seed=cfg.seed,
                       overlong=cfg.sft.overlong, image_token_id=family.image_token_id)
     freeze = (family.vision_prefixes if cfg.sft.freeze_vision else ()) + \

@@ -5,17 +5,16 @@ the published model), parameter names as vLLM's loader reads them, the published
 ``preprocessor_config.json`` naming ``KimiVLProcessor`` and its ``auto_map``, which nothing here
 runs, and the published tokenizer files: ``tiktoken.model`` (a BPE learnt here with Moonshot's
 split) and ``tokenizer_config.json`` naming ``TikTokenTokenizer``, its reserved ids named as
-Kimi-VL's are, and Kimi-VL's chat template. The language model's settings are the tiny Kimi K2.5's (``kimi_k25_tiny``), for the same
-reasons (docs/model_families.md).
+Kimi-VL's are, and Kimi-VL's chat template. The language model's settings are the tiny Kimi
+K2.5's (``kimi_k25_tiny``), for the same reasons (docs/model_families.md).
 """
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
-import base64
-
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -74,8 +73,8 @@ def tokenizer(spec, texts, directory: Path) -> TikTokenTokenizer:
         for rank, (token, _) in enumerate(ranked)))
     base, last = len(ranked), len(ranked) + RESERVED_IDS - 1
     named = {**dict.fromkeys(RESERVED_NAMES, True), spec.think_open: False, spec.think_close: False}
-    decoder = {**{base + i: {"content": name, "special": special} for i, (name, special) in enumerate(named.items())},
-               last - 1: {"content": "[UNK]", "special": True}, last: {"content": "[PAD]", "special": True}}
+    decoder = {**{base + i: AddedToken(name, special=special) for i, (name, special) in enumerate(named.items())},
+               last - 1: AddedToken("[UNK]", special=True), last: AddedToken("[PAD]", special=True)}
     return TikTokenTokenizer(vocab_file=str(directory / VOCAB_FILE), added_tokens_decoder=decoder,
                              bos_token="[BOS]", eos_token="<|im_end|>", unk_token="[UNK]",
                              pad_token="[PAD]", chat_template=CHAT_TEMPLATE,

@@ -36,23 +36,17 @@ PATTERN = "|".join([
 ])
 
 
-def _field(token, name: str, default):
-    """A field of an ``added_tokens_decoder`` entry: a dict as read from JSON, or an AddedToken."""
-    return token.get(name, default) if isinstance(token, dict) else getattr(token, name, default)
-
-
-def reserved_tokens(base_size: int, added_tokens_decoder: dict) -> list[AddedToken]:
+def reserved_tokens(base_size: int, added_tokens_decoder: dict[int, AddedToken]) -> list[AddedToken]:
     """The tokens of ids ``base_size .. base_size + RESERVED_IDS - 1``, in order: named and
     flagged as ``added_tokens_decoder`` says (a thinking marker is not special, so decoding keeps
     it), ``<|reserved_token_N|>`` and special otherwise."""
     named = {int(i): t for i, t in added_tokens_decoder.items()}
-    return [AddedToken(str(_field(named[i], "content", "")), special=bool(_field(named[i], "special", True)),
-                       normalized=False) if i in named else
+    return [AddedToken(named[i].content, special=named[i].special, normalized=False) if i in named else
             AddedToken(f"<|reserved_token_{i}|>", special=True, normalized=False)
             for i in range(base_size, base_size + RESERVED_IDS)]
 
 
-def moonshot_tokenizer(vocab_file: str | Path, added_tokens_decoder: dict) -> Tokenizer:
+def moonshot_tokenizer(vocab_file: str | Path, added_tokens_decoder: dict[int, AddedToken]) -> Tokenizer:
     """The ``tokenizers`` pipeline of a published ``tiktoken.model``: the base tokens keep
     their ranks as ids, the reserved ids follow them."""
     tokenizer = TikTokenConverter(vocab_file=str(vocab_file), pattern=PATTERN).converted()
