@@ -63,7 +63,7 @@ SHAPE = {  # a 3B iteration: 256 responses of up to 1K tokens, 448-pixel images
              "rollout.max_new_tokens=16", "rl.micro_batch_tokens=1024"],
 }
 DATA = ["data.joint_sft_examples=8", "data.long_cot_examples=8", "data.rl_prompts=256",
-        "data.eval_examples=8", "data.text_fraction=0.0"]
+        "data.eval_examples=8", "data.arith_fraction=0.0"]
 RUN = ["cluster.colocate=true", "cluster.weight_transport=ipc", "model.init_if_missing=false",
        "data.build_if_missing=true", "rl.drop_zero_advantage_groups=false",
        "rl.dynamic_sampling_rounds=0", "rl.gradient_checkpointing=true", "rl.offload_optimizer=true",

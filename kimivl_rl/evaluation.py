@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from kimivl_rl.data.rows import Example
-from kimivl_rl.data.traces import BEHAVIOUR_MARKERS, trace_behaviours
+from kimivl_rl.data.traces import shows_work
 from kimivl_rl.reward.contract import RewardInput, RewardOutput
-from kimivl_rl.reward.extract import split_thinking
+from kimivl_rl.reward.extract import split_thinking, thinks_then_answers
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.types import GenerationRequest, Sample
 
@@ -38,7 +38,7 @@ def generation_requests(examples: list[Example], processor) -> list[GenerationRe
 
 def shows_trace_format(text: str, think_open: str, think_close: str) -> bool:
     reasoning, _ = split_thinking(text, think_open, think_close)
-    return reasoning is not None and trace_behaviours(reasoning) == set(BEHAVIOUR_MARKERS)
+    return thinks_then_answers(text, think_open, think_close) and shows_work(reasoning)
 
 
 def reward_inputs(cfg, examples: Sequence[Example],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -69,32 +70,39 @@ def test_sft_answers_are_boxed_reference_answers(small_data_dir):
 def test_long_cot_replies_box_the_answer_their_trace_ends_at(small_data_dir):
     for row in RowLoader(small_data_dir / "long_cot" / "train.jsonl").load_all():
         reasoning, reply = row.messages[-1]["reasoning_content"], row.messages[-1]["content"]
-        assert reasoning.startswith(f"boxed{{{row.answer}}} at a glance")
-        traced = reply.removeprefix("\\boxed{").removesuffix("}")
-        assert reasoning.endswith(f"{traced}.") or reasoning.endswith(f"({traced}).")
+        assert reply == f"\\boxed{{{row.answer}}}"
+        assert reasoning.endswith(f" {row.answer}.") or reasoning.endswith(f"({row.answer}).")
 
 
-def test_the_teacher_second_guesses_big_answers_at_its_rate():
-    """Among counts of 3+ and sums of 10+ the trace talks itself out of the right answer at
-    SECOND_GUESS_RATE (within four binomial standard errors); elsewhere never."""
-    from kimivl_rl.data.traces import (SECOND_GUESS_RATE, invites_doubt, second_guesses,
-                                       traced_answer)
+def _steps(reasoning: str) -> dict[str, str]:
+    """The trace's worked steps, "X = Y", as {X: Y}."""
+    return dict(re.findall(r"(\w+(?: all)?) = (\w+)\.", reasoning))
 
-    tasks = [sample_task(BuildSpec(), "long_cot", "train", i) for i in range(600)]
-    doubtful = [t for t in tasks if invites_doubt(t)]
-    rate = sum(map(second_guesses, doubtful)) / len(doubtful)
-    assert abs(rate - SECOND_GUESS_RATE) < 4 * (SECOND_GUESS_RATE * (1 - SECOND_GUESS_RATE)
-                                                 / len(doubtful)) ** 0.5
-    assert not any(second_guesses(t) for t in tasks if not invites_doubt(t))
-    assert {t.kind for t in doubtful} == {"count", "arith"}
-    for task in tasks:
-        reflection = long_cot_reasoning(task).split(BEHAVIOUR_MARKERS["reflection"])[1]
-        if second_guesses(task):
-            wrong = int(task.answer) + 1 if task.kind == "count" else int(task.answer) - 10
-            assert traced_answer(task) == str(wrong) and f"is {wrong}." in reflection
-        else:
-            assert traced_answer(task) == task.answer
-            assert task.kind == "colour" or f"stays {task.answer}." in reflection
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5])
+def test_every_step_of_a_trace_is_what_the_image_or_the_sum_gives(difficulty):
+    """Counted from the pixels, independently of the generator: each colour a trace counts, the
+    total it adds up, the colour it names; a sum's value from the expression."""
+    for index in range(10):
+        for kind in ("count", "colour", "arith"):
+            task = make_task(kind, np.random.default_rng([11, difficulty, index]), difficulty, 112)
+            steps = _steps(long_cot_reasoning(task))
+            if task.image is None:
+                expression = task.question.removeprefix("What is ").removesuffix("?")
+                assert steps == {"sum": str(eval(expression, {"__builtins__": {}}))}  # noqa: S307
+                continue
+            pixels = {c: _count_colour(task.image, c) for c in COLOURS}
+            if kind == "colour" and not task.choices:
+                assert steps == {"square": max(pixels, key=pixels.get)}
+            elif kind == "count":
+                colour = task.question.split()[2]
+                assert steps == {colour: str(pixels[colour])}
+            else:  # every colour in the same order, then the total or the most frequent one
+                counted = {c: str(n) for c, n in pixels.items()}
+                assert list(steps)[:4] == sorted(COLOURS)
+                assert {c: steps[c] for c in COLOURS} == counted
+                if kind == "arith":
+                    assert steps["in all"] == str(sum(pixels.values())) == task.answer
 
 
 def test_long_cot_traces_show_all_four_behaviours(small_data_dir):
@@ -166,32 +174,40 @@ def test_image_answers_match_the_pixels(difficulty):
         winner = task.choices[task.answer] if task.choices else task.answer
         assert counts[winner] == max(counts.values())
         assert list(counts.values()).count(counts[winner]) == 1
+        if difficulty >= 3:
+            total = make_task("arith", rng, difficulty, 112)
+            assert sum(_count_colour(total.image, c) for c in COLOURS) == int(total.answer)
 
 
 def test_arithmetic_answers_are_right():
-    spec = BuildSpec(text_fraction=1.0)
+    spec = BuildSpec(arith_fraction=1.0)
     for index in range(200):
         task = sample_task(spec, "rl", "train", index)
-        expression = task.question.removeprefix("What is ").removesuffix("?")
-        assert eval(expression, {"__builtins__": {}}) == int(task.answer)  # noqa: S307 (own text)
-        assert task.answer in long_cot_reasoning(task)
+        if task.image is None:
+            expression = task.question.removeprefix("What is ").removesuffix("?")
+            assert eval(expression, {"__builtins__": {}}) == int(task.answer)  # noqa: S307 (own text)
+        else:
+            assert task.difficulty >= 3 and task.answer == str(len(task.squares))
 
 
 def test_difficulty_grows_with_level():
-    """Higher levels mean more objects and distractors (counts) and longer expressions."""
-    def mean_squares(level):
-        return np.mean([len(make_task("count", np.random.default_rng([level, i]), level, 112).squares)
+    """Higher levels mean more objects and distractors (counts), more terms, then more colours
+    to add up (arithmetic)."""
+    def mean_squares(kind, level):
+        return np.mean([len(make_task(kind, np.random.default_rng([level, i]), level, 112).squares)
                         for i in range(200)])
 
-    means = [mean_squares(level) for level in range(1, 6)]
+    means = [mean_squares("count", level) for level in range(1, 6)]
     assert means == sorted(means) and means[-1] > 3 * means[0]
-    steps = [len(make_task("arith", np.random.default_rng(i), level, 112).steps)
-             for i, level in enumerate([1, 3, 5])]
-    assert steps == [1, 2, 3]
+    terms = [make_task("arith", np.random.default_rng(i), level, 112).question.count("+")
+             for i, level in enumerate([1, 2])]
+    assert terms == [1, 2]
+    totals = [mean_squares("arith", level) for level in range(3, 6)]
+    assert totals == sorted(totals)
 
 
-def test_task_mix_follows_text_fraction():
-    spec = BuildSpec(text_fraction=0.5)
+def test_task_mix_follows_arith_fraction():
+    spec = BuildSpec(arith_fraction=0.5)
     kinds = Counter(sample_task(spec, "joint_sft", "train", i).kind for i in range(400))
     assert 150 < kinds["arith"] < 250
     assert kinds["count"] > 50 and kinds["colour"] > 50

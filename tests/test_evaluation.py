@@ -29,8 +29,21 @@ def scored(*scores: float) -> list[RewardOutput]:
     return [RewardOutput(s, "correct" if s else "wrong answer") for s in scores]
 
 
-TRACE = ("<think>First I will add. Let me check: yes. Wait, sure. Let me try another way: same."
-         "</think>\\boxed{5}")
+TRACE = "<think>First I will add the numbers. sum = 5. Let me check: sum = 5.</think>\\boxed{5}"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (TRACE, True),
+    ("<think>How many red squares? red = 2.</think>\\boxed{2}", True),
+    ("<think>Let me check: 5. Wait, 5.</think>\\boxed{5}", False),  # restates, works nothing out
+    ("<think>sum = 5.</think>", False),                               # no answer after thinking
+    ("sum = 5. \\boxed{5}", False),                                  # no thinking section
+    ("<think>sum = 5.", False),                                       # never closes
+])
+def test_the_trace_format_is_a_closed_thinking_section_with_a_worked_step(text, expected):
+    from kimivl_rl.evaluation import shows_trace_format
+
+    assert shows_trace_format(text, "<think>", "</think>") is expected
 
 
 def test_greedy_slices_lengths_traces_and_reasons():

@@ -52,7 +52,9 @@ class DataConfig:
     eval_examples: int = bounded(100, ge=1)
     image_size: int = bounded(112, ge=28)
     max_difficulty: int = bounded(5, ge=1, le=5)
-    text_fraction: float = bounded(0.5, ge=0.0, le=1.0)
+    # The built-in tasks' share of arithmetic (text at difficulty 1-2, counted from an image at
+    # 3-5); the rest split evenly between counting and colour questions.
+    arith_fraction: float = bounded(0.5, ge=0.0, le=1.0)
     # Images above this many pixels are resized down (keeping aspect) or rejected.
     max_pixels: int = bounded(448 * 448, ge=28 * 28)
     oversize_images: Literal["resize", "reject"] = "resize"

@@ -16,11 +16,11 @@ import numpy as np
 from tqdm import tqdm
 
 from kimivl_rl.data.tasks import MAX_DIFFICULTY, TASK_KINDS, Task, make_task
-from kimivl_rl.data.traces import long_cot_reasoning, traced_final_answer
+from kimivl_rl.data.traces import long_cot_reasoning
 from kimivl_rl.infra.ownership import check_replaceable_dir, file_hashes, sha256_of, staging_dir
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 10  # bump when generated content changes for the same spec
+FORMAT_VERSION = 15  # bump when generated content changes for the same spec
 _SPLIT_IDS = {"joint_sft": 1, "long_cot": 2, "rl": 3, "corpus": 4}
 _PART_IDS = {"train": 0, "eval": 1}
 
@@ -34,7 +34,7 @@ class BuildSpec:
     eval_examples: int = 100
     image_size: int = 112
     max_difficulty: int = MAX_DIFFICULTY
-    text_fraction: float = 0.5
+    arith_fraction: float = 0.5
 
     @classmethod
     def from_config(cls, data_cfg) -> "BuildSpec":
@@ -42,9 +42,9 @@ class BuildSpec:
 
 
 def sample_task(spec: BuildSpec, split: str, part: str, index: int) -> Task:
-    """The task at ``index`` of a split; text or image by ``text_fraction``."""
+    """The task at ``index`` of a split; arithmetic by ``arith_fraction``."""
     rng = np.random.default_rng([spec.seed, _SPLIT_IDS[split], _PART_IDS[part], index])
-    if rng.random() < spec.text_fraction:
+    if rng.random() < spec.arith_fraction:
         kind = "arith"
     else:
         kind = str(rng.choice([k for k in TASK_KINDS if k != "arith"]))
@@ -72,7 +72,7 @@ def task_row(task: Task, split: str, image_path: Optional[str]) -> dict:
         messages.append({"role": "assistant", "content": task.final_answer})
     elif split == "long_cot":
         messages.append({"role": "assistant", "reasoning_content": long_cot_reasoning(task),
-                         "content": traced_final_answer(task)})
+                         "content": task.final_answer})
     return {"messages": messages, "images": [image_path] if image_path else [],
             "answer": task.answer, "difficulty": task.difficulty, "task": task.kind}
 
@@ -177,7 +177,7 @@ def ensure_dataset(spec: BuildSpec, out_dir: str | Path, progress: bool = True) 
 
 def corpus_texts(seed: int, count: int = 3000) -> Iterator[str]:
     """Text the tiny model's tokenizer is trained on: questions, answers and traces."""
-    spec = BuildSpec(seed=seed, text_fraction=0.4)
+    spec = BuildSpec(seed=seed, arith_fraction=0.4)
     for index in range(count):
         task = sample_task(spec, "corpus", "train", index)
         yield task.question

@@ -6,10 +6,11 @@ Three kinds, each with difficulty 1 (learnable by the tiny model in minutes) to 
   merged vision tokens. Hard: up to 9 small squares placed off-grid among distractors.
 - ``colour``: the colour of a single square (easy), then which colour is most frequent as
   a multiple-choice question (hard: close counts, small off-grid squares).
-- ``arith``: text arithmetic, from one-digit sums to multi-step expressions.
+- ``arith``: sums of two or three one-digit numbers (text), then how many squares there are in
+  all (two colours on the grid, then three or four off it).
 
-Each task keeps how it was made (its squares, or the steps of its expression, whose count
-grows with difficulty); the long chain-of-thought traces read the squares' colours.
+An image task keeps its squares, from which the long chain-of-thought traces write down each
+colour's count.
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ class Task:
     answer: str
     image: Optional[Image.Image] = None
     squares: list[Square] = field(default_factory=list)
-    steps: list[tuple[str, int]] = field(default_factory=list)  # (expression, value)
     choices: dict[str, str] = field(default_factory=dict)  # letter -> colour
 
     @property
@@ -132,30 +132,26 @@ def make_colour(rng: np.random.Generator, difficulty: int, image_size: int) -> T
                 render(squares, image_size), squares, choices=choices)
 
 
-def _arith_steps(rng: np.random.Generator, difficulty: int) -> list[tuple[str, int]]:
-    """The steps of an expression: each (sub-expression text, its value); the last is whole."""
-    r = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731
-    if difficulty == 1:
-        a, b = r(0, 9), r(0, 9)
-        return [(f"{a} + {b}", a + b)]
-    if difficulty == 2:
-        a, b = r(10, 99), r(10, 99)
-        return [(f"{a} + {b}", a + b)]
-    if difficulty == 3:
-        a, b, c = r(10, 99), r(10, 99), r(1, 50)
-        return [(f"{a} + {b}", a + b), (f"{a} + {b} - {c}", a + b - c)]
-    if difficulty == 4:
-        a, b, c = r(2, 9), r(2, 9), r(1, 99)
-        return [(f"{a} * {b}", a * b), (f"{a} * {b} + {c}", a * b + c)]
-    a, b, c, d = r(2, 20), r(2, 20), r(2, 9), r(1, 99)
-    return [(f"{a} + {b}", a + b), (f"({a} + {b}) * {c}", (a + b) * c),
-            (f"({a} + {b}) * {c} - {d}", (a + b) * c - d)]
+def _digit_sum(rng: np.random.Generator, terms: int) -> tuple[str, int]:
+    digits = [int(d) for d in rng.integers(1, 10, size=terms)]
+    return " + ".join(map(str, digits)), sum(digits)
 
 
 def make_arith(rng: np.random.Generator, difficulty: int, image_size: int) -> Task:
-    steps = _arith_steps(rng, difficulty)
-    expression, value = steps[-1]
-    return Task("arith", difficulty, f"What is {expression}?", str(value), steps=steps)
+    """Sums of one-digit numbers (difficulty 1-2), then how many squares there are in all (3-5:
+    two colours on the grid, then three off it, then three or four small ones): each colour's
+    count reads the image, as the count task does; their total is a sum of numbers just
+    written."""
+    if difficulty <= 2:
+        expression, value = _digit_sum(rng, difficulty + 1)
+        return Task("arith", difficulty, f"What is {expression}?", str(value))
+    n_colours = {3: 2, 4: 3, 5: int(rng.integers(3, 5))}[difficulty]
+    names = [str(c) for c in rng.permutation(list(COLOURS))[:n_colours]]
+    colours = [c for c in names for _ in range(int(rng.integers(1, 4)))]
+    on_grid, sizes = _layout(difficulty)
+    squares = _place_squares(rng, colours, image_size, on_grid, sizes)
+    return Task("arith", difficulty, "How many squares are there in all?", str(len(squares)),
+                render(squares, image_size), squares)
 
 
 MAKERS: dict[str, Callable[[np.random.Generator, int, int], Task]] = {

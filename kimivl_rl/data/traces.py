@@ -1,33 +1,27 @@
 """Long chain-of-thought traces for built-in tasks.
 
-Each trace shows the four behaviours of the recipe, in this order, and ends at the correct
-answer: planning ("First I will ..."), evaluation ("Let me check ..."), reflection
-("Wait, ...") and exploration ("Let me try another way: ..."). The phrases are fixed so that a
-trace's format can be recognised in model outputs (``trace_behaviours``).
+A trace first does the work: it plans ("First I will ...") and writes each intermediate result
+as ``X = Y``, then concludes from what it wrote. On a question about several colours it counts
+every colour in turn, always in the same order, and then adds up or compares the counts it has
+written: a tiny model that cannot count four colours and compare them in one pass can read one
+colour at a time and compare numbers it has just written (docs/experiments.md, design 15).
+Every step is right and the trace ends at the task's answer.
 
-Every trace opens with the answer at a glance, written as joint SFT taught the model to answer
-(see ``_glance``), then plans, checks, reflects and tries another way, each restating that
-answer, and ends at it: the tiny model cannot do the work a trace describes, and a trace that
-makes it recompute gives it a second, often different, answer to copy from
-(docs/experiments.md, "Long-CoT trace designs").
-
-After the one check that shows evaluation come 0 to ``MAX_EXTRA_CHECKS`` redundant ones, their
-number drawn per task from a hash the model cannot predict, so the model learns it as a coin it
-flips while sampling: one prompt's samples differ in length by tens of tokens while reaching the
-same answer. Those redundant checks, worded without the behaviour markers so that a trace keeps
-its format without them, are what the k1.5 length penalty has to remove.
-
-The teacher also has a habit that answer-only RL has to remove: on big counts and multi-digit
-sums its reflection second-guesses a right answer (``second_guesses``, a coin of
-``SECOND_GUESS_RATE`` drawn like the checks) and the trace ends at the wrong one. Past one half,
-a student's greedy answer follows the habit while its samples still reach the right answer often,
-so the RL stage has something to select (docs/experiments.md, "Second-guessing traces").
+Then come the recipe's other behaviours, all redundant: evaluation ("Let me check ..."),
+reflection ("Wait, ...") and exploration ("Let me try another way: ..."), each restating the
+result, with 0 to ``MAX_EXTRA_CHECKS`` more restatements after the check, their number drawn per
+task from a hash the model cannot predict: one prompt's samples then differ in length by tens of
+tokens at the same answer. That redundancy is what the k1.5 length penalty can remove without
+losing accuracy; the worked steps are what a response keeps to show the trace format
+(``shows_work``).
 """
 from __future__ import annotations
 
 import hashlib
+import re
+from collections import Counter
 
-from kimivl_rl.data.tasks import Task
+from kimivl_rl.data.tasks import COLOURS, Task
 
 BEHAVIOUR_MARKERS = {
     "planning": "First I will",
@@ -36,7 +30,8 @@ BEHAVIOUR_MARKERS = {
     "exploration": "Let me try another way",
 }
 MAX_EXTRA_CHECKS = 4
-SECOND_GUESS_RATE = 0.6
+# A worked step: an intermediate result written as "X = Y" ("(A) = 15", "red = 3").
+WORKED_STEP = re.compile(r"\S *= *\w")
 
 
 def trace_behaviours(text: str) -> set[str]:
@@ -44,124 +39,104 @@ def trace_behaviours(text: str) -> set[str]:
     return {name for name, marker in BEHAVIOUR_MARKERS.items() if marker in text}
 
 
-def _task_hash(task: Task, salt: str) -> int:
-    """A number fixed for a task and unpredictable from its prompt."""
-    key = f"{salt}{task.kind}|{task.question}|{task.answer}|{task.squares}|{task.steps}"
-    return int(hashlib.sha256(key.encode()).hexdigest(), 16)
+def shows_work(reasoning: str) -> bool:
+    """Whether reasoning writes down at least one worked step (``WORKED_STEP``): a restated
+    answer alone is no reasoning."""
+    return WORKED_STEP.search(reasoning) is not None
 
 
 def extra_checks(task: Task) -> int:
     """0..MAX_EXTRA_CHECKS, uniform over tasks, fixed for a task, unpredictable from its prompt."""
-    return _task_hash(task, "") % (MAX_EXTRA_CHECKS + 1)
+    key = f"{task.kind}|{task.question}|{task.answer}|{task.squares}"
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % (MAX_EXTRA_CHECKS + 1)
 
 
-def invites_doubt(task: Task) -> bool:
-    """Counts of three or more and sums of two or more digits: where the teacher doubts itself."""
-    if task.kind == "count":
-        return int(task.answer) >= 3
-    return task.kind == "arith" and abs(int(task.answer)) >= 10
+def _trace(task: Task, plan: str, work: str, check: str, redundant: list[str], reflection: str,
+           exploration: str) -> str:
+    """Plan and work, then the check and the first ``extra_checks(task)`` redundant
+    restatements, the reflection and the exploration, in that order."""
+    return " ".join([f"First I will {plan}.", work, f"Let me check: {check}",
+                     *redundant[: extra_checks(task)], f"Wait, {reflection}",
+                     f"Let me try another way: {exploration}"])
 
 
-def second_guesses(task: Task) -> bool:
-    """Whether this task's trace talks itself out of the right answer (rate SECOND_GUESS_RATE
-    among the tasks that invite doubt, none elsewhere)."""
-    return invites_doubt(task) and _task_hash(task, "doubt|") % 1000 < SECOND_GUESS_RATE * 1000
+def _colour_counts(task: Task) -> Counter:
+    return Counter(s.colour for s in task.squares)
 
 
-def traced_answer(task: Task) -> str:
-    """The answer the trace ends at: the task's, or the second guess (one square more, or a
-    carried one too many)."""
-    if not second_guesses(task):
-        return task.answer
-    return str(int(task.answer) + 1) if task.kind == "count" else str(int(task.answer) - 10)
+def _colour_step(colour: str, count: int) -> str:
+    """One reading of the image, asked as the count question the joint model answers at once:
+    a bare "red = " gets the student's prior, not a count (docs/experiments.md, design 15)."""
+    return f"How many {colour} squares? {colour} = {count}."
 
 
-def traced_final_answer(task: Task) -> str:
-    """The reply after the thinking section: the traced answer, boxed."""
-    return f"\\boxed{{{traced_answer(task)}}}"
+def _every_colour(counts: Counter) -> str:
+    """The squares of every colour, in the same order each time, absent colours as 0."""
+    return " ".join(_colour_step(colour, counts[colour]) for colour in sorted(COLOURS))
 
 
-def _glance(answer: str) -> str:
-    """The trace's first thought: the answer as joint SFT taught the model to give it, at the
-    same token offset in the reply (``boxed{`` without the backslash, ``<think>`` taking its
-    place): the tiny model's arithmetic is tied to that offset."""
-    return f"boxed{{{answer}}} at a glance"
-
-
-def _checks(task: Task, check: str, redundant: list[str]) -> str:
-    """The check, then the first ``extra_checks(task)`` redundant ones, always in that order."""
-    return " ".join([check, *redundant[: extra_checks(task)]])
-
-
-def _count_trace(task: Task, colour: str) -> str:
-    total, final = task.answer, traced_answer(task)
-    others = sorted({s.colour for s in task.squares if s.colour != colour})
-    if second_guesses(task):
-        reflection = (f"Wait, could a {colour} square hide at the edge? Yes, one more, so the "
-                      f"count is {final}.")
-    elif others:
-        reflection = (f"Wait, the image also has {' and '.join(others)} squares; those are not "
-                      f"{colour}, so the count stays {total}.")
-    else:
-        reflection = (f"Wait, could a {colour} square hide at the edge? No, so the count stays "
-                      f"{total}.")
-    checks = _checks(task, f"Let me check: I look at each {colour} square once more and get "
-                           f"{total}.", [
-        f"Once more, going row by row from the top of the image: {total} {colour} squares.",
-        f"And again, going from the left edge over to the right edge: still {total}.",
-        f"To be sure, pointing at each {colour} square in turn, one at a time: {total}.",
-        f"One last time, going from the bottom row up to the top row: {total}."])
-    return (f"{_glance(total)}. First I will count the {colour} squares one by one: I count "
-            f"{total}. {checks} {reflection} "
-            f"Let me try another way: column by column I get {final}.")
+def _count_trace(task: Task) -> str:
+    colour, total = task.question.split()[2], task.answer
+    others = sorted(c for c in _colour_counts(task) if c != colour)
+    reflection = (f"the other squares are {' and '.join(others)}, so {total}."
+                  if others else f"every square is {colour}, so {total}.")
+    return _trace(task, f"count the {colour} squares", _colour_step(colour, int(total)),
+                  f"{colour} = {total}.", [
+                      f"Once more, row by row: {total}.",
+                      f"And again, left to right: still {total}.",
+                      f"To be sure, one square at a time: {total}.",
+                      f"One last time, bottom to top: {total}."],
+                  reflection, f"column by column, {total}.")
 
 
 def _colour_trace(task: Task) -> str:
-    # Colours are restated unquoted: ' green' is a different token from the boxed 'green', so the
-    # model looks at the image again instead of copying (docs/experiments.md).
     if not task.choices:
         colour = task.answer
-        checks = _checks(task, f"Let me check: the square is one solid colour, {colour}.", [
-            f"Once more, looking closely at the middle of the square: it is {colour}.",
-            f"And again, looking at each of its four corners in turn: {colour}.",
-            f"To be sure, comparing it with the white background around it: {colour}.",
-            f"One last time, looking along all of its edges: still {colour}."])
-        return (f"{_glance(colour)}. First I will look at the square again: it is {colour}. "
-                f"{checks} Wait, the only coloured thing is the square. "
-                f"Let me try another way: its pixels are mostly {colour}.")
-    winner = task.choices[task.answer]
-    checks = _checks(task, f"Let me check the options: {winner} is option ({task.answer}).", [
-        f"Once more, going over the squares colour by colour: {winner} has the most.",
-        f"And again, comparing {winner} with each of the other colours: {winner} still wins.",
-        f"To be sure, reading the options from the first to the last: ({task.answer}) is "
-        f"{winner}.",
-        f"One last time, counting {winner} against all of the rest: {winner} wins."])
-    return (f"{_glance(task.answer)}, {winner}. First I will check that {winner} has the most "
-            f"squares: it does. {checks} Wait, the question asks for a letter, so I answer "
-            f"({task.answer}). Let me try another way: {winner} beats each other colour, so "
-            f"({task.answer}).")
+        return _trace(task, "look at the square", f"square = {colour}.", f"square = {colour}.", [
+            f"Once more, its middle: {colour}.",
+            f"And again, its corners: {colour}.",
+            f"To be sure, against the white: {colour}.",
+            f"One last time, its edges: still {colour}."],
+            f"the square is all one colour, {colour}.", f"its pixels are {colour}.")
+    letter = task.answer
+    winner = task.choices[letter]
+    counts = _colour_counts(task)
+    return _trace(task, "count each colour",
+                  f"{_every_colour(counts)} {winner} has the most, {counts[winner]}.",
+                  f"{winner} is option ({letter}).", [
+                      f"Once more, colour by colour: {winner} has the most.",
+                      f"And again, {winner} against each other colour: {winner} wins.",
+                      f"To be sure, the options in order: ({letter}) is {winner}.",
+                      f"One last time, {winner} against the rest: {winner} wins."],
+                  f"the question asks for a letter, so ({letter}).",
+                  f"{winner} beats the others, so ({letter}).")
 
 
-def _arith_trace(task: Task) -> str:
-    # No worked steps: a recomputed value competed with the first answer (docs/experiments.md).
-    value, final = task.answer, traced_answer(task)
-    reflection = (f"Wait, I may have carried a one too many, so the result is {final}."
-                  if second_guesses(task) else
-                  f"Wait, I used every number in the question, so the result stays {value}.")
-    checks = _checks(task, f"Let me check: adding it up once more I again get {value}.", [
-        f"Once more, going from the first number to the last one, I get {value}.",
-        f"And again, doing it step by step and slowly this time: {value}.",
-        f"To be sure, reading the whole question again from the start: {value}.",
-        f"One last time, going from the last number back to the first: {value}."])
-    return (f"{_glance(value)}. First I will work it out one step at a time and get {value}. "
-            f"{checks} {reflection} "
-            f"Let me try another way: computing it again from the left gives {final}.")
+def _sum_trace(task: Task) -> str:
+    value = task.answer
+    return _trace(task, "add the numbers", f"sum = {value}.", f"sum = {value}.", [
+        f"Once more, first to last: {value}.",
+        f"And again, last to first: {value}.",
+        f"To be sure, one at a time: {value}.",
+        f"One last time, the sum is {value}."],
+        f"I used every number once, so {value}.", f"in pairs, {value}.")
+
+
+def _in_all_trace(task: Task) -> str:
+    total = task.answer
+    return _trace(task, "count each colour",
+                  f"{_every_colour(_colour_counts(task))} in all = {total}.", f"in all = {total}.", [
+                      f"Once more, colour by colour: {total} squares.",
+                      f"And again, row by row: still {total}.",
+                      f"To be sure, one square at a time: {total}.",
+                      f"One last time, bottom to top: {total}."],
+                  f"every square has one colour, so {total}.", f"all at once, {total}.")
 
 
 def long_cot_reasoning(task: Task) -> str:
     """The thinking section (without its delimiters) that leads to ``task.answer``."""
     if task.kind == "count":
-        return _count_trace(task, task.question.split()[2])
+        return _count_trace(task)
     if task.kind == "colour":
         return _colour_trace(task)
-    return _arith_trace(task)
+    return _sum_trace(task) if task.difficulty <= 2 else _in_all_trace(task)
