@@ -75,61 +75,57 @@ def _every_colour(counts: Counter) -> str:
     return " ".join(_colour_step(colour, counts[colour]) for colour in sorted(COLOURS))
 
 
+def _restated(result: str, *ways: str) -> list[str]:
+    """The redundant restatements of a result, one per way of looking again."""
+    leads = ("Once more", "And again", "To be sure", "One last time")
+    return [f"{lead}, {way}: {result}." for lead, way in zip(leads, ways)]
+
+
 def _count_trace(task: Task) -> str:
     colour, total = task.question.split()[2], task.answer
     others = sorted(c for c in _colour_counts(task) if c != colour)
     reflection = (f"the other squares are {' and '.join(others)}, so {total}."
                   if others else f"every square is {colour}, so {total}.")
     return _trace(task, f"count the {colour} squares", _colour_step(colour, int(total)),
-                  f"{colour} = {total}.", [
-                      f"Once more, row by row: {total}.",
-                      f"And again, left to right: still {total}.",
-                      f"To be sure, one square at a time: {total}.",
-                      f"One last time, bottom to top: {total}."],
+                  f"{colour} = {total}.",
+                  _restated(total, "row by row", "left to right", "one square at a time",
+                            "bottom to top"),
                   reflection, f"column by column, {total}.")
 
 
 def _colour_trace(task: Task) -> str:
     if not task.choices:
         colour = task.answer
-        return _trace(task, "look at the square", f"square = {colour}.", f"square = {colour}.", [
-            f"Once more, its middle: {colour}.",
-            f"And again, its corners: {colour}.",
-            f"To be sure, against the white: {colour}.",
-            f"One last time, its edges: still {colour}."],
-            f"the square is all one colour, {colour}.", f"its pixels are {colour}.")
+        return _trace(task, "look at the square", f"square = {colour}.", f"square = {colour}.",
+                      _restated(colour, "its middle", "its corners", "against the white",
+                                "its edges"),
+                      f"the square is all one colour, {colour}.", f"its pixels are {colour}.")
     letter = task.answer
     winner = task.choices[letter]
     counts = _colour_counts(task)
     return _trace(task, "count each colour",
                   f"{_every_colour(counts)} {winner} has the most, {counts[winner]}.",
-                  f"{winner} is option ({letter}).", [
-                      f"Once more, colour by colour: {winner} has the most.",
-                      f"And again, {winner} against each other colour: {winner} wins.",
-                      f"To be sure, the options in order: ({letter}) is {winner}.",
-                      f"One last time, {winner} against the rest: {winner} wins."],
+                  f"{winner} is option ({letter}).",
+                  _restated(f"{winner} has the most", "colour by colour",
+                            f"{winner} against each other colour", "the options in order",
+                            f"{winner} against the rest"),
                   f"the question asks for a letter, so ({letter}).",
                   f"{winner} beats the others, so ({letter}).")
 
 
 def _sum_trace(task: Task) -> str:
     value = task.answer
-    return _trace(task, "add the numbers", f"sum = {value}.", f"sum = {value}.", [
-        f"Once more, first to last: {value}.",
-        f"And again, last to first: {value}.",
-        f"To be sure, one at a time: {value}.",
-        f"One last time, the sum is {value}."],
-        f"I used every number once, so {value}.", f"in pairs, {value}.")
+    return _trace(task, "add the numbers", f"sum = {value}.", f"sum = {value}.",
+                  _restated(value, "first to last", "last to first", "one at a time", "in pairs"),
+                  f"I used every number once, so {value}.", f"from the largest, {value}.")
 
 
 def _in_all_trace(task: Task) -> str:
     total = task.answer
     return _trace(task, "count each colour",
-                  f"{_every_colour(_colour_counts(task))} in all = {total}.", f"in all = {total}.", [
-                      f"Once more, colour by colour: {total} squares.",
-                      f"And again, row by row: still {total}.",
-                      f"To be sure, one square at a time: {total}.",
-                      f"One last time, bottom to top: {total}."],
+                  f"{_every_colour(_colour_counts(task))} in all = {total}.", f"in all = {total}.",
+                  _restated(total, "colour by colour", "row by row", "one square at a time",
+                            "bottom to top"),
                   f"every square has one colour, so {total}.", f"all at once, {total}.")
 
 
