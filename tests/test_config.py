@@ -101,6 +101,22 @@ def test_cross_field_rule(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["sft.long_cot.replay_examples=10"], "sft.long_cot.replay_examples: replays nothing: set "
+                                          "sft.long_cot.replay_file"),
+    (["sft.joint.replay_system_prompt=Answer."], "sft.joint.replay_system_prompt: replays nothing"),
+    (["sft.long_cot.unsolved_fraction=0.1"], "sft.long_cot.unsolved_fraction: applies only with "
+                                             "sft.long_cot.keep_solved: true"),
+])
+def test_replay_and_keep_solved_settings_that_would_do_nothing_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    both = load_config(None, ["sft.long_cot.replay_file=joint_sft/train.jsonl",
+                              "sft.long_cot.replay_examples=10", "sft.long_cot.keep_solved=true",
+                              "sft.long_cot.unsolved_fraction=0.1"])
+    assert both.sft.long_cot.replay_examples == 10 and both.sft.long_cot.unsolved_fraction == 0.1
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["rollout.token_budget=256", "rl.max_staleness=2"], "leaves nothing to carry over"),
     (["rollout.token_budget=64", "rl.max_staleness=1"], "need rl.max_staleness >= 2"),

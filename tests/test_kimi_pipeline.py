@@ -23,7 +23,7 @@ def test_tiny_kimi_runs_joint_sft_long_cot_sft_and_rl(tmp_path, family):
            f"model.path={tmp_path}/model", f"data.dir={tmp_path}/data", f"output.dir={tmp_path}/out",
            "data.joint_sft_examples=60", "data.long_cot_examples=30", "data.rl_prompts=40",
            "data.eval_examples=20", f"sft.joint.phases={SHORT_PHASE}",
-           f"sft.long_cot.phases={SHORT_PHASE}", "sft.long_cot.replay_examples=10",
+           f"sft.long_cot.phases={SHORT_PHASE}",
            "sft.eval_examples=4", "sft.eval_max_new_tokens=16",
            # every group informative, so each iteration updates the policy and syncs it
            "reward.function=reward_plugins:mentions_a_digit", "rl.iterations=3",

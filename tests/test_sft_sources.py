@@ -74,7 +74,8 @@ def sources_cfg(tmp_path: Path, model_dir: Path, *overrides: str):
         f"model.path={model_dir}", "model.init_if_missing=false", f"data.dir={tmp_path / 'data'}",
         "data.build_if_missing=false", f"output.dir={tmp_path / 'out'}",
         "sft.long_cot.train_file=own.jsonl", "sft.long_cot.replay_file=replay.jsonl",
-        "sft.long_cot.replay_examples=4", "sft.long_cot.keep_solved=true",
+        "sft.long_cot.replay_examples=4", "sft.long_cot.replay_system_prompt=Answer directly.",
+        "sft.long_cot.keep_solved=true",
         f"sft.eval_max_new_tokens={MAX_NEW_TOKENS}", *overrides]))
 
 

@@ -277,10 +277,12 @@ def _check_bounds(f: dataclasses.Field, value: Any, key: str, where: _Where) -> 
 def _check_consistency(cfg: Config, where: _Where) -> None:
     """Rules that span fields; each names the key to change."""
     for stage in ("joint", "long_cot"):
-        for i, phase in enumerate(getattr(cfg.sft, stage).phases):
+        stage_cfg = getattr(cfg.sft, stage)
+        for i, phase in enumerate(stage_cfg.phases):
             if phase.lr_final > phase.lr_peak:
                 raise where.error(f"sft.{stage}.phases.{i}.lr_final",
                                   f"{phase.lr_final} is above lr_peak {phase.lr_peak}")
+        _check_replay(stage, stage_cfg, where)
     if cfg.data.prompt_template and TEMPLATE_SLOT not in cfg.data.prompt_template:
         raise where.error("data.prompt_template", f"must hold {TEMPLATE_SLOT} where the row's "
                           f"prompt goes (or be empty for none)")
@@ -310,6 +312,18 @@ def _check_consistency(cfg: Config, where: _Where) -> None:
         if builtin:
             raise where.error(f"cluster.{role}_resources", f"{', '.join(sorted(builtin))}: set by "
                               f"cluster.{role}_cpus and cluster.use_gpu, not here")
+
+
+def _check_replay(stage: str, stage_cfg, where: _Where) -> None:
+    """Replay and keep-solved settings that would do nothing are refused, not ignored."""
+    if not stage_cfg.replay_file:
+        for key in ("replay_examples", "replay_system_prompt"):
+            if getattr(stage_cfg, key):
+                raise where.error(f"sft.{stage}.{key}", f"replays nothing: set "
+                                  f"sft.{stage}.replay_file to the file to replay from")
+    if stage_cfg.unsolved_fraction and not stage_cfg.keep_solved:
+        raise where.error(f"sft.{stage}.unsolved_fraction", f"applies only with "
+                          f"sft.{stage}.keep_solved: true")
 
 
 def _check_colocation(cfg: Config, where: _Where) -> None:

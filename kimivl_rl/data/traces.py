@@ -10,8 +10,8 @@ Every step is right and the trace ends at the task's answer.
 Then come the recipe's other behaviours, all redundant: evaluation ("Let me check ..."),
 reflection ("Wait, ...") and exploration ("Let me try another way: ..."), each restating the
 result, with 0 to ``MAX_EXTRA_CHECKS`` more restatements after the check, their number drawn per
-task from a hash the model cannot predict: one prompt's samples then differ in length by tens of
-tokens at the same answer. That redundancy is what the k1.5 length penalty can remove without
+task from a hash the model cannot predict: one prompt's samples then differ in length by up to
+thirty tokens at the same answer. That redundancy is what the k1.5 length penalty can remove without
 losing accuracy; the worked steps are what a response keeps to show the trace format
 (``shows_work``).
 """
