@@ -11,8 +11,8 @@ Then come the recipe's other behaviours, all redundant: evaluation ("Let me chec
 reflection ("Wait, ...") and exploration ("Let me try another way: ..."), each restating the
 result, with 0 to ``MAX_EXTRA_CHECKS`` more restatements after the check, their number drawn per
 task from a hash the model cannot predict: one prompt's samples then differ in length by up to
-thirty tokens at the same answer. That redundancy is what the k1.5 length penalty can remove without
-losing accuracy; the worked steps are what a response keeps to show the trace format
+thirty tokens at the same answer. That redundancy is what the k1.5 length penalty can remove
+without losing accuracy; the worked steps are what a response keeps to show the trace format
 (``shows_work``).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ BEHAVIOUR_MARKERS = {
     "exploration": "Let me try another way",
 }
 MAX_EXTRA_CHECKS = 4
-# A worked step: an intermediate result written as "X = Y" ("(A) = 15", "red = 3").
+# A worked step: an intermediate result written as "X = Y" ("sum = 8", "red = 3", "in all = 6").
 WORKED_STEP = re.compile(r"\S *= *\w")
 
 
