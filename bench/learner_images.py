@@ -29,12 +29,13 @@ def trajectories(prompts, processor, samples: int, seed: int):
     from kimivl_rl.rl.experience import Trajectory
 
     rng = random.Random(seed)
+    vocab = processor.tokenizer.vocab_size  # the tiny tokenizer's size follows its corpus
     out = []
     for index, (prompt, request) in enumerate(zip(prompts, generation_requests(prompts, processor))):
         ids = processor(text=[request.prompt], images=prompt.images, return_tensors="pt")["input_ids"][0].tolist()
         for k in range(samples):
             length = rng.randint(40, 140)
-            out.append(Trajectory(index, ids, [rng.randrange(10, 600) for _ in range(length)],
+            out.append(Trajectory(index, ids, [rng.randrange(10, vocab) for _ in range(length)],
                                   [-1.0] * length, "stop", prompt.images, reward=float(k % 2)))
     return out
 
