@@ -33,7 +33,7 @@ def teach(model_dir: Path, out_dir: Path, answers: dict[str, str]) -> Path:
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for _ in range(150):
+    for _ in range(400):
         loss = model(**batch, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
