@@ -135,4 +135,4 @@ def long_cot_reasoning(task: Task) -> str:
         return _count_trace(task)
     if task.kind == "colour":
         return _colour_trace(task)
-    return _sum_trace(task) if task.difficulty <= 2 else _in_all_trace(task)
+    return _sum_trace(task) if task.image is None else _in_all_trace(task)
