@@ -269,6 +269,7 @@ def cmd_eval(args) -> None:
     samples = cfg.eval.samples if args.samples is None else args.samples
     init_ray(cfg)
     report = on_rollout_resources(cfg, evaluate_model, model, str(data_file), limit, samples,
+                                  None, True,  # the config's max_new_tokens; keep the responses
                                   step=f"evaluate {model}")
     report = {"report": EVAL_REPORT, "model": model, "file": str(data_file), **report}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, metavar="N",
                           help="first N rows only (default: rl.eval_prompts)")
     evaluate.add_argument("--out", metavar="JSON",
-                          help="report file (default: output.dir/eval/<model dir name>.json)")
+                          help="report file, with every prompt's greedy response, extracted "
+                               "answer and score under 'responses' (default: "
+                               "output.dir/eval/<model dir name>.json)")
     evaluate.set_defaults(func=cmd_eval)
 
     rl = commands.add_parser("rl", help="run the RL stage on Ray (vLLM rollouts, reward service, "

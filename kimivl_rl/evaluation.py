@@ -169,7 +169,7 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
     k = len(sampled[0]) if sampled else 0
     if sampled:
         flat = [float(s.score) for s in sampled_scores]
-        group_correct = [flat[i * k:(i + 1) * k] for i in range(len(sampled))]
+        group_correct = _per_prompt(flat, k)
         group_lengths = [[len(s.token_ids) for s in group] for group in sampled]
     stats = partial(_slice_stats, correct=correct, lengths=lengths, traces=traces,
                     group_correct=group_correct, group_lengths=group_lengths)
@@ -179,6 +179,26 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
         slices[TIER] = stats([i for i, ex in enumerate(examples) if in_tier(ex, tier)])
     return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
             "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores)}
+
+
+def response_rows(examples: Sequence[Example], greedy: Sequence[Sample],
+                  greedy_scores: Sequence[RewardOutput],
+                  sampled_scores: Optional[Sequence[RewardOutput]] = None) -> list[dict]:
+    """What the model wrote, prompt by prompt: the row it came from (``file:line``), the
+    reference answer, the greedy response with the answer extracted from it, its score, reason
+    and tokens, and the scores of the samples (``sampled_scores``: K per prompt, flat)."""
+    k = len(sampled_scores) // max(1, len(examples)) if sampled_scores else 0
+    groups = _per_prompt([s.score for s in sampled_scores], k) if k else [None] * len(examples)
+    return [{"source": ex.source, "reference": ex.answer, "difficulty": ex.difficulty,
+             "task": ex.extra.get("task"), "response": out.text, "extracted": score.extracted,
+             "score": score.score, "reason": score.reason, "tokens": len(out.token_ids),
+             **({"sample_scores": group} if k else {})}
+            for ex, out, score, group in zip(examples, greedy, greedy_scores, groups, strict=True)]
+
+
+def _per_prompt(flat: Sequence, k: int) -> list:
+    """Values listed group by group, K per prompt, as one list per prompt."""
+    return [list(flat[i:i + k]) for i in range(0, len(flat), k)]
 
 
 def format_report(report: dict) -> str:
@@ -206,9 +226,10 @@ def format_report(report: dict) -> str:
 # ----------------------------------------------------------------------------- running it
 
 def evaluate_with_engine(cfg, engine, processor, examples: list[Example], samples: int = 0,
-                         max_new_tokens: Optional[int] = None) -> dict:
+                         max_new_tokens: Optional[int] = None, responses: bool = False) -> dict:
     """Greedy answers (and ``samples`` more at the rollout temperature) from ``engine``, scored
-    in this process through the time-limited scorer, as a report."""
+    in this process through the time-limited scorer, as a report; with ``responses`` it holds
+    them too, prompt by prompt (``response_rows``)."""
     max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     requests = generation_requests(examples, processor)
     greedy = [g[0] for g in engine.generate(requests, n=1, temperature=0.0,
@@ -218,9 +239,12 @@ def evaluate_with_engine(cfg, engine, processor, examples: list[Example], sample
                               seed=cfg.seed) if samples else None
     greedy_scores = score_with_limits(cfg, reward_inputs(cfg, examples, [[g] for g in greedy]))
     sampled_scores = score_with_limits(cfg, reward_inputs(cfg, examples, sampled)) if sampled else None
-    return evaluation_report(examples, greedy, greedy_scores, think_open=cfg.model.think_open,
-                             think_close=cfg.model.think_close, tier=tier_of(cfg),
-                             sampled=sampled, sampled_scores=sampled_scores)
+    report = evaluation_report(examples, greedy, greedy_scores, think_open=cfg.model.think_open,
+                               think_close=cfg.model.think_close, tier=tier_of(cfg),
+                               sampled=sampled, sampled_scores=sampled_scores)
+    if responses:
+        report["responses"] = response_rows(examples, greedy, greedy_scores, sampled_scores)
+    return report
 
 
 def evaluation_rows(cfg, data_file: str, limit: int) -> list[Example]:
@@ -232,7 +256,7 @@ def evaluation_rows(cfg, data_file: str, limit: int) -> list[Example]:
 
 
 def evaluate_model(config: dict, model_dir: str, data_file: str, limit: int, samples: int,
-                   max_new_tokens: Optional[int] = None) -> dict:
+                   max_new_tokens: Optional[int] = None, responses: bool = False) -> dict:
     """``evaluate_with_engine`` on the first ``limit`` rows of ``data_file`` with a vLLM engine
     of its own for ``model_dir`` (a model, or an RL checkpoint): the body of a Ray task
     (``on_rollout_resources``)."""
@@ -241,7 +265,8 @@ def evaluate_model(config: dict, model_dir: str, data_file: str, limit: int, sam
     cfg = config_from_dict(config)
     examples = evaluation_rows(cfg, data_file, limit)
     with model_directory(model_dir) as model, greedy_engine(cfg, model) as (engine, processor):
-        return evaluate_with_engine(cfg, engine, processor, examples, samples, max_new_tokens)
+        return evaluate_with_engine(cfg, engine, processor, examples, samples, max_new_tokens,
+                                    responses)
 
 
 @contextmanager

@@ -375,7 +375,14 @@ def test_eval_reads_an_easyr1_parquet_as_it_is(tmp_path, tiny_model_dir):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reading rows as format 'easyr1'" in result.stderr
-    assert json.loads(report.read_text())["examples"] == 2
+    written = json.loads(report.read_text())
+    assert written["examples"] == 2
+    # every prompt's greedy response, named by its row and scored as the report counts it
+    responses = written["responses"]
+    assert [(r["source"], r["reference"]) for r in responses] == \
+        [(f"{path}:1", "red"), (f"{path}:2", "4")]
+    assert sum(r["score"] for r in responses) / 2 == written["slices"]["all"]["greedy"]
+    assert all(isinstance(r["response"], str) and r["tokens"] > 0 for r in responses)
 
 
 def test_a_json_file_must_hold_a_list_of_rows(tmp_path):

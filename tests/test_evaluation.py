@@ -10,7 +10,7 @@ import pytest
 from kimivl_rl.config import load_config
 from kimivl_rl.data.rows import Example
 from kimivl_rl.evaluation import (difficulties_in_band, evaluation_report, format_report,
-                                  settle_tier, tier_name, tier_of)
+                                  response_rows, settle_tier, tier_name, tier_of)
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.types import Sample
 
@@ -145,3 +145,18 @@ def test_prompt_drops_the_final_answer_only():
     chat = ex("1", 1).messages + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}]
     example = Example(chat, [], "1", 1, None, "t:1")
     assert [m["role"] for m in example.prompt_messages()] == ["user", "assistant", "user"]
+
+
+def test_response_rows_name_each_prompts_row_answer_and_scores():
+    examples = [ex("5", 1), ex("A", 3, "colour")]
+    greedy = [sample(TRACE, 10), sample("\\boxed{(B)}", 4)]
+    greedy_scores = [RewardOutput(1.0, "correct", "5"), RewardOutput(0.0, "wrong answer", "B")]
+    rows = response_rows(examples, greedy, greedy_scores, scored(1, 0, 1, 0, 0, 0))
+    assert rows == [
+        {"source": "t:1", "reference": "5", "difficulty": 1, "task": "arith", "response": TRACE,
+         "extracted": "5", "score": 1.0, "reason": "correct", "tokens": 10,
+         "sample_scores": [1, 0, 1]},
+        {"source": "t:1", "reference": "A", "difficulty": 3, "task": "colour",
+         "response": "\\boxed{(B)}", "extracted": "B", "score": 0.0, "reason": "wrong answer",
+         "tokens": 4, "sample_scores": [0, 0, 0]}]
+    assert "sample_scores" not in response_rows(examples, greedy, greedy_scores)[0]
