@@ -179,6 +179,29 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert state["iteration"] == 3
 
 
+def test_a_learner_group_of_two_zero3_ranks_trains_syncs_and_exports(tmp_path, tiny_model_dir,
+                                                                     small_data_dir, ray_cluster):
+    """Under ZeRO-3 each rank holds a shard: gathering the weights for a sync, a checkpoint or
+    the final export is a collective every rank must join (an export asked of rank 0 alone
+    waits for the others until call_timeout_s)."""
+    from safetensors.torch import load_file
+
+    from kimivl_rl.models.loading import export_rl_checkpoint
+
+    cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=2", "rl.eval_every=2",
+                 "cluster.num_learners=2", "rl.zero_stage=3", "cluster.learner_cpus=0.5",
+                 "cluster.call_timeout_s=300")
+    assert run_rl(cfg, cfg.model.path)["iterations"] == 2
+    records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
+    trained = [r for r in records if "reward_mean" in r]
+    assert [r["step"] for r in trained] == [1, 2]
+    assert all(r["rollout_logprob_diff_abs_mean"] < 2e-3 for r in trained)
+    exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
+                         / "model.safetensors")
+    final = load_file(OutputLayout.of(cfg).model("rl") / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
 def test_label_difficulty_writes_pass_rates(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
     import shutil
 

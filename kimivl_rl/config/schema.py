@@ -140,6 +140,10 @@ class RLConfig:
     train_file: str = "rl/train.jsonl"
     eval_file: str = "rl/eval.jsonl"
     iterations: int = bounded(20, ge=1)
+    # Leave multiple-choice and true/false prompts out of RL (k1.5's prompt-set curation): a
+    # guess earns their reward, so RL would reward answers its reasoning does not give
+    # (rl/prompt_set.py). Evaluation still covers them.
+    exclude_easy_to_hack: bool = True
     prompts_per_iteration: int = bounded(16, ge=1)
     samples_per_prompt: int = bounded(8, ge=1)
     loss: Literal["kimi_pmd", "grpo"] = "kimi_pmd"

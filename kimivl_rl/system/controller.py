@@ -20,22 +20,25 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from tqdm import tqdm
 
 from kimivl_rl.config import Config
+from kimivl_rl.data.errors import DataError
 from kimivl_rl.data.rows import Example, RowLoader
 from kimivl_rl.evaluation import evaluation_report, generation_requests, tier_of
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import MetricsSink, detail_level, read_jsonl
 from kimivl_rl.infra.ray_runtime import init_ray
-from kimivl_rl.infra.remote import ActorFailed, ActorStranded, RunStopped, wait_all, wait_one
+from kimivl_rl.infra.remote import ActorFailed, ActorStranded, RunStopped, wait_all
 from kimivl_rl.reward.service import count_reasons
 from kimivl_rl.rl.experience import Trajectory, add_length_penalty, informative_groups
 from kimivl_rl.rl.length_penalty import length_penalty_weight_at
 from kimivl_rl.rl.losses import LOSS_METRICS
 from kimivl_rl.rl.partial_rollouts import REPEAT, PartialRollouts
+from kimivl_rl.rl.prompt_set import hard_to_hack
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rollout.limits import fit_images
 from kimivl_rl.summary import rl_summary
@@ -286,7 +289,7 @@ def run_rl(cfg: Config, model_path: str) -> dict:
             return finished
     # Loading checks every row and image, and fit_images their image counts: bad data stops
     # the run before the output changes.
-    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)
+    prompts = rl_prompts(cfg)
     eval_prompts = RowLoader.prompts(cfg.data, cfg.rl.eval_file)[: cfg.rl.eval_prompts]
     cfg = fit_images(cfg, [*prompts, *eval_prompts])
     summary_file.unlink(missing_ok=True)  # more iterations asked for: continue from a checkpoint
@@ -299,8 +302,9 @@ def run_rl(cfg: Config, model_path: str) -> dict:
         checkpoints = Checkpoints(actors, cfg, sampler, model_path)
         loop = (CollectAhead if cfg.rl.max_staleness else Lockstep)(actors, cfg, processor, prompts, sampler)
         RLRun(cfg, loop, checkpoints, LearnerRecovery(checkpoints), sink, eval_prompts).run()
-        wait_one(actors.learners[0].export.remote(str(OutputLayout.of(cfg).model("rl"))), "learner-0",
-                 "export the final model", cfg.cluster.call_timeout_s)
+        # every rank: under ZeRO-3 gathering the weights is a collective (rank 0 writes)
+        wait_all([l.export.remote(str(OutputLayout.of(cfg).model("rl"))) for l in actors.learners],
+                 "learner", "export the final model", cfg.cluster.call_timeout_s)
     except ActorStranded as exc:  # Ray would wait for its node forever; a rerun resumes
         raise RunStopped(f"{exc}; {resume_advice(cfg)} once a node with {exc.missing} has "
                          f"joined.") from exc
@@ -310,6 +314,25 @@ def run_rl(cfg: Config, model_path: str) -> dict:
     summary = rl_summary(cfg, model_path)
     summary_file.write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def rl_prompts(cfg: Config) -> list[Example]:
+    """The prompts of ``rl.train_file`` RL trains on: with ``rl.exclude_easy_to_hack``, those a
+    guess does not answer (rl/prompt_set.py)."""
+    prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)
+    if not cfg.rl.exclude_easy_to_hack:
+        return prompts
+    kept, left_out = hard_to_hack(prompts)
+    where = Path(cfg.data.dir) / cfg.rl.train_file
+    if left_out:
+        log.info("%s: %s left out of RL, a guess answers them (rl.exclude_easy_to_hack); %d "
+                 "prompt(s) kept", where, ", ".join(f"{n} {kind}" for kind, n in sorted(left_out.items())),
+                 len(kept))
+    if not kept:
+        raise DataError(f"{where}: every prompt is multiple-choice or true/false, which RL leaves "
+                        f"out (a guess earns their reward); set rl.exclude_easy_to_hack=false to "
+                        f"train on them anyway")
+    return kept
 
 
 def prompt_sampler(cfg: Config, prompts: list[Example]) -> PromptSampler:
