@@ -31,7 +31,7 @@ def test_long_cot_beats_joint_and_rl_keeps_thinking(tmp_path, ray_cluster):
     print(joint, long_cot, rl, sep="\n")
     assert apart(long_cot, joint) >= 2
     assert long_cot["trace_format"] >= 0.95 and rl["trace_format"] >= 0.95
-    assert apart(rl, long_cot) >= -1  # measured: 0.707 -> 0.720 after 8 iterations
+    assert apart(rl, long_cot) >= -1  # 8 iterations neither gain nor lose beyond noise
     # Four iterations of length penalty at the demo's rate shorten by a few percent, within
     # sampling noise; that the penalty shortens is tests/test_rl_learns.py's to show.
     assert rl["response_tokens"] <= 1.05 * long_cot["response_tokens"]
