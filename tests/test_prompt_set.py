@@ -10,7 +10,7 @@ import pytest
 from kimivl_rl.config import load_config
 from kimivl_rl.data.errors import DataError
 from kimivl_rl.data.rows import RowLoader
-from kimivl_rl.rl.prompt_set import easy_to_hack, hard_to_hack, question_text
+from kimivl_rl.rl.prompt_set import easy_to_hack, hard_to_hack
 from kimivl_rl.system.controller import rl_prompts
 
 COLOUR_OPTIONS = "Which colour appears most often? (A) blue (B) green (C) red (D) yellow"
@@ -35,7 +35,7 @@ def test_the_options_are_read_from_the_user_text_not_the_image_parts(small_data_
     rows = RowLoader.prompts(load_config("configs/tiny.yaml", [f"data.dir={small_data_dir}"]).data,
                              "rl/train.jsonl")
     choice = next(r for r in rows if r.answer in set("ABCD"))
-    assert "(A)" in question_text(choice) and "<image>" not in question_text(choice)
+    assert "(A)" in choice.question_text() and "<image>" not in choice.question_text()
 
 
 def test_rl_trains_on_the_built_in_prompts_but_the_multiple_choice_ones(small_data_dir):
@@ -47,7 +47,8 @@ def test_rl_trains_on_the_built_in_prompts_but_the_multiple_choice_ones(small_da
     # the built-in data's multiple-choice question is the colour question from difficulty 3
     assert all(r.extra["task"] == "colour" and r.difficulty >= 3 for r in left_out)
     assert Counter(r.answer in set("ABCD") for r in every)[True] == len(left_out)
-    assert hard_to_hack(every)[1] == Counter({"multiple choice": len(left_out)})
+    assert hard_to_hack([(r.question_text(), r.answer) for r in every])[1] == Counter(
+        {"multiple choice": len(left_out)})
     assert len(rl_prompts(load_config("configs/tiny.yaml", [
         f"data.dir={small_data_dir}", "rl.exclude_easy_to_hack=false"]))) == len(every)
 

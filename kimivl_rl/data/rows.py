@@ -56,6 +56,16 @@ class Example:
             messages.pop()
         return messages
 
+    def question_text(self) -> str:
+        """The text of the prompt's turns, image parts left out."""
+        texts = []
+        for message in self.prompt_messages():
+            content = message.get("content")
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+            texts += [str(p.get("text", "")) for p in parts
+                      if isinstance(p, dict) and p.get("type") == "text"]
+        return "\n".join(texts)
+
 
 # Byte-order marks of encodings the loader does not read (UTF-32 first: its LE mark starts
 # with UTF-16's).

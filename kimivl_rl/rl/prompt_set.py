@@ -12,7 +12,6 @@ import re
 from collections import Counter
 from typing import Optional, Sequence
 
-from kimivl_rl.data.rows import Example
 from kimivl_rl.reward.verify import choice_letter, normalize_text
 
 _LISTED_OPTION = re.compile(r"\(([A-Z])\)")  # "(A) blue (B) green"
@@ -31,23 +30,14 @@ def easy_to_hack(question: str, answer: str) -> Optional[str]:
     return "true/false" if reference in _TRUE_FALSE else None
 
 
-def question_text(example: Example) -> str:
-    """The text of the prompt's user turns, image parts left out."""
-    texts = []
-    for message in example.prompt_messages():
-        content = message.get("content")
-        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
-        texts += [str(p.get("text", "")) for p in parts if isinstance(p, dict) and p.get("type") == "text"]
-    return "\n".join(texts)
-
-
-def hard_to_hack(prompts: Sequence[Example]) -> tuple[list[Example], Counter]:
-    """The prompts a guess does not answer, and how many of each kind were left out."""
+def hard_to_hack(questions: Sequence[tuple[str, str]]) -> tuple[list[int], Counter]:
+    """Of (question, answer) pairs, the indices of those a guess does not answer, and how many
+    of each kind were left out."""
     kept, left_out = [], Counter()
-    for example in prompts:
-        reason = easy_to_hack(question_text(example), example.answer or "")
+    for index, (question, answer) in enumerate(questions):
+        reason = easy_to_hack(question, answer)
         if reason is None:
-            kept.append(example)
+            kept.append(index)
         else:
             left_out[reason] += 1
     return kept, left_out

@@ -322,7 +322,8 @@ def rl_prompts(cfg: Config) -> list[Example]:
     prompts = RowLoader.prompts(cfg.data, cfg.rl.train_file)
     if not cfg.rl.exclude_easy_to_hack:
         return prompts
-    kept, left_out = hard_to_hack(prompts)
+    indices, left_out = hard_to_hack([(p.question_text(), p.answer or "") for p in prompts])
+    kept = [prompts[i] for i in indices]
     where = Path(cfg.data.dir) / cfg.rl.train_file
     if left_out:
         log.info("%s: %s left out of RL, a guess answers them (rl.exclude_easy_to_hack); %d "
