@@ -127,6 +127,18 @@ def test_a_colocated_engine_takes_each_update_through_the_shared_ring(tmp_path, 
         actors.stop()
 
 
+def assert_final_model_is_the_last_checkpoint(cfg, tmp_path) -> None:
+    """The last checkpoint, exported for `kimivl-rl eval`, is the final model exactly."""
+    from safetensors.torch import load_file
+
+    from kimivl_rl.models.loading import export_rl_checkpoint
+
+    exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
+                         / "model.safetensors")
+    final = load_file(OutputLayout.of(cfg).model("rl") / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
 def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
     # Dynamic sampling on: no group of the random model has differing rewards, so every
     # iteration rolls out a second round of prompts (the bound) and learns on both.
@@ -158,15 +170,7 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (OutputLayout.of(cfg).model("rl") / "model.safetensors").is_file()
-    # the last checkpoint, exported for `kimivl-rl eval`, is the final model exactly
-    from safetensors.torch import load_file
-
-    from kimivl_rl.models.loading import export_rl_checkpoint
-
-    exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
-                         / "model.safetensors")
-    final = load_file(OutputLayout.of(cfg).model("rl") / "model.safetensors")
-    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert_final_model_is_the_last_checkpoint(cfg, tmp_path)
 
     longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
                     "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
@@ -184,10 +188,6 @@ def test_a_learner_group_of_two_zero3_ranks_trains_syncs_and_exports(tmp_path, t
     """Under ZeRO-3 each rank holds a shard: gathering the weights for a sync, a checkpoint or
     the final export is a collective every rank must join (an export asked of rank 0 alone
     waits for the others until call_timeout_s)."""
-    from safetensors.torch import load_file
-
-    from kimivl_rl.models.loading import export_rl_checkpoint
-
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=2", "rl.eval_every=2",
                  "cluster.num_learners=2", "rl.zero_stage=3", "cluster.learner_cpus=0.5",
                  "cluster.call_timeout_s=300")
@@ -196,10 +196,7 @@ def test_a_learner_group_of_two_zero3_ranks_trains_syncs_and_exports(tmp_path, t
     trained = [r for r in records if "reward_mean" in r]
     assert [r["step"] for r in trained] == [1, 2]
     assert all(r["rollout_logprob_diff_abs_mean"] < 2e-3 for r in trained)
-    exported = load_file(export_rl_checkpoint(latest_checkpoint(cfg), tmp_path / "exported")
-                         / "model.safetensors")
-    final = load_file(OutputLayout.of(cfg).model("rl") / "model.safetensors")
-    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+    assert_final_model_is_the_last_checkpoint(cfg, tmp_path)
 
 
 def test_label_difficulty_writes_pass_rates(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
