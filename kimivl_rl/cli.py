@@ -227,26 +227,29 @@ def cmd_rl(args) -> None:
 EVAL_REPORT = "kimivl-rl eval"  # the "report" key of every evaluation report this writes
 
 
-def _eval_report_file(cfg, args):
-    """Where the report goes: ``--out`` (missing, or an earlier report of ours), else
-    ``output.dir/eval/<model>.json`` in an output directory kimivl-rl owns."""
+def _eval_report_files(cfg, models: list[str], outs: list[str] | None) -> list:
+    """Where the reports go: one ``--out`` per ``--model`` (missing, or an earlier report of
+    ours), else ``output.dir/eval/<model>.json`` in an output directory kimivl-rl owns."""
     from pathlib import Path
 
     from kimivl_rl.infra.ownership import refusal
     from kimivl_rl.prepare import claim_targets
 
-    if not args.out:
+    if not outs:
         claim_targets(cfg)
-        return OutputLayout.of(cfg).eval_report(args.model)
-    out = Path(args.out)
-    try:
-        ours = not out.exists() or json.loads(out.read_text()).get("report") == EVAL_REPORT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise refusal("--out", out, "exists and is not an evaluation report of kimivl-rl",
-                      "Name a new file.")
-    return out
+        return [OutputLayout.of(cfg).eval_report(model) for model in models]
+    if len(outs) != len(models):
+        raise ConfigError(f"--out: {len(outs)} given for {len(models)} --model; name one report "
+                          f"file per model, or none (output.dir/eval/)")
+    for out in map(Path, outs):
+        try:
+            ours = not out.exists() or json.loads(out.read_text()).get("report") == EVAL_REPORT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise refusal("--out", out, "exists and is not an evaluation report of kimivl-rl",
+                          "Name a new file.")
+    return [Path(out) for out in outs]
 
 
 def cmd_eval(args) -> None:
@@ -259,8 +262,8 @@ def cmd_eval(args) -> None:
     from kimivl_rl.rollout.limits import fit_images
 
     cfg = with_absolute_paths(_config(args))
-    out = _eval_report_file(cfg, args)
-    model = checked_model_argument(args.model)
+    models = [checked_model_argument(model) for model in args.model]
+    outs = _eval_report_files(cfg, args.model, args.out)
     data_file = Path(args.file).resolve() if args.file else ensure_data(cfg) / cfg.rl.eval_file
     if not data_file.is_file():
         raise DataError(f"{data_file}: evaluation file not found")
@@ -268,14 +271,31 @@ def cmd_eval(args) -> None:
     cfg = fit_images(cfg, evaluation_rows(cfg, str(data_file), limit))  # before Ray and vLLM
     samples = cfg.eval.samples if args.samples is None else args.samples
     init_ray(cfg)
-    report = on_rollout_resources(cfg, evaluate_model, model, str(data_file), limit, samples,
-                                  None, True,  # the config's max_new_tokens; keep the responses
-                                  step=f"evaluate {model}")
-    report = {"report": EVAL_REPORT, "model": model, "file": str(data_file), **report}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"{model} on {data_file} ({report['examples']} prompts)\n{format_report(report)}\n"
-          f"report: {out}")
+    reports = []
+    for model, out in zip(models, outs):
+        report = on_rollout_resources(cfg, evaluate_model, model, str(data_file), limit, samples,
+                                      None, True,  # the config's max_new_tokens; keep the responses
+                                      step=f"evaluate {model}")
+        report = {"report": EVAL_REPORT, "model": model, "file": str(data_file), **report}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        print(f"{model} on {data_file} ({report['examples']} prompts)\n{format_report(report)}\n"
+              f"report: {out}\n")
+        reports.append(report)
+    if len(reports) > 1:
+        print(_comparison(models, reports))
+
+
+def _comparison(models: list[str], reports: list[dict]) -> str:
+    """The models side by side (numbered in the order given) and each one's change over the one
+    before, on the tier the last step's starting model settles (as RL's summary does)."""
+    from kimivl_rl.summary import format_stages, format_steps, stage_row, stage_steps
+
+    names = [f"model {n}" for n in range(1, len(models) + 1)]
+    tier = reports[-2]["tier"]
+    legend = [f"{name}: {model}" for name, model in zip(names, models)]
+    return "\n".join([*legend, format_stages([stage_row(n, r) for n, r in zip(names, reports)]),
+                      format_steps(stage_steps(list(zip(names, reports)), tier), tier)])
 
 
 def cmd_run(args) -> None:
@@ -361,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="held-out greedy accuracy, mean@K and pass@K (by difficulty, task and tier), "
                      "response length, trace format and reward reasons of a checkpoint")
     _add_config_args(evaluate)
-    evaluate.add_argument("--model", required=True, metavar="DIR", help="checkpoint to evaluate")
+    evaluate.add_argument("--model", required=True, action="append", metavar="DIR",
+                          help="checkpoint to evaluate; several (--model A --model B ...) are "
+                               "compared, each over the one before, on the same prompts")
     evaluate.add_argument("--samples", type=int, metavar="K",
                           help="samples per prompt at rollout.temperature (default: eval.samples; "
                                "0: greedy only)")
@@ -369,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="rows with a reference 'answer' (default: data.dir/rl.eval_file)")
     evaluate.add_argument("--limit", type=int, metavar="N",
                           help="first N rows only (default: rl.eval_prompts)")
-    evaluate.add_argument("--out", metavar="JSON",
+    evaluate.add_argument("--out", metavar="JSON", action="append",
                           help="report file, with every prompt's greedy response, extracted "
-                               "answer and score under 'responses' (default: "
+                               "answer and score under 'responses'; one per --model (default: "
                                "output.dir/eval/<model dir name>.json)")
     evaluate.set_defaults(func=cmd_eval)
 

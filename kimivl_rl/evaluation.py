@@ -97,11 +97,17 @@ def _slice_stats(rows: list[int], correct: list[float], lengths: list[int], trac
 
 
 def in_tier(example: Example, tier: dict) -> bool:
-    """Whether a row belongs to the tier: its difficulty among ``tier["difficulties"]`` (None
-    admits any) and its task kind among ``tier["tasks"]`` (an empty list admits any)."""
+    """Whether a row belongs to the tier (``labels_in_tier`` on its labels)."""
+    return labels_in_tier(example.difficulty, example.extra.get("task"), tier)
+
+
+def labels_in_tier(difficulty: Optional[float], task: Optional[str], tier: dict) -> bool:
+    """Whether a row of these labels belongs to the tier: its difficulty among
+    ``tier["difficulties"]`` (None admits any) and its task kind among ``tier["tasks"]`` (an
+    empty list admits any)."""
     levels, tasks = tier.get("difficulties"), tier.get("tasks") or []
-    level_ok = levels is None or (example.difficulty is not None and int(example.difficulty) in levels)
-    return level_ok and (not tasks or example.extra.get("task") in tasks)
+    level_ok = levels is None or (difficulty is not None and int(difficulty) in levels)
+    return level_ok and (not tasks or task in tasks)
 
 
 def _slices(examples: Sequence[Example]) -> dict[str, list[int]]:
@@ -178,7 +184,50 @@ def evaluation_report(examples: Sequence[Example], greedy: Sequence[Sample],
     if tier:
         slices[TIER] = stats([i for i, ex in enumerate(examples) if in_tier(ex, tier)])
     return {"examples": len(examples), "samples_per_prompt": k, "tier": tier or {},
-            "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores)}
+            "slices": slices, "greedy_reasons": count_reasons(s.reason for s in greedy_scores),
+            "prompts": {"score": correct, "difficulty": [ex.difficulty for ex in examples],
+                        "task": [ex.extra.get("task") for ex in examples]}}
+
+
+# ----------------------------------------------------------------------------- comparing two
+
+def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``after - before`` over the same prompts and its standard error: the sample
+    std of the per-prompt differences over sqrt(n). Two models scored on one set of prompts
+    share each prompt's difficulty; combining their accuracies' SEs as if the samples were
+    independent overstates the difference's error."""
+    if len(before) != len(after):
+        raise ValueError(f"{len(before)} scores before, {len(after)} after: not the same prompts")
+    diffs = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    if len(diffs) < 2:
+        return float(diffs.mean()) if len(diffs) else 0.0, 0.0
+    return float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+
+
+def step_change(before: dict, after: dict, tier: Optional[dict]) -> Optional[dict]:
+    """The change of greedy accuracy from one report to another on all prompts and on the
+    ``tier``'s (``{"all": {"n", "change", "se"}, "tier": ...}``); None where the two were not
+    scored on the same prompts (or a report predates per-prompt scores)."""
+    first, second = before.get("prompts"), after.get("prompts")
+    same = first and second and all(first[key] == second[key] for key in ("difficulty", "task"))
+    if not same:
+        return None
+    rows = {ALL: list(range(len(first["score"])))}
+    if tier:
+        rows[TIER] = [i for i, (level, task) in enumerate(zip(first["difficulty"], first["task"]))
+                      if labels_in_tier(level, task, tier)]
+    changes = {}
+    for name, chosen in rows.items():
+        change, se = paired_change([first["score"][i] for i in chosen],
+                                   [second["score"][i] for i in chosen])
+        changes[name] = {"n": len(chosen), "change": change, "se": se}
+    return changes
+
+
+def format_change(change: dict) -> str:
+    """``+0.120±0.031 (+3.9 SE)``: a paired change, its standard error and their ratio."""
+    ratio = f" ({change['change'] / change['se']:+.1f} SE)" if change["se"] > 0 else ""
+    return f"{change['change']:+.3f}±{change['se']:.3f}{ratio}"
 
 
 def response_rows(examples: Sequence[Example], greedy: Sequence[Sample],

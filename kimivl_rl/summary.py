@@ -1,13 +1,14 @@
-"""What a run reports from its files: RL's summary from its metrics, and the run's table of
-held-out accuracy per finished stage, overall and per difficulty level with standard errors
-(``kimivl-rl run`` prints it, ``format_summary``)."""
+"""What a run reports from its files: RL's summary from its metrics, the run's table of
+held-out accuracy per finished stage, overall and per difficulty level with standard errors, and
+each stage's change over the one before on the same prompts (``kimivl-rl run`` prints it,
+``format_summary``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
 
-from kimivl_rl.evaluation import ALL, by_difficulty, tier_name
+from kimivl_rl.evaluation import ALL, TIER, by_difficulty, format_change, step_change, tier_name
 from kimivl_rl.infra.layout import OutputLayout
 from kimivl_rl.infra.metrics import read_jsonl
 
@@ -19,16 +20,20 @@ EVAL_KEYS = ("step", "eval_reward", "eval_reward_se", "eval_tier_reward", "eval_
 def rl_summary(cfg, input_model: str) -> dict:
     """RL's summary from its metrics: held-out accuracy (all prompts and the tier, as its
     iteration-0 evaluation settled it) and length at the start, when the length penalty switches
-    on and at the end; training signal; the last evaluation's whole report (``eval``)."""
+    on and at the end, and the change from start to end with its paired SE; training signal; the
+    last evaluation's whole report (``eval``)."""
     records = read_jsonl(OutputLayout.of(cfg).metrics("rl"))
     evals = [r for r in records if "eval_reward" in r]
     trains = [r for r in records if "reward_mean" in r]
     start = cfg.rl.length_penalty_start_iteration
     before_penalty = [r for r in evals if r["step"] <= start]
+    tier = evals[0]["eval_report"]["tier"] if evals else None
     pick = lambda r: {k: r.get(k) for k in EVAL_KEYS} if r else None  # noqa: E731
     return {"input_model": input_model, "output_model": str(OutputLayout.of(cfg).model("rl")),
             "iterations": cfg.rl.iterations,
-            "tier": evals[0]["eval_report"]["tier"] if evals else None,
+            "tier": tier,
+            "change": step_change(evals[0]["eval_report"], evals[-1]["eval_report"], tier)
+            if evals else None,
             "eval_start": pick(evals[0] if evals else None),
             "eval_penalty_start": pick(before_penalty[-1] if before_penalty and start < cfg.rl.iterations
                                        else None),
@@ -50,22 +55,33 @@ def _accuracy(stats: dict) -> dict:
     return {"n": stats["n"], "accuracy": stats["greedy"], "accuracy_se": stats["greedy_se"]}
 
 
-def stage_row(stage: str, report: dict) -> dict:
-    """A stage's row of the run's table from its held-out report: greedy accuracy ± SE on all
-    prompts and per difficulty level, mean response tokens, trace format."""
+def stage_row(title: str, report: dict) -> dict:
+    """A stage's (or model's) row of the run's table from its held-out report: greedy accuracy
+    ± SE on all prompts and per difficulty level, mean response tokens, trace format."""
     every, levels = report["slices"][ALL], by_difficulty(report["slices"])
-    return {"stage": STAGE_TITLES[stage], **_accuracy(every),
+    return {"stage": title, **_accuracy(every),
             "difficulty": {str(level): _accuracy(s) for level, s in levels.items()},
             "response_tokens": every["tokens_mean"], "trace_format": every["trace_format"]}
 
 
+def stage_steps(reports: list[tuple[str, dict]], tier: Optional[dict]) -> list[dict]:
+    """Each stage's change over the one before it (``step_change``: on all prompts and the
+    tier's, with paired SEs; None where they were not scored on the same prompts)."""
+    return [{"from": before, "to": after, "change": step_change(first, second, tier)}
+            for (before, first), (after, second) in zip(reports, reports[1:])]
+
+
 def run_summary(cfg) -> dict:
-    """A row per finished stage (``stage_row``; RL's from its last evaluation), and RL's own
-    summary (``rl_summary``). Stages that have not run are left out."""
+    """A row per finished stage (``stage_row``; RL's from its last evaluation), each stage's
+    change over the one before on RL's tier (``stage_steps``), and RL's own summary
+    (``rl_summary``). Stages that have not run are left out."""
     layout = OutputLayout.of(cfg)
-    finished = {stage: _read_json(layout.stage_summary(stage)) for stage in STAGE_TITLES}
-    summary = {"stages": [stage_row(stage, done["eval"]) for stage, done in finished.items() if done]}
-    if finished["rl"]:
+    finished = {stage: done for stage in STAGE_TITLES
+                if (done := _read_json(layout.stage_summary(stage)))}
+    reports = [(STAGE_TITLES[stage], done["eval"]) for stage, done in finished.items()]
+    summary = {"stages": [stage_row(title, report) for title, report in reports],
+               "steps": stage_steps(reports, finished["rl"]["tier"] if "rl" in finished else None)}
+    if "rl" in finished:
         summary["rl"] = finished["rl"]
     return summary
 
@@ -76,10 +92,8 @@ def _cell(accuracy: Optional[dict]) -> str:
     return f"{accuracy['accuracy']:.3f}±{accuracy['accuracy_se']:.3f}" if accuracy else "-"
 
 
-def _change(before: float, after: float, se_before: float, se_after: float) -> str:
-    se = (se_before ** 2 + se_after ** 2) ** 0.5
-    ratio = f", {(after - before) / se:+.1f} SE" if se > 0 else ""
-    return f"{before:.3f} -> {after:.3f} ({after - before:+.3f}{ratio})"
+def _change(before: float, after: float, change: Optional[dict]) -> str:
+    return f"{before:.3f} -> {after:.3f}: {format_change(change) if change else f'{after - before:+.3f}'}"
 
 
 def format_stages(rows: list[dict]) -> str:
@@ -114,12 +128,11 @@ def format_rl(rl: dict) -> str:
     first, last, mid, tier = rl["eval_start"], rl["eval_end"], rl["eval_penalty_start"], rl["tier"]
     lines = [f"RL tier: {tier_name(tier)}, {tier_reason(tier)}",
              f"RL over {rl['iterations']} iterations, held-out greedy accuracy: all "
-             + _change(first["eval_reward"], last["eval_reward"], first["eval_reward_se"],
-                       last["eval_reward_se"])]
+             + _change(first["eval_reward"], last["eval_reward"], (rl["change"] or {}).get(ALL))]
     if last["eval_tier_n"]:
         lines.append(f"  tier ({tier_name(tier)}; n={last['eval_tier_n']}): "
                      + _change(first["eval_tier_reward"], last["eval_tier_reward"],
-                               first["eval_tier_reward_se"], last["eval_tier_reward_se"]))
+                               (rl["change"] or {}).get(TIER)))
     if mid:
         drop = 1 - last["eval_response_length"] / max(1e-9, mid["eval_response_length"])
         lines.append(f"  length penalty on after iteration {rl['length_penalty_start_iteration']}: "
@@ -131,9 +144,28 @@ def format_rl(rl: dict) -> str:
     return "\n".join(lines)
 
 
+def format_steps(steps: list[dict], tier: Optional[dict]) -> str:
+    """One line per step: the change on all prompts and on the tier, ± the SE of the per-prompt
+    differences."""
+    lines = ["each stage over the one before, on the same prompts (change ± paired SE):"]
+    for step in steps:
+        change, head = step["change"], f"  {step['from']} -> {step['to']}: "
+        if change is None:
+            lines.append(head + "not scored on the same prompts")
+            continue
+        parts = [f"all {format_change(change[ALL])}"]
+        if change.get(TIER, {}).get("n"):
+            parts.append(f"tier ({tier_name(tier)}; n={change[TIER]['n']}) {format_change(change[TIER])}")
+        lines.append(head + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict) -> str:
-    """The run's summary as ``kimivl-rl run`` prints it: the stages' table, then RL's headline."""
+    """The run's summary as ``kimivl-rl run`` prints it: the stages' table, each stage's change
+    over the one before, then RL's headline."""
     parts = [format_stages(summary["stages"])]
+    if summary.get("steps"):
+        parts.append(format_steps(summary["steps"], (summary.get("rl") or {}).get("tier")))
     if summary.get("rl"):
         parts.append(format_rl(summary["rl"]))
     return "\n".join(parts)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 
@@ -105,3 +106,35 @@ def test_sft_starts_from_the_model_given(tmp_path, monkeypatch, tiny_model_dir, 
     assert main(["sft", *config, "--stage", "long_cot", "--model", tiny_model_dir.name]) == 0
     assert main(["sft", *config, "--stage", "joint"]) == 0  # default: model.path
     assert started == [str(tiny_model_dir.resolve())] * 2
+
+
+def test_eval_names_one_report_per_model(tmp_path, tiny_model_dir):
+    result = kimivl("eval", "configs/tiny.yaml", "--model", tiny_model_dir, "--model", tiny_model_dir,
+                    "--out", tmp_path / "one.json", f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--out: 1 given for 2 --model" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # stopped before anything was claimed or started
+
+
+@pytest.mark.slow
+def test_eval_compares_models_prompt_by_prompt(tmp_path, tiny_model_dir, small_data_dir):
+    """Two engines of one model answer greedy alike: each report is written, and the comparison
+    shows both rows and a change of exactly zero with no error."""
+    outs = [tmp_path / "a.json", tmp_path / "b.json"]
+    result = kimivl("eval", "configs/tiny.yaml", "--model", tiny_model_dir, "--model", tiny_model_dir,
+                    "--out", outs[0], "--out", outs[1], "--limit", 6, "--samples", 0,
+                    "--file", small_data_dir / "rl" / "eval.jsonl", f"output.dir={tmp_path / 'out'}",
+                    "rollout.max_new_tokens=16", "eval.tier_difficulties=[1]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(out.read_text()) for out in outs]
+    assert reports[0]["prompts"] == reports[1]["prompts"] and len(reports[0]["prompts"]["score"]) == 6
+    lines = result.stdout.splitlines()
+    start = lines.index(f"model 1: {tiny_model_dir}")
+    assert lines[start + 1] == f"model 2: {tiny_model_dir}"
+    assert [line.split()[:3] for line in lines[start + 4:start + 6]] == [["model", "1", "6"],
+                                                                         ["model", "2", "6"]]
+    n_tier = reports[0]["slices"]["tier"]["n"]
+    assert lines[start + 6:] == [
+        "each stage over the one before, on the same prompts (change ± paired SE):",
+        "  model 1 -> model 2: all +0.000±0.000"
+        + (f"; tier (difficulty 1; n={n_tier}) +0.000±0.000" if n_tier else "")]

@@ -27,9 +27,14 @@ def test_long_cot_beats_joint_and_rl_keeps_thinking(tmp_path, ray_cluster):
     cfg = with_absolute_paths(load_config("configs/tiny.yaml", [
         f"output.dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data'}",
         f"model.path={tmp_path / 'model'}", *SHORTER_RL]))
-    joint, long_cot, rl = run_pipeline(cfg)["stages"]
-    print(joint, long_cot, rl, sep="\n")
+    summary = run_pipeline(cfg)
+    joint, long_cot, rl = summary["stages"]
+    print(joint, long_cot, rl, summary["steps"], sep="\n")
     assert apart(long_cot, joint) >= 2
+    # the summary's step, prompt by prompt on the same held-out set, says the same
+    step = summary["steps"][0]["change"]["all"]
+    assert step["change"] == pytest.approx(long_cot["accuracy"] - joint["accuracy"], abs=1e-9)
+    assert step["change"] >= 2 * step["se"]
     assert long_cot["trace_format"] >= 0.95 and rl["trace_format"] >= 0.95
     assert apart(rl, long_cot) >= -1  # 8 iterations neither gain nor lose beyond noise
     # Four iterations of length penalty at the demo's rate shorten by a few percent, within

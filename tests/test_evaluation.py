@@ -9,8 +9,9 @@ import pytest
 
 from kimivl_rl.config import load_config
 from kimivl_rl.data.rows import Example
-from kimivl_rl.evaluation import (difficulties_in_band, evaluation_report, format_report,
-                                  response_rows, settle_tier, tier_name, tier_of)
+from kimivl_rl.evaluation import (difficulties_in_band, evaluation_report, format_change,
+                                  format_report, paired_change, response_rows, settle_tier,
+                                  step_change, tier_name, tier_of)
 from kimivl_rl.reward.contract import RewardOutput
 from kimivl_rl.types import Sample
 
@@ -160,3 +161,31 @@ def test_response_rows_name_each_prompts_row_answer_and_scores():
          "response": "\\boxed{(B)}", "extracted": "B", "score": 0.0, "reason": "wrong answer",
          "tokens": 4, "sample_scores": [0, 0, 0]}]
     assert "sample_scores" not in response_rows(examples, greedy, greedy_scores)[0]
+
+
+def test_a_paired_change_is_the_mean_of_the_per_prompt_differences_with_their_standard_error():
+    # differences 0, -1, 1, 1, 0: mean 0.2, sample variance 2.8 / 4, SE sqrt(0.7 / 5)
+    assert paired_change([1, 1, 0, 0, 1], [1, 0, 1, 1, 1]) == pytest.approx((0.2, math.sqrt(0.14)))
+    assert paired_change([1, 0], [1, 0]) == (0.0, 0.0)  # the same answers: no change, no error
+    with pytest.raises(ValueError, match="not the same prompts"):
+        paired_change([1], [1, 0])
+    assert format_change({"change": 0.2, "se": math.sqrt(0.14)}) == "+0.200±0.374 (+0.5 SE)"
+    assert format_change({"change": 0.0, "se": 0.0}) == "+0.000±0.000"
+
+
+def test_a_step_compares_two_reports_prompt_by_prompt_on_all_prompts_and_the_tier():
+    examples = [ex("5", 1), ex("6", 2), ex("7", 2), ex("8", 2, "count")]
+    greedy = [sample(TRACE, 10)] * 4
+    kwargs = dict(think_open="<think>", think_close="</think>")
+    before = evaluation_report(examples, greedy, scored(1, 0, 1, 0), **kwargs)
+    after = evaluation_report(examples, greedy, scored(0, 1, 1, 1), **kwargs)
+    assert before["prompts"] == {"score": [1.0, 0.0, 1.0, 0.0], "difficulty": [1, 2, 2, 2],
+                                 "task": ["arith", "arith", "arith", "count"]}
+    change = step_change(before, after, {"difficulties": [2], "tasks": ["arith"]})
+    # all: differences -1, 1, 0, 1 (mean 0.25, sample variance 2.75 / 3); tier: 1, 0
+    assert change["all"] == pytest.approx({"n": 4, "change": 0.25, "se": math.sqrt(2.75 / 3 / 4)})
+    assert change["tier"] == pytest.approx({"n": 2, "change": 0.5, "se": 0.5})
+    assert set(step_change(before, after, None)) == {"all"}
+    other = evaluation_report(examples[:3], greedy[:3], scored(1, 1, 1), **kwargs)
+    assert step_change(before, other, None) is None  # other prompts: no paired change
+    assert step_change({k: v for k, v in before.items() if k != "prompts"}, after, None) is None

@@ -18,12 +18,16 @@ def part(n: int, greedy: float, se: float, tokens: float = 0.0, trace: float = 0
 
 
 def report(every: dict, levels: dict[int, dict], tier: dict | None = None) -> dict:
-    """A held-out report as ``evaluation_report`` writes one, with only what the summary reads."""
+    """A held-out report as ``evaluation_report`` writes one, with only what the summary reads;
+    its per-prompt scores put each level's right answers on that level's first prompts."""
     slices = {"all": every, **{f"difficulty {lv}": s for lv, s in levels.items()},
               "task count": part(1, 0.0, 0.0)}
     if tier:
         slices["tier"] = levels[tier["difficulties"][0]]
-    return {"examples": every["n"], "tier": tier or {}, "slices": slices}
+    scores = [float(i < round(s["n"] * s["greedy"])) for s in levels.values() for i in range(s["n"])]
+    difficulty = [lv for lv, s in levels.items() for _ in range(s["n"])]
+    return {"examples": every["n"], "tier": tier or {}, "slices": slices,
+            "prompts": {"score": scores, "difficulty": difficulty, "task": ["arith"] * len(scores)}}
 
 
 JOINT = report(part(100, 0.5, 0.05, 6.6, 0.0), {1: part(50, 0.9, 0.042), 2: part(50, 0.1, 0.042)})
@@ -93,10 +97,16 @@ def test_the_table_holds_every_stage_overall_and_per_difficulty(tmp_path):
         "joint SFT      100 0.500±0.050 0.900±0.042 0.100±0.042    6.6   0.00",
         "long-CoT SFT   100 0.600±0.049 0.700±0.065 0.500±0.071  138.0   0.99",
         "RL             100 0.800±0.040 0.900±0.042 0.700±0.065   70.5   0.97",
+        # Hand-computed from the per-prompt differences: joint -> long-CoT has 20 prompts +1 and
+        # 10 at -1 of 100, SE sqrt((20 * 0.9^2 + 10 * 1.1^2 + 70 * 0.1^2) / 99 / 100) = 0.054.
+        "each stage over the one before, on the same prompts (change ± paired SE):",
+        "  joint SFT -> long-CoT SFT: all +0.100±0.054 (+1.8 SE); "
+        "tier (difficulty 2; n=50) +0.400±0.070 (+5.7 SE)",
+        "  long-CoT SFT -> RL: all +0.200±0.040 (+5.0 SE); tier (difficulty 2; n=50) +0.200±0.057 (+3.5 SE)",
         "RL tier: difficulty 2, picked by rule: RL's starting greedy accuracy within 0.20..0.80 "
         "(iteration 0: d1 0.900, d2 0.500)",
-        "RL over 2 iterations, held-out greedy accuracy: all 0.700 -> 0.800 (+0.100, +1.6 SE)",
-        "  tier (difficulty 2; n=50): 0.500 -> 0.700 (+0.200, +2.1 SE)",
+        "RL over 2 iterations, held-out greedy accuracy: all 0.700 -> 0.800: +0.100±0.030 (+3.3 SE)",
+        "  tier (difficulty 2; n=50): 0.500 -> 0.700: +0.200±0.057 (+3.5 SE)",
         "  length penalty on after iteration 1: response tokens 130.0 -> 70.5 (-46%), "
         "accuracy 0.700 -> 0.800",
         "  informative groups 0.50 on average; iterations without an update: 0"]
@@ -112,7 +122,9 @@ def test_a_stage_without_a_level_shows_a_dash_and_unfinished_stages_are_left_out
     assert "rl" not in summary
     assert format_summary(summary).splitlines()[2:] == [
         "joint SFT       10 0.500±0.158 0.500±0.158           -    0.0   0.00",
-        "long-CoT SFT   100 0.500±0.050 0.900±0.042 0.100±0.042    6.6   0.00"]
+        "long-CoT SFT   100 0.500±0.050 0.900±0.042 0.100±0.042    6.6   0.00",
+        "each stage over the one before, on the same prompts (change ± paired SE):",
+        "  joint SFT -> long-CoT SFT: not scored on the same prompts"]
 
 
 def test_an_empty_or_named_tier_says_why(tmp_path):
@@ -121,7 +133,7 @@ def test_an_empty_or_named_tier_says_why(tmp_path):
     summary = run_summary(write_run(tmp_path))
     rl = {**summary["rl"], "tier": empty, "eval_end": {**summary["rl"]["eval_end"], "eval_tier_n": 0}}
     text = format_summary({**summary, "rl": rl})
-    assert text.splitlines()[5].startswith("RL tier: difficulty none, picked by rule")
+    assert text.splitlines()[8].startswith("RL tier: difficulty none, picked by rule")
     assert "RL over 2 iterations" in text and "  tier (" not in text  # no rows, no tier line
     assert tier_reason({"difficulties": [1], "tasks": []}) == \
         "named in the config (eval.tier_difficulties, eval.tier_tasks)"
