@@ -236,8 +236,12 @@ def _eval_report_files(cfg, models: list[str], outs: list[str] | None) -> list:
     from kimivl_rl.prepare import claim_targets
 
     if not outs:
+        reports = [OutputLayout.of(cfg).eval_report(model) for model in models]
+        if len(set(reports)) < len(reports):
+            raise ConfigError(f"--model: two models would write the same report "
+                              f"({', '.join(map(str, reports))}); name one --out per model")
         claim_targets(cfg)
-        return [OutputLayout.of(cfg).eval_report(model) for model in models]
+        return reports
     if len(outs) != len(models):
         raise ConfigError(f"--out: {len(outs)} given for {len(models)} --model; name one report "
                           f"file per model, or none (output.dir/eval/)")

@@ -114,6 +114,10 @@ def test_eval_names_one_report_per_model(tmp_path, tiny_model_dir):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "--out: 1 given for 2 --model" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # stopped before anything was claimed or started
+    twins = kimivl("eval", "configs/tiny.yaml", "--model", tiny_model_dir, "--model", tiny_model_dir,
+                   f"output.dir={tmp_path / 'out'}")
+    assert twins.returncode == 2 and "two models would write the same report" in twins.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ def test_every_path_is_under_the_absolute_output_dir(tmp_path, monkeypatch):
     assert layout.tensorboard("rl") == root / "tensorboard" / "rl"
     assert layout.rl_checkpoint(12) == root / "rl" / "checkpoints" / "iter_000012"
     assert layout.eval_report("/models/step-3/") == root / "eval" / "step-3.json"
+    assert layout.eval_report(str(layout.model("long_cot"))) == root / "eval" / "sft_long_cot.json"
     assert (layout.config, layout.summary, layout.plots) == (
         root / "config.yaml", root / "summary.json", root / "plots")
 

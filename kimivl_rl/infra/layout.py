@@ -44,7 +44,10 @@ class OutputLayout:
         return self.root / "plots"
 
     def eval_report(self, model: str) -> Path:
-        return self.root / "eval" / f"{Path(model).name}.json"
+        """``eval/<model dir name>.json``; a stage's output (``<stage dir>/model``) is named by
+        its stage directory, so the stages' reports sit side by side."""
+        path = Path(model)
+        return self.root / "eval" / f"{path.parent.name if path.name == 'model' else path.name}.json"
 
     def stage(self, stage: str) -> Path:
         return self.root / STAGE_DIRS[stage]
