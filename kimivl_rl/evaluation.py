@@ -207,7 +207,8 @@ def paired_change(before: Sequence[float], after: Sequence[float]) -> tuple[floa
 def step_change(before: dict, after: dict, tier: Optional[dict]) -> Optional[dict]:
     """The change of greedy accuracy from one report to another on all prompts and on the
     ``tier``'s (``{"all": {"n", "change", "se"}, "tier": ...}``); None where the two were not
-    scored on the same prompts (or a report predates per-prompt scores)."""
+    scored on the same prompts, as far as their count, difficulties and task kinds tell (or a
+    report predates per-prompt scores)."""
     first, second = before.get("prompts"), after.get("prompts")
     same = first and second and all(first[key] == second[key] for key in ("difficulty", "task"))
     if not same:

@@ -177,7 +177,8 @@ class RLConfig:
     # learn, sync in turn. 1 or more: the engines collect the next iteration's groups with the
     # weights before this update while the learner trains (the learner and vLLM stop waiting
     # for each other); above 1, partial responses (rollout.token_budget) may be continued until
-    # their oldest tokens are that old.
+    # their oldest tokens are that old. Set truncated_is_cap with it: uncorrected one-iteration-old
+    # samples cost the tiny recipe accuracy (docs/reference.md, Overlap).
     max_staleness: int = bounded(0, ge=0, le=8)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
