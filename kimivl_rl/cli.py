@@ -266,8 +266,8 @@ def cmd_eval(args) -> None:
     from kimivl_rl.rollout.limits import fit_images
 
     cfg = with_absolute_paths(_config(args))
-    models = [checked_model_argument(model) for model in args.model]
     outs = _eval_report_files(cfg, args.model, args.out)
+    models = [checked_model_argument(model) for model in args.model]
     data_file = Path(args.file).resolve() if args.file else ensure_data(cfg) / cfg.rl.eval_file
     if not data_file.is_file():
         raise DataError(f"{data_file}: evaluation file not found")
