@@ -88,7 +88,7 @@ def _layout(difficulty: int) -> tuple[bool, tuple[int, int]]:
     """(on_grid, square size range) for a difficulty."""
     if difficulty <= 3:
         return True, (20, 20)
-    return False, ((10, 14) if difficulty == 4 else (7, 11))
+    return False, ((14, 18) if difficulty == 4 else (12, 16))
 
 
 # ----------------------------------------------------------------------------- task kinds
