@@ -59,6 +59,35 @@ def test_grouped_length_penalty_interleaved():
         grouped_length_penalty([1, 2], [True], ["a", "a"])
 
 
+def test_length_penalty_in_groups_whose_answers_differ_only():
+    # a: all right, lengths [10, 30] -> lambda [0.5, -0.5] under "all", 0 under mixed_only
+    # b: all wrong, lengths [10, 30] -> [min(0, 0.5), min(0, -0.5)] = [0.0, -0.5], 0 under mixed_only
+    # c: right 10, wrong 30 -> [0.5, -0.5] either way
+    lengths, correct = [10, 30, 10, 30, 10, 30], [True, True, False, False, True, False]
+    groups = ["a", "a", "b", "b", "c", "c"]
+    assert grouped_length_penalty(lengths, correct, groups) == [0.5, -0.5, 0.0, -0.5, 0.5, -0.5]
+    assert grouped_length_penalty(lengths, correct, groups, mixed_only=True) == \
+        [0.0, 0.0, 0.0, 0.0, 0.5, -0.5]
+
+
+def test_mixed_length_penalty_leaves_an_all_right_group_out_of_training():
+    """Weight 0.5: under "all" the all-right group's rewards differ (1.25 vs 0.75) and it trains;
+    under "mixed" they are equal (1.0) and only the group whose answers differ is kept."""
+    from kimivl_rl.rl.experience import add_length_penalty
+
+    def group(prompt: int, scores: list[float]) -> list[Trajectory]:
+        return [Trajectory(prompt, [1], [2] * n, [0.0] * n, "stop", task_reward=s)
+                for n, s in zip((10, 30), scores)]
+
+    batch = group(1, [1.0, 1.0]) + group(2, [1.0, 0.0])
+    add_length_penalty(batch, 0.5)
+    assert [t.reward for t in batch] == [1.25, 0.75, 1.25, -0.25]
+    assert informative_groups(batch) == batch
+    add_length_penalty(batch, 0.5, mixed_only=True)
+    assert [t.reward for t in batch] == [1.0, 1.0, 1.25, -0.25]
+    assert informative_groups(batch) == batch[2:]
+
+
 def test_length_penalty_warm_up_weight():
     assert length_penalty_weight_at(0, 0.5, 10) == 0.0
     assert length_penalty_weight_at(9, 0.5, 10) == 0.0

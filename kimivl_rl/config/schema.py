@@ -182,6 +182,10 @@ class RLConfig:
     max_staleness: int = bounded(0, ge=0, le=8)
     reset_optimizer_each_iteration: bool = True
     length_penalty_weight: float = bounded(0.5, ge=0.0)
+    # Which prompt groups carry the length term. all: k1.5 as written; then an all-right group
+    # whose lengths differ is a training group too, and such groups crowd out the ones whose
+    # answers differ, which dynamic sampling collects. mixed: only groups whose answers differ.
+    length_penalty_groups: Literal["all", "mixed"] = "all"
     # Subtracted from the reward of a response without a well-formed thinking section
     # (model.think_open ... think_close, then an answer): the answer-only reward never looks at
     # the reasoning, and under a length penalty dropping it is the shortest way (0: off).

@@ -50,12 +50,13 @@ def assign_rewards(trajectories: list[Trajectory], scores: list[RewardOutput],
     add_length_penalty(trajectories, length_penalty_weight)
 
 
-def add_length_penalty(trajectories: list[Trajectory], weight: float) -> None:
+def add_length_penalty(trajectories: list[Trajectory], weight: float, mixed_only: bool = False) -> None:
     """The k1.5 length penalty computed per prompt group over all generated tokens (reasoning
-    included), added with ``weight`` to each trajectory's task reward."""
+    included), added with ``weight`` to each trajectory's task reward; ``mixed_only``: in the
+    groups whose answers differ alone (``grouped_length_penalty``)."""
     penalties = grouped_length_penalty([len(t.response_token_ids) for t in trajectories],
                                        [t.task_reward >= 1.0 for t in trajectories],
-                                       [t.prompt_index for t in trajectories])
+                                       [t.prompt_index for t in trajectories], mixed_only)
     for trajectory, penalty in zip(trajectories, penalties):
         trajectory.length_penalty = penalty
         trajectory.reward = trajectory.task_reward + trajectory.format_penalty + weight * penalty

@@ -33,8 +33,10 @@ def length_penalty(lengths: Sequence[int], correct: Sequence[bool]) -> list[floa
 
 
 def grouped_length_penalty(lengths: Sequence[int], correct: Sequence[bool],
-                           group_ids: Sequence[Hashable]) -> list[float]:
-    """``length_penalty`` applied per prompt group; groups may be interleaved in the batch."""
+                           group_ids: Sequence[Hashable], mixed_only: bool = False) -> list[float]:
+    """``length_penalty`` applied per prompt group; groups may be interleaved in the batch.
+    ``mixed_only``: 0 for every response of a group whose answers are all right or all wrong,
+    so only the groups that dynamic sampling keeps for their answers carry a length term."""
     if not len(lengths) == len(correct) == len(group_ids):
         raise ValueError("lengths, correct and group_ids must have the same size, got "
                          f"{len(lengths)}, {len(correct)}, {len(group_ids)}")
@@ -43,7 +45,10 @@ def grouped_length_penalty(lengths: Sequence[int], correct: Sequence[bool],
         members[gid].append(position)
     out = [0.0] * len(lengths)
     for positions in members.values():
-        values = length_penalty([lengths[i] for i in positions], [correct[i] for i in positions])
+        answers = [correct[i] for i in positions]
+        if mixed_only and len(set(answers)) == 1:
+            continue
+        values = length_penalty([lengths[i] for i in positions], answers)
         for i, value in zip(positions, values):
             out[i] = value
     return out

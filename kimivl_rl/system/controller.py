@@ -113,7 +113,7 @@ class Lockstep(Collector):
         rl = self.cfg.rl
         weight = length_penalty_weight_at(iteration, rl.length_penalty_weight,
                                           rl.length_penalty_start_iteration)
-        add_length_penalty(groups.trajectories, weight)
+        add_length_penalty(groups.trajectories, weight, rl.length_penalty_groups == "mixed")
         informative = informative_groups(groups.trajectories)
         return (informative if rl.drop_zero_advantage_groups else groups.trajectories), weight
 
