@@ -86,15 +86,10 @@ def test_every_step_of_a_trace_is_what_the_image_or_the_sum_gives(difficulty):
     for index in range(10):
         for kind in ("count", "colour", "arith"):
             task = make_task(kind, np.random.default_rng([11, difficulty, index]), difficulty, 112)
-            reasoning = long_cot_reasoning(task)
-            steps = _steps(reasoning)
-            if task.image is None:  # one addition at a time, each on the total before it
-                terms = [int(t) for t in re.findall(r"\d+", task.question)]
-                additions = [tuple(map(int, a)) for a in re.findall(r"(\d+) \+ (\d+) = (\d+)\.", reasoning)]
-                running = [sum(terms[:i + 1]) for i in range(len(terms))]
-                assert additions == [(running[i], terms[i + 1], running[i + 1])
-                                     for i in range(len(terms) - 1)]
-                assert steps["sum"] == str(running[-1]) == task.answer
+            steps = _steps(long_cot_reasoning(task))
+            if task.image is None:
+                expression = task.question.removeprefix("What is ").removesuffix("?")
+                assert steps == {"sum": str(eval(expression, {"__builtins__": {}}))}  # noqa: S307
                 continue
             pixels = {c: _count_colour(task.image, c) for c in COLOURS}
             if kind == "colour" and not task.choices:

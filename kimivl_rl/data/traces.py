@@ -30,8 +30,7 @@ BEHAVIOUR_MARKERS = {
     "exploration": "Let me try another way",
 }
 MAX_EXTRA_CHECKS = 4
-# A worked step: an intermediate result written as "X = Y" ("sum = 8", "red = 3", "in all = 6",
-# "3 + 6 = 9").
+# A worked step: an intermediate result written as "X = Y" ("sum = 8", "red = 3", "in all = 6").
 WORKED_STEP = re.compile(r"\S *= *\w")
 
 
@@ -114,22 +113,9 @@ def _colour_trace(task: Task) -> str:
                   f"{winner} beats the others, so ({letter}).")
 
 
-def _running_sum(expression: str) -> str:
-    """One addition per step, each on the total just written ("3 + 6 = 9. 9 + 9 = 18."): a tiny
-    model adds two numbers reliably, three at once it often does not (docs/experiments.md)."""
-    terms = [int(t) for t in expression.split(" + ")]
-    steps, total = [], terms[0]
-    for term in terms[1:]:
-        steps.append(f"{total} + {term} = {total + term}.")
-        total += term
-    return " ".join(steps)
-
-
 def _sum_trace(task: Task) -> str:
     value = task.answer
-    expression = task.question.removeprefix("What is ").removesuffix("?")
-    return _trace(task, "add the numbers", f"{_running_sum(expression)} sum = {value}.",
-                  f"sum = {value}.",
+    return _trace(task, "add the numbers", f"sum = {value}.", f"sum = {value}.",
                   _restated(value, "first to last", "last to first", "one at a time", "in pairs"),
                   f"I used every number once, so {value}.", f"from the largest, {value}.")
 
