@@ -22,7 +22,7 @@ BOXED_SHARE = 1 / 3
 EASY_DATA = ["data.joint_sft_examples=3000", "data.long_cot_examples=10", "data.rl_prompts=200",
              "data.eval_examples=60", "data.max_difficulty=1", "sft.eval_examples=60",
              "sft.joint.train_file=joint_sft/weak_train.jsonl", "sft.joint.phases.0.epochs=1"]
-RL = ["rl.lr=4e-4", "rl.iterations=10", "rl.length_penalty_start_iteration=9",
+RL = ["rl.lr=6e-4", "rl.iterations=10", "rl.length_penalty_start_iteration=9",
       "rl.eval_every=10", "rl.eval_prompts=60",
       "rl.checkpoint_every=10", "rollout.max_new_tokens=16", "rollout.temperature=1.0"]
 
@@ -46,8 +46,8 @@ def test_rl_raises_held_out_reward_from_a_weak_checkpoint(tmp_path, ray_cluster)
     rl = run_pipeline(cfg, ["joint", "rl"])["rl"]
     print(rl)
     assert rl["iterations"] == 10
-    # measured with data format 15 (its 500-token tokenizer): 0.0 -> 0.133 at rl.lr=4e-4; at
-    # 2e-4, 0.0 -> 0.0 while the training pass rate rose 0.05 -> 0.22 (docs/experiments.md)
+    # 0.0 -> 0.2 at rl.lr=6e-4; 4e-4 gave 0.05 once the built-in data (and so its tokenizer)
+    # changed, 2e-4 0.0 (docs/experiments.md)
     assert rl["eval_end"]["eval_reward"] >= rl["eval_start"]["eval_reward"] + 0.1, rl
 
 
