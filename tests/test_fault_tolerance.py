@@ -13,6 +13,7 @@ import kimivl_rl.reward.pool as reward_pool
 from kimivl_rl.data.rows import RowLoader
 from kimivl_rl.evaluation import generation_requests
 from kimivl_rl.infra.remote import RemoteTimeout, wait_all
+from kimivl_rl.infra.weight_sync import ObjectStoreTransport
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.system.actors import RLActors, generate, score
 from kimivl_rl.system.controller import CollectAhead, Lockstep
@@ -38,6 +39,24 @@ def test_a_hung_call_becomes_an_error_naming_the_actor_and_step(ray_cluster):
     assert time.monotonic() - started < 30  # it did not wait for the 60 s call
     for s in sleepers:
         ray.kill(s)
+
+
+def test_a_sync_to_some_rollout_workers_names_them_by_their_index(ray_cluster):
+    """A recovery push goes to the restarted worker alone: an error names it, not ``rollout-0``."""
+    import ray
+
+    class _Endpoint:  # a learner rank's and a rollout worker's side of an object-store push
+        def state_for_sync(self) -> dict:
+            return {}
+
+        def load_weights(self, state: dict, version: int) -> None:
+            time.sleep(60)
+
+    learner, stuck = (ray.remote(_Endpoint).options(num_cpus=0).remote() for _ in range(2))
+    with pytest.raises(RemoteTimeout, match=r"^rollout-2 did not finish 'load weights version 1'"):
+        ObjectStoreTransport(1.0).push([learner], {"rollout-2": stuck}, 1)
+    for actor in (learner, stuck):
+        ray.kill(actor)
 
 
 def test_actor_start_past_its_timeout_fails_naming_the_actor_and_frees_it(tmp_path, tiny_model_dir,

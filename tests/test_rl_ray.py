@@ -82,7 +82,8 @@ def test_weight_sync_makes_rollout_logprobs_match_the_learner(tmp_path, tiny_mod
         trajectories, fresh = learn_from_alternate_rewards(actors, cfg, prompts, requests)
         assert fresh["learner_tokens"] == sum(len(t.prompt_token_ids) + len(t.response_token_ids)
                                               for t in trajectories)
-        ObjectStoreTransport(cfg.cluster.call_timeout_s).push(actors.learners, actors.rollouts, 1)
+        transport = ObjectStoreTransport(cfg.cluster.call_timeout_s)
+        transport.push(actors.learners, {"rollout-0": actors.rollouts[0]}, 1)
         assert_rollouts_score_like_the_learner(actors, cfg, prompts, requests)
         # The update moved the policy the right way: rewarded responses gained probability
         # relative to unrewarded ones of the same prompts.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import secrets
 import socket
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.multiprocessing  # registers the tensor reductions a connection sends the ring with
@@ -153,12 +153,12 @@ class IPCTransport(ConnectedTransport):
     def from_config(cls, cfg) -> "IPCTransport":
         return cls(cfg.cluster.call_timeout_s)
 
-    def _connect(self, learner, rollout_workers: list) -> None:
-        (worker,) = rollout_workers  # the config check allows one colocated engine
+    def _connect(self, learner, rollouts: Mapping[str, Any]) -> None:
+        ((name, worker),) = rollouts.items()  # the config check allows one colocated engine
         invitation = wait_one(learner.open_weight_ring.remote(), "learner-0", "open the weight ring",
                               self.timeout_s)
         wait_all([learner.accept_weight_ring.remote(), worker.attach_weight_ring.remote(*invitation)],
-                 ["learner-0", "rollout-0"], "attach the weight ring", self.timeout_s)
+                 ["learner-0", name], "attach the weight ring", self.timeout_s)
 
 
 def receive_ring(address: tuple[str, int], authkey: bytes) -> tuple[Connection, list[torch.Tensor]]:

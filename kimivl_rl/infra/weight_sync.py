@@ -24,7 +24,7 @@ import math
 import socket
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
@@ -43,7 +43,9 @@ class SyncStats:
 
 
 class WeightTransport(Protocol):
-    def push(self, learners: list, rollout_workers: list, version: int) -> SyncStats: ...
+    def push(self, learners: list, rollouts: Mapping[str, Any], version: int) -> SyncStats:
+        """Update ``rollouts`` (rollout workers by name, ``rollout-<index>``) to the learners'
+        weights, as ``version``."""
 
     def reset(self) -> None:
         """A rollout worker was restarted: forget whatever connects to the old process."""
@@ -180,13 +182,14 @@ class ObjectStoreTransport:
     def from_config(cls, cfg) -> "ObjectStoreTransport":
         return cls(cfg.cluster.call_timeout_s)
 
-    def push(self, learners: list, rollout_workers: list, version: int) -> SyncStats:
+    def push(self, learners: list, rollouts: Mapping[str, Any], version: int) -> SyncStats:
+        """``rollouts``: the rollout workers to update, by their names (``rollout-<index>``)."""
         started = time.perf_counter()
         # Every rank is asked: under ZeRO-3 gathering the full weights is a collective.
         states = [learner.state_for_sync.remote() for learner in learners]
-        loads = [worker.load_weights.remote(states[0], version) for worker in rollout_workers]
+        loads = [worker.load_weights.remote(states[0], version) for worker in rollouts.values()]
         wait_all(states, "learner", "gather weights for sync", self.timeout_s)
-        wait_all(loads, "rollout", f"load weights version {version}", self.timeout_s)
+        wait_all(loads, list(rollouts), f"load weights version {version}", self.timeout_s)
         return SyncStats(version, time.perf_counter() - started)
 
     def reset(self) -> None:
@@ -202,28 +205,29 @@ class ConnectedTransport(ABC):
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self._members: Optional[list] = None  # the rollout workers the live connection joins
+        self._members: Optional[dict] = None  # the rollout workers the live connection joins
 
     def reset(self) -> None:
         self._members = None
 
-    def push(self, learners: list, rollout_workers: list, version: int) -> SyncStats:
+    def push(self, learners: list, rollouts: Mapping[str, Any], version: int) -> SyncStats:
+        """``rollouts``: the rollout workers to update, by their names (``rollout-<index>``)."""
         started = time.perf_counter()
-        if self._members != rollout_workers:
-            self._connect(learners[0], rollout_workers)
-            self._members = list(rollout_workers)
+        if self._members != rollouts:
+            self._connect(learners[0], rollouts)
+            self._members = dict(rollouts)
         # Every rank is asked: under ZeRO-3 gathering the full weights is a collective.
         sends = [getattr(learner, self.send).remote() for learner in learners]
-        receives = [getattr(worker, self.receive).remote(version) for worker in rollout_workers]
+        receives = [getattr(worker, self.receive).remote(version) for worker in rollouts.values()]
         # Receivers first: a rollout worker that died mid-sync then surfaces as a dead actor
         # (which the controller recovers from), not as rank 0's broken send.
-        wait_all(receives, "rollout", f"receive weights version {version}", self.timeout_s)
+        wait_all(receives, list(rollouts), f"receive weights version {version}", self.timeout_s)
         wait_all(sends, "learner", f"send weights version {version}", self.timeout_s)
         return SyncStats(version, time.perf_counter() - started)
 
     @abstractmethod
-    def _connect(self, learner, rollout_workers: list) -> None:
-        """Connect learner rank 0 with every engine worker of ``rollout_workers``."""
+    def _connect(self, learner, rollouts: Mapping[str, Any]) -> None:
+        """Connect learner rank 0 with every engine worker of ``rollouts`` (workers by name)."""
 
 
 class CollectiveTransport(ConnectedTransport):
@@ -240,17 +244,16 @@ class CollectiveTransport(ConnectedTransport):
         return cls(cfg.cluster.call_timeout_s, "nccl" if cfg.cluster.use_gpu else "gloo",
                    cfg.rollout.tensor_parallel_size)
 
-    def _connect(self, learner, rollout_workers: list) -> None:
+    def _connect(self, learner, rollouts: Mapping[str, Any]) -> None:
         import ray
 
-        world = 1 + len(rollout_workers) * self.workers_per_engine
+        world = 1 + len(rollouts) * self.workers_per_engine
         single_node = sum(node["Alive"] for node in ray.nodes()) == 1
         host, port = wait_one(learner.weight_group_address.remote(single_node), "learner-0",
                               "open the weight-update group", self.timeout_s)
         joins = [learner.init_weight_update_group.remote(host, port, world, self.backend, self.timeout_s)]
         joins += [worker.init_weight_update_group.remote(host, port, 1 + i * self.workers_per_engine,
                                                          world, self.backend, self.timeout_s)
-                  for i, worker in enumerate(rollout_workers)]
-        names = ["learner-0", *(f"rollout-{i}" for i in range(len(rollout_workers)))]
-        wait_all(joins, names, "join the weight-update group", self.timeout_s)
+                  for i, worker in enumerate(rollouts.values())]
+        wait_all(joins, ["learner-0", *rollouts], "join the weight-update group", self.timeout_s)
 

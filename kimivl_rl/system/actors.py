@@ -118,10 +118,12 @@ class RLActors:
         self.engines_asleep = any(freed)
         return sum(freed)
 
-    def sync_weights(self, version: int, rollouts: Optional[list] = None) -> SyncStats:
-        """Push the learners' weights to the rollout engines (all of them by default). If a
-        rollout worker dies during the push, push again once Ray has restarted it."""
-        targets = self.rollouts if rollouts is None else rollouts
+    def sync_weights(self, version: int, indices: Optional[list[int]] = None) -> SyncStats:
+        """Push the learners' weights to the rollout engines (all of them by default, else those
+        of ``indices``). If a rollout worker dies during the push, push again once Ray has
+        restarted it."""
+        indices = range(len(self.rollouts)) if indices is None else indices
+        targets = {f"rollout-{i}": self.rollouts[i] for i in indices}
         try:
             stats = self.transport.push(self.learners, targets, version)
         except ActorFailed as exc:
@@ -129,9 +131,8 @@ class RLActors:
                 raise  # a dead learner is LearnerRecovery's to handle
             log.warning("weight sync %d failed (%s); retrying after restarts", version, exc)
             self.restarts["rollout"] += 1
-            for index, worker in enumerate(self.rollouts):
-                if any(worker is t for t in targets):
-                    self._await_restart(worker, f"rollout-{index}")
+            for name, worker in targets.items():
+                self._await_restart(worker, name)
             self.transport.reset()
             stats = self.transport.push(self.learners, targets, version)
         self.weights_version = version
@@ -149,7 +150,7 @@ class RLActors:
         self._await_restart(self.rollouts[index], f"rollout-{index}")
         self.transport.reset()  # the new process is in no weight-update group yet
         if self.weights_version:
-            self.sync_weights(self.weights_version, [self.rollouts[index]])
+            self.sync_weights(self.weights_version, [index])
 
     def stop(self) -> None:
         import ray
