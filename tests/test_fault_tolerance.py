@@ -132,8 +132,8 @@ def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_s
     synced = []
     real_sync = actors.sync_weights
     monkeypatch.setattr(actors, "sync_weights",
-                        lambda version, rollouts=None: synced.append((version, rollouts)) or
-                        real_sync(version, rollouts))
+                        lambda version, indices=None: synced.append((version, indices)) or
+                        real_sync(version, indices))
     killed = _kill_after_first_submit(monkeypatch, "generate", lambda: actors.rollouts[0])
 
     metrics = loop.run_iteration(1)
@@ -142,7 +142,7 @@ def test_killed_rollout_worker_is_restarted_resynced_and_its_prompts_redone(rl_s
     assert metrics["restarts_rollout"] == 1 and metrics["restarts_reward"] == 0
     # The restarted engine got the current policy (version 1) before redoing its prompts, then
     # the iteration's own sync (version 2) went to every engine.
-    assert synced == [(1, [actors.rollouts[0]]), (2, None)]
+    assert synced == [(1, [0]), (2, None)]
     # Every sampled prompt was generated and scored: k samples each, nothing lost or doubled.
     assert len(metrics["sampled_prompts"]) == cfg.rl.prompts_per_iteration
     assert metrics["reward_mean"] == metrics["reward_mean"]

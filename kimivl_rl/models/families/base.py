@@ -30,6 +30,7 @@ class ModelFamily(ABC):
     vllm_image_field: str = "image"            # vLLM's ``multi_modal_data`` key for images
     vllm_in_process: bool = True               # whether vLLM's engine may run in our process
     vllm_min_version: tuple[int, int] = (0, 24)  # the oldest vLLM release that samples it
+    uses_mla: bool = False                     # multi-head latent attention (DeepSeek-V3's)
 
     def __init__(self, model):
         self.model = getattr(model, "module", model)   # through a DeepSpeed wrapper

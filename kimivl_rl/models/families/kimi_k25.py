@@ -38,6 +38,7 @@ class KimiK25(ModelFamily):
                           "<|kimi_k25_video_placeholder|>")
     image_markup = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
     pixels_per_vision_token = 28 * 28
+    uses_mla = True                   # its language model is DeepSeek-V3's
     image_markers = 5                 # begin, "image" (2 tokens in the tiny tokenizer), content, end
     vllm_image_field = "vision_chunk"
     # vLLM's Kimi image processor imports numba, after which vLLM's CPU kernel-override scan

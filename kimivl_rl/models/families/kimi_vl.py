@@ -21,6 +21,7 @@ class KimiVL(ModelFamily):
     placeholder_tokens = ("<|media_start|>", "<|media_content|>", "<|media_end|>", "<|media_pad|>")
     image_markup = "<|media_start|>image<|media_content|><|media_pad|><|media_end|>"
     pixels_per_vision_token = 28 * 28
+    uses_mla = True                   # its language model is DeepSeek-V3's
     image_markers = 5                 # start, "image" (2 tokens in the tiny tokenizer), content, end
     vllm_image_field = "image"
     # The release the oracle test (tests/test_family_parity.py) ran on; not tried on older ones.
