@@ -23,24 +23,46 @@ NEVER = "an answer no model says"
 
 def teach(model_dir: Path, out_dir: Path, answers: dict[str, str]) -> Path:
     """The tiny model trained (plain torch, full-sequence loss) until it answers each question
-    with its ``\\boxed{}`` answer: a starting model that solves known rows."""
+    with its ``\\boxed{}`` answer: a starting model that solves known rows. Until, not for a
+    fixed number of steps: how soon it memorises moves with the CPU's float rounding."""
     processor = AutoProcessor.from_pretrained(model_dir)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
-    texts = [processor.apply_chat_template([{"role": "user", "content": q},
-                                            {"role": "assistant", "content": f"\\boxed{{{a}}}"}],
-                                           tokenize=False) for q, a in answers.items()]
-    batch = processor(text=texts, return_tensors="pt", padding=True)
+    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": f"\\boxed{{{a}}}"}]
+             for q, a in answers.items()]
+    batch = processor(text=[processor.apply_chat_template(t, tokenize=False) for t in turns],
+                      return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    answer_tokens = _answer_mask(processor, turns, batch["attention_mask"])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for _ in range(400):
+    for step in range(2000):
         loss = model(**batch, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if step % 50 == 49 and _predicts(model, batch, answer_tokens):
+            break
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def _answer_mask(processor, turns: list, attention_mask: torch.Tensor) -> torch.Tensor:
+    """True at each row's assistant tokens (its answer and the turn's end)."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for row, turn in enumerate(turns):
+        prompt = processor.apply_chat_template(turn[:1], tokenize=False, add_generation_prompt=True)
+        mask[row, len(processor(text=[prompt])["input_ids"][0]):int(attention_mask[row].sum())] = True
+    return mask
+
+
+def _predicts(model, batch, answer_tokens: torch.Tensor) -> bool:
+    """Whether every answer token is the model's most likely next token (so greedy decoding
+    writes the answer)."""
+    with torch.no_grad():
+        predicted = model(**batch).logits.argmax(-1)
+    hits = predicted[:, :-1] == batch["input_ids"][:, 1:]
+    return bool(hits[answer_tokens[:, 1:]].all())
 
 
 def hf_greedy_answers(model_dir: Path) -> list[str | None]:
