@@ -15,6 +15,7 @@ from kimivl_rl.rl.length_penalty import (grouped_length_penalty, length_penalty,
                                          length_penalty_weight_at)
 from kimivl_rl.rl.losses import LOSSES, LossConfig, get_loss, register_loss
 from kimivl_rl.rl.sampler import PromptSampler
+from kimivl_rl.rl.schedule import rl_lr
 
 INF = float("inf")
 
@@ -94,6 +95,13 @@ def test_length_penalty_warm_up_weight():
     assert length_penalty_weight_at(10, 0.5, 10) == 0.5
     assert length_penalty_weight_at(11, 0.5, 10) == 0.5
     assert length_penalty_weight_at(0, 0.5, 0) == 0.5
+
+
+def test_rl_learning_rate_warms_up_linearly_then_holds():
+    # 4 warm-up steps to 1e-5: 0.25, 0.5, 0.75, 1.0 of it at steps 0-3, then the rate itself
+    assert [rl_lr(1e-5, 4, step) for step in range(6)] == pytest.approx(
+        [2.5e-6, 5e-6, 7.5e-6, 1e-5, 1e-5, 1e-5], rel=1e-12)
+    assert [rl_lr(1e-5, 0, step) for step in range(3)] == [1e-5, 1e-5, 1e-5]
 
 
 # ----------------------------------------------------------------------------- advantages

@@ -143,9 +143,10 @@ def assert_final_model_is_the_last_checkpoint(cfg, tmp_path) -> None:
 def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
     # Dynamic sampling on: no group of the random model has differing rewards, so every
     # iteration rolls out a second round of prompts (the bound) and learns on both.
+    warm = ["rl.lr_warmup_steps=4"]  # 2 updates an iteration: iterations start at 1/4, 3/4, 1 of rl.lr
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=2", "rl.checkpoint_every=1",
                  "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
-                 "rl.dynamic_sampling_rounds=1")
+                 "rl.dynamic_sampling_rounds=1", *warm)
     summary = run_rl(cfg, cfg.model.path)
     assert summary["iterations"] == 2 and summary["eval_start"]["eval_reward"] is not None
     assert summary["iterations_without_update"] == 0
@@ -169,17 +170,20 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert all(sum(r["reward_reasons"].values()) == 32 for r in trained)
     assert [len(r["sampled_prompts"]) for r in trained] == [8, 8]
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
+    assert [r["lr"] for r in trained] == pytest.approx([0.25e-3, 0.75e-3], rel=1e-9)
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (OutputLayout.of(cfg).model("rl") / "model.safetensors").is_file()
     assert_final_model_is_the_last_checkpoint(cfg, tmp_path)
 
     longer = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=1",
                     "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
-                    "rl.dynamic_sampling_rounds=1")
+                    "rl.dynamic_sampling_rounds=1", *warm)
     resumed = run_rl(longer, longer.model.path)
     assert resumed["iterations"] == 3
     records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]  # not restarted
+    # the warm-up goes on where it stopped: the scheduler's position is in the checkpoint
+    assert records[-1]["lr"] == pytest.approx(1e-3, rel=1e-9)
     state = json.loads((latest_checkpoint(cfg) / "controller_state.json").read_text())
     assert state["iteration"] == 3
 

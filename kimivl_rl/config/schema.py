@@ -161,6 +161,10 @@ class RLConfig:
     # with stale weights (max_staleness 1) or different numerics. None: off.
     truncated_is_cap: Optional[float] = bounded(None, ge=1.0)
     lr: float = bounded(1e-4, gt=0.0)
+    # Optimizer steps over which the rate rises linearly to lr (OpenRLHF's lr_warmup_ratio, verl's
+    # lr_warmup_steps): a fresh Adam's first steps move every weight by the full rate whatever
+    # its gradient's size. Counted over the run, so a reset each iteration does not re-warm.
+    lr_warmup_steps: int = bounded(0, ge=0)
     # Optimizer steps per iteration on the same rollouts (the first has log π = log π_old;
     # later ones are where the mirror-descent term τ holds the policy near π_old).
     updates_per_iteration: int = bounded(2, ge=1)

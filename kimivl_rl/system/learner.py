@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from typing import Optional
 
 import torch
@@ -30,6 +31,7 @@ from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
 from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
+from kimivl_rl.rl.schedule import rl_lr
 from kimivl_rl.training.engine import (build_engine, enable_gradient_checkpointing, process_group_backend,
                                        full_state_dict, load_engine_state, reset_optimizer,
                                        save_engine_state, save_pretrained)
@@ -140,7 +142,8 @@ class LearnerWorker:
         self.loss_cfg = LossConfig(tau=self.cfg.rl.tau, clip_eps=self.cfg.rl.grpo_clip,
                                   dual_clip=self.cfg.rl.grpo_dual_clip,
                                   is_cap=self.cfg.rl.truncated_is_cap)
-        self.engine = build_engine(model, lambda step: self.cfg.rl.lr, zero_stage=self.cfg.rl.zero_stage,
+        self.engine = build_engine(model, partial(rl_lr, self.cfg.rl.lr, self.cfg.rl.lr_warmup_steps),
+                                   zero_stage=self.cfg.rl.zero_stage,
                                    bf16=self.cfg.cluster.use_gpu,
                                    offload_optimizer=self.cfg.rl.offload_optimizer)
         return self.rank
@@ -174,6 +177,7 @@ class LearnerWorker:
         sampled = [torch.tensor(t.rollout_logprobs) for t in mine] if self.loss_cfg.is_cap else None
         old: Optional[list[torch.Tensor]] = None
         metrics: dict[str, float] = {}
+        lr = self.engine.get_lr()[0]  # the iteration's first update's (rl.lr_warmup_steps)
         for _ in range(self.cfg.rl.updates_per_iteration):
             metrics, old = self._update(batches, old, sampled, my_advantages, normalizer)
         if self.cfg.rl.reset_optimizer_each_iteration:
@@ -181,7 +185,7 @@ class LearnerWorker:
             reset_optimizer(self.engine)
         if self.cfg.cluster.colocate and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the engine wakes into what this process held cached
-        return {**metrics, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old),
+        return {**metrics, "lr": lr, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old),
                 "learner_tokens": sum(len(t.prompt_token_ids) + len(t.response_token_ids)
                                       for t in trajectories)}
 
