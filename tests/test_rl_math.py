@@ -13,7 +13,7 @@ from kimivl_rl.rl.advantages import ADVANTAGE_ESTIMATORS, get_advantage, registe
 from kimivl_rl.rl.experience import Trajectory, informative_groups
 from kimivl_rl.rl.length_penalty import (grouped_length_penalty, length_penalty,
                                          length_penalty_weight_at)
-from kimivl_rl.rl.losses import LOSSES, LossConfig, get_loss, register_loss
+from kimivl_rl.rl.losses import LOSSES, LossConfig, get_loss, reference_kl, register_loss
 from kimivl_rl.rl.sampler import PromptSampler
 from kimivl_rl.rl.schedule import rl_lr
 
@@ -324,6 +324,24 @@ def test_kimi_pmd_truncated_importance_weight_is_a_sequence_ratio():
     loss.backward()
     expected = torch.tensor([[-0.4 / 2, -0.4 / 2], [2.0 / 2, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(logprobs.grad, expected)
+
+
+def test_reference_kl_is_k3_with_its_gradient():
+    log = math.log
+    ref = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], dtype=torch.float64)
+    # pi / ref per token: 2, 0.5, (policy's 1.0 = ref's); the padding's values are ignored
+    logprobs = (ref + torch.tensor([[log(2.0), log(0.5), 0.0], [0.0, INF, -INF]],
+                                   dtype=torch.float64)).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool)
+    kl = reference_kl(logprobs, ref, mask)
+    # k3 = ref/pi - log(ref/pi) - 1: 0.5 + log 2 - 1, 2 - log 2 - 1, 0; 0 on a matching token
+    expected = torch.tensor([[0.5 + log(2.0) - 1.0, 1.0 - log(2.0), 0.0], [0.0, 0.0, 0.0]],
+                            dtype=torch.float64)
+    torch.testing.assert_close(kl, expected, rtol=0, atol=1e-15)
+    kl.sum().backward()
+    # d k3 / d log pi = 1 - ref/pi: 0.5, -1, 0; no gradient reaches the padding
+    grad = torch.tensor([[0.5, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(logprobs.grad, grad, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["kimi_pmd", "grpo"])

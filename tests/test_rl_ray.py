@@ -143,7 +143,8 @@ def assert_final_model_is_the_last_checkpoint(cfg, tmp_path) -> None:
 def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_data_dir, ray_cluster):
     # Dynamic sampling on: no group of the random model has differing rewards, so every
     # iteration rolls out a second round of prompts (the bound) and learns on both.
-    warm = ["rl.lr_warmup_steps=4"]  # 2 updates an iteration: iterations start at 1/4, 3/4, 1 of rl.lr
+    warm = ["rl.lr_warmup_steps=4",  # 2 updates an iteration: iterations start at 1/4, 3/4, 1 of rl.lr
+            "rl.kl_coef=0.1"]  # the KL to the starting policy, whose copy a resume must reload
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=2", "rl.checkpoint_every=1",
                  "rl.eval_every=2", "rl.length_penalty_start_iteration=1",
                  "rl.dynamic_sampling_rounds=1", *warm)
@@ -171,6 +172,9 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [len(r["sampled_prompts"]) for r in trained] == [8, 8]
     assert [r["learner_responses"] for r in trained] == [32, 32]  # 2 x 4 prompts x 4 samples
     assert [r["lr"] for r in trained] == pytest.approx([0.25e-3, 0.75e-3], rel=1e-9)
+    # Iteration 1's rewards are all equal (no length term yet): no step moved the policy, so
+    # iteration 2 starts where the reference is, to the bit.
+    assert [r["kl_ref"] for r in trained] == [0.0, 0.0]
     assert latest_checkpoint(cfg).name == "iter_000002"
     assert (OutputLayout.of(cfg).model("rl") / "model.safetensors").is_file()
     assert_final_model_is_the_last_checkpoint(cfg, tmp_path)
@@ -184,6 +188,9 @@ def test_two_iterations_checkpoint_and_resume(tmp_path, tiny_model_dir, small_da
     assert [r["step"] for r in records if "reward_mean" in r] == [1, 2, 3]  # not restarted
     # the warm-up goes on where it stopped: the scheduler's position is in the checkpoint
     assert records[-1]["lr"] == pytest.approx(1e-3, rel=1e-9)
+    # iteration 2's length term moved the policy; a reference reloaded from the checkpoint would
+    # give 0 here
+    assert records[-1]["kl_ref"] > 0.01
     state = json.loads((latest_checkpoint(cfg) / "controller_state.json").read_text())
     assert state["iteration"] == 3
 

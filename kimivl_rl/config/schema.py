@@ -185,6 +185,11 @@ class RLConfig:
     # samples cost the tiny recipe accuracy (docs/reference.md, Overlap).
     max_staleness: int = bounded(0, ge=0, le=8)
     reset_optimizer_each_iteration: bool = True
+    # Weight of a KL penalty to the run's starting policy, per response token (the k3 estimator,
+    # as verl's use_kl_loss and OpenRLHF's init_kl_coef), summed and normalised like the loss:
+    # it keeps what the answer-only reward does not score (a trace's intermediate steps) near
+    # the SFT model's. The learner holds a frozen copy of that model (0: off, no copy).
+    kl_coef: float = bounded(0.0, ge=0.0)
     length_penalty_weight: float = bounded(0.5, ge=0.0)
     # Which prompt groups carry the length term. all: k1.5 as written; then an all-right group
     # whose lengths differ is a training group too, and such groups crowd out the ones whose

@@ -61,7 +61,9 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {}
 # What the learner reports from every update, whichever loss runs (0 where a loss lacks one).
-LOSS_METRICS = ("loss", "logprob_diff_abs_mean", "clip_fraction", "is_weight_mean")
+# kl_ref: the mean over responses of their summed per-token KL to the reference (rl.kl_coef;
+# the learner reports the iteration's first update's: the policy before the iteration's steps).
+LOSS_METRICS = ("loss", "logprob_diff_abs_mean", "clip_fraction", "is_weight_mean", "kl_ref")
 
 
 def register_loss(name: str, advantage: str = "group_mean",
@@ -141,6 +143,18 @@ def _weight_mean(weight: Optional[torch.Tensor], mask: torch.Tensor) -> float:
 def _seq_diff_abs_mean(new: torch.Tensor, old: torch.Tensor) -> float:
     """Mean over sequences of |log pi(y|x) - log pi_old(y|x)|: how far the policy has moved."""
     return (new.sum(-1) - old.sum(-1)).abs().mean().item() if new.shape[0] else 0.0
+
+
+def reference_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor
+                 ) -> torch.Tensor:
+    """Per-token KL of the policy from a reference, the k3 estimator (GRPO's and verl's
+    ``low_var_kl``): ``exp(r - p) - (r - p) - 1`` with ``p``, ``r`` the sampled token's
+    log-probs under the policy and the reference; >= 0, unbiased for KL(pi || ref) on samples
+    of pi. Its gradient per token is ``(1 - exp(r - p)) * grad p``; 0 off the response."""
+    mask = response_mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(mask, ref_logprobs.detach().to(logprobs.dtype) - logprobs, zero)
+    return torch.where(mask, torch.exp(log_ratio) - log_ratio - 1.0, zero)
 
 
 @register_loss("kimi_pmd", advantage="group_mean", normalize_by="responses")

@@ -30,7 +30,7 @@ from kimivl_rl.models.families import family_of
 from kimivl_rl.models.loading import load_policy
 from kimivl_rl.rl.advantages import get_advantage
 from kimivl_rl.rl.experience import Trajectory
-from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows
+from kimivl_rl.rl.losses import LOSS_METRICS, LossConfig, get_loss, pad_rows, reference_kl
 from kimivl_rl.rl.schedule import rl_lr
 from kimivl_rl.training.engine import (build_engine, enable_gradient_checkpointing, process_group_backend,
                                        full_state_dict, load_engine_state, reset_optimizer,
@@ -146,7 +146,15 @@ class LearnerWorker:
                                    zero_stage=self.cfg.rl.zero_stage,
                                    bf16=self.cfg.cluster.use_gpu,
                                    offload_optimizer=self.cfg.rl.offload_optimizer)
+        self.reference = self._load_reference() if self.cfg.rl.kl_coef else None
         return self.rank
+
+    def _load_reference(self):
+        """The starting policy, frozen, for rl.kl_coef: ``model_path`` is the run's starting
+        model on a resume too (the checkpoint is loaded into the engine afterwards). Loaded as
+        for training, so its packed forward runs the learner's attention kernel."""
+        reference, _ = load_policy(self.model_path, self.cfg, training=True)
+        return reference.eval().requires_grad_(False).to(self.engine.device)
 
     # ------------------------------------------------------------------ learning
 
@@ -175,27 +183,40 @@ class LearnerWorker:
         my_advantages = advantages[self.rank::self.world]
         # the engines' log-probs, for the truncated importance weight only
         sampled = [torch.tensor(t.rollout_logprobs) for t in mine] if self.loss_cfg.is_cap else None
+        reference = self._reference_logprobs(batches)
         old: Optional[list[torch.Tensor]] = None
-        metrics: dict[str, float] = {}
+        updates: list[dict[str, float]] = []
         lr = self.engine.get_lr()[0]  # the iteration's first update's (rl.lr_warmup_steps)
         for _ in range(self.cfg.rl.updates_per_iteration):
-            metrics, old = self._update(batches, old, sampled, my_advantages, normalizer)
+            metrics, old = self._update(batches, old, sampled, reference, my_advantages, normalizer)
+            updates.append(metrics)
         if self.cfg.rl.reset_optimizer_each_iteration:
             # now rather than at the next iteration: a colocated engine gets the moments' memory
             reset_optimizer(self.engine)
         if self.cfg.cluster.colocate and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the engine wakes into what this process held cached
-        return {**metrics, "lr": lr, "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old),
+        # kl_ref as the iteration starts: the policy before its steps
+        return {**updates[-1], "lr": lr, "kl_ref": updates[0]["kl_ref"],
+                "rollout_logprob_diff_abs_mean": rollout_mismatch(mine, old),
                 "learner_tokens": sum(len(t.prompt_token_ids) + len(t.response_token_ids)
                                       for t in trajectories)}
 
+    def _reference_logprobs(self, batches) -> Optional[list[torch.Tensor]]:
+        """This rank's responses' log-probs under the frozen starting policy, in batch order
+        (None when rl.kl_coef is off)."""
+        if self.reference is None:
+            return None
+        with torch.no_grad():
+            return [lp for batch in batches if batch
+                    for lp in response_logprobs(self.reference, batch, self.family)]
+
     def _update(self, batches, old: Optional[list[torch.Tensor]], sampled: Optional[list[torch.Tensor]],
-                advantages: torch.Tensor, normalizer: float
+                reference: Optional[list[torch.Tensor]], advantages: torch.Tensor, normalizer: float
                 ) -> tuple[dict[str, float], list[torch.Tensor]]:
         """One optimizer step over the micro-batches; ``old`` are this rank's responses'
         log-probs before the iteration's first step (None: this is that step, and its forward
-        passes give them), ``sampled`` the rollout engine's (None: not needed), in the same
-        order. Returns the metrics and ``old``."""
+        passes give them), ``sampled`` the rollout engine's and ``reference`` the starting
+        policy's (None: not needed), in the same order. Returns the metrics and ``old``."""
         sums = dict.fromkeys(LOSS_METRICS, 0.0)
         offset, first_pass = 0, []
         for i, batch in enumerate(batches):
@@ -214,6 +235,10 @@ class LearnerWorker:
             sampled_lp = pad_rows(sampled[rows])[0].to(new_lp.device) if sampled else None
             loss, parts = self.loss.fn(new_lp, old_lp, mask, advantages[rows].to(new_lp.device),
                                        normalizer, self.loss_cfg, rollout_logprobs=sampled_lp)
+            if reference:
+                kl = reference_kl(new_lp, pad_rows(reference[rows])[0].to(new_lp.device), mask).sum(-1)
+                loss = loss + self.cfg.rl.kl_coef * kl.sum() / normalizer
+                parts["kl_ref"] = kl.mean().item()
             # DeepSpeed averages gradients over ranks; the loss is already a global mean.
             self.engine.backward(loss * weight * self.world)
             self.engine.step()
