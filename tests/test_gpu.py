@@ -135,14 +135,16 @@ def test_three_rl_iterations_colocated_on_one_gpu(tmp_path, tiny_model_dir, smal
 
     cfg = rl_cfg(tmp_path, tiny_model_dir, small_data_dir, "rl.iterations=3", "rl.checkpoint_every=3",
                  "rl.eval_every=3", "cluster.use_gpu=true", "cluster.colocate=true",
-                 "cluster.weight_transport=ipc")
+                 "cluster.weight_transport=ipc", "rl.kl_coef=0.1")  # its reference shares the GPU
     summary = run_rl(cfg, cfg.model.path)
     records = [json.loads(line) for line in OutputLayout.of(cfg).metrics("rl").read_text().splitlines()]
     trained = [r for r in records if "reward_mean" in r]
     for r in trained:
         print({k: r[k] for k in ("step", "engine_sleep_freed_gib", "time_generate_s", "time_learn_s",
-                                 "time_sync_s", "rollout_logprob_diff_abs_mean")})
+                                 "time_sync_s", "rollout_logprob_diff_abs_mean", "kl_ref")})
     assert summary["iterations"] == 3 and [r["step"] for r in trained] == [1, 2, 3]
     assert all(r["engine_sleep_freed_gib"] > 0 for r in trained)
     assert all(r["rollout_logprob_diff_abs_mean"] <= 2**-5 for r in trained)
+    # the bf16 reference scores iteration 1's samples as the bf16 policy it equals does
+    assert trained[0]["kl_ref"] <= 2**-5 and all(r["kl_ref"] >= 0 for r in trained)
     assert (OutputLayout.of(cfg).model("rl") / "model.safetensors").is_file()

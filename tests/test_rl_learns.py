@@ -22,7 +22,7 @@ BOXED_SHARE = 1 / 3
 EASY_DATA = ["data.joint_sft_examples=3000", "data.long_cot_examples=10", "data.rl_prompts=200",
              "data.eval_examples=60", "data.max_difficulty=1", "sft.eval_examples=60",
              "sft.joint.train_file=joint_sft/weak_train.jsonl", "sft.joint.phases.0.epochs=1"]
-RL = ["rl.lr=6e-4", "rl.lr_warmup_steps=0", "rl.iterations=10", "rl.length_penalty_start_iteration=9",
+RL = ["rl.lr=6e-4", "rl.lr_warmup_steps=0", "rl.kl_coef=0", "rl.iterations=10", "rl.length_penalty_start_iteration=9",
       "rl.eval_every=10", "rl.eval_prompts=60",
       "rl.checkpoint_every=10", "rollout.max_new_tokens=16", "rollout.temperature=1.0"]
 
@@ -66,7 +66,7 @@ def test_length_penalty_shortens_responses_and_keeps_accuracy(tmp_path, ray_clus
         f"output.dir={tmp_path / 'out'}", f"data.dir={tmp_path / 'data'}",
         f"model.path={tmp_path / 'model'}", *EASY_DATA,
         "sft.joint.train_file=joint_sft/padded_train.jsonl",
-        "rl.lr=1e-4", "rl.lr_warmup_steps=0", "rl.iterations=8", "rl.length_penalty_start_iteration=0",
+        "rl.lr=1e-4", "rl.lr_warmup_steps=0", "rl.kl_coef=0", "rl.iterations=8", "rl.length_penalty_start_iteration=0",
         "rl.length_penalty_weight=1.0", "rl.eval_every=8", "rl.eval_prompts=60",
         "rl.checkpoint_every=8", "rollout.max_new_tokens=48", "rollout.temperature=1.0"]))
     cfg.sft.joint.phases = cfg.sft.joint.phases[:1]
