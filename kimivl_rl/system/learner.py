@@ -12,6 +12,8 @@ shard, and:
      as verl does on-policy: no extra forward pass.
 Only response tokens carry loss. The loss is normalised by the global count of responses or
 tokens, so the update does not depend on how the batch is split over ranks and micro-batches.
+With ``rl.kl_coef``, each rank's frozen copy of the starting policy scores the iteration's
+response tokens once, for the KL term added to the loss.
 """
 from __future__ import annotations
 
